@@ -1,0 +1,186 @@
+//! The attach table: who is using a segment, and owner tokens for locks.
+//!
+//! Every open handle claims one entry of the table in the segment header.
+//! Anything a handle holds in the segment (a slot being written, a bucket's
+//! insert lock, the defragmentation lock) is marked with the handle's
+//! [`Token`], so another process that finds it held for long can ask whether
+//! the holder still lives and, if not, take it over.
+//!
+//! Entry `i` (16 bytes at `HEADER_BYTES + 16 * i`):
+//!
+//! | word | bits   | meaning                                             |
+//! |------|--------|-----------------------------------------------------|
+//! | 0    | 0..23  | pid of the attached process (0 = entry free)        |
+//! | 0    | 23..64 | its start time in clock ticks after boot, truncated |
+//! | 1    | 0..64  | generation, incremented on every claim              |
+//!
+//! A token is `index | (generation mod 2^11) << 12`: 23 bits. A token whose
+//! generation no longer matches its entry belongs to a handle that is gone.
+
+use crate::layout::{ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, HEADER_BYTES};
+use crate::region::Region;
+use crate::sync::Ordering;
+
+const PID_BITS: u32 = 23;
+const PID_MASK: u64 = (1 << PID_BITS) - 1;
+/// Mask applied to start times before storing them.
+pub(crate) const START_MASK: u64 = (1 << (64 - PID_BITS)) - 1;
+const INDEX_BITS: u32 = 12;
+const GEN_MASK: u64 = (1 << 11) - 1;
+/// Number of bits a token occupies.
+pub(crate) const TOKEN_BITS: u32 = 23;
+const _: () = assert!(ATTACH_ENTRIES == 1 << INDEX_BITS);
+
+/// Names the handle that holds something in the segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Token(pub(crate) u64);
+
+impl Token {
+    fn new(index: u64, generation: u64) -> Token {
+        Token(index | (generation & GEN_MASK) << INDEX_BITS)
+    }
+    fn index(self) -> u64 {
+        self.0 & ((1 << INDEX_BITS) - 1)
+    }
+    fn generation(self) -> u64 {
+        self.0 >> INDEX_BITS
+    }
+}
+
+/// The identity word of an attach entry.
+pub(crate) fn identity_word(pid: u32, start_ticks: u64) -> u64 {
+    (pid as u64 & PID_MASK) | (start_ticks & START_MASK) << PID_BITS
+}
+
+fn entry_off(index: u64) -> u64 {
+    HEADER_BYTES + index * ATTACH_ENTRY_BYTES
+}
+
+/// Whether the process named by an identity word still runs.
+fn identity_alive(ident: u64) -> bool {
+    if ident == 0 {
+        return false;
+    }
+    #[cfg(loom)]
+    {
+        true
+    }
+    #[cfg(not(loom))]
+    {
+        crate::sys::process_alive((ident & PID_MASK) as u32, ident >> PID_BITS, START_MASK)
+    }
+}
+
+/// Claims a free entry for a handle of the process `ident`. If the table is
+/// full, entries of dead processes are reclaimed first. `None` if every entry
+/// belongs to a live process.
+pub(crate) fn attach(r: &Region, ident: u64) -> Option<(u64, Token)> {
+    for reclaim_dead in [false, true] {
+        for i in 0..ATTACH_ENTRIES {
+            let w = r.word(entry_off(i))?;
+            let cur = w.load(Ordering::Relaxed); // Relaxed: a hint; the CAS decides.
+            let claimable = cur == 0 || (reclaim_dead && !identity_alive(cur));
+            // AcqRel: pairs with the Release of `detach` and of other claims, so
+            // the generation read below is the latest.
+            if claimable
+                && w.compare_exchange(cur, ident, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                // AcqRel: the generation counter orders claims of this entry.
+                let gen = r.word(entry_off(i) + 8)?.fetch_add(1, Ordering::AcqRel) + 1;
+                return Some((i, Token::new(i, gen)));
+            }
+        }
+    }
+    None
+}
+
+/// Releases the entry claimed by [`attach`].
+pub(crate) fn detach(r: &Region, index: u64, ident: u64) {
+    if let Some(w) = r.word(entry_off(index)) {
+        // Release: pairs with the AcqRel claim of the next owner. The CAS keeps
+        // an entry that was reclaimed meanwhile (we were thought dead) intact.
+        let _ = w.compare_exchange(ident, 0, Ordering::Release, Ordering::Relaxed);
+    }
+}
+
+/// Whether the handle named by `token` is still attached and its process
+/// still runs. Tokens that name no valid entry count as dead (they can only
+/// come from a corrupted segment), so their holds are taken over.
+pub(crate) fn token_alive(r: &Region, token: Token) -> bool {
+    if token.index() >= ATTACH_ENTRIES {
+        return false;
+    }
+    let off = entry_off(token.index());
+    let (Some(ident), Some(gen)) = (r.word(off), r.word(off + 8)) else {
+        return false;
+    };
+    // Acquire: pairs with the claim in `attach`.
+    let gen = gen.load(Ordering::Acquire);
+    if gen & GEN_MASK != token.generation() {
+        return false;
+    }
+    identity_alive(ident.load(Ordering::Acquire))
+}
+
+/// Number of entries whose process is alive, and the dead ones.
+pub(crate) fn census(r: &Region) -> (u64, u64) {
+    let (mut live, mut dead) = (0, 0);
+    for i in 0..ATTACH_ENTRIES {
+        let Some(w) = r.word(entry_off(i)) else { break };
+        let ident = w.load(Ordering::Relaxed); // Relaxed: a statistic.
+        if ident == 0 {
+            continue;
+        }
+        if identity_alive(ident) {
+            live += 1;
+        } else {
+            dead += 1;
+        }
+    }
+    (live, dead)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::layout::INDEX_OFF;
+
+    #[test]
+    fn claim_release_and_generations() {
+        let r = Region::heap(INDEX_OFF as usize);
+        let (pid, start) = crate::sys::self_identity();
+        let me = identity_word(pid, start);
+        let (i, t) = attach(&r, me).unwrap();
+        let (j, u) = attach(&r, me).unwrap();
+        assert_ne!(i, j);
+        assert!(token_alive(&r, t) && token_alive(&r, u));
+        detach(&r, i, me);
+        assert!(!token_alive(&r, t), "a released entry's token is dead");
+        let (k, v) = attach(&r, me).unwrap();
+        assert_eq!(k, i, "the free entry is reused");
+        assert_ne!(v, t, "with a new generation");
+        assert!(!token_alive(&r, t) && token_alive(&r, v));
+        assert_eq!(census(&r), (2, 0));
+    }
+
+    #[test]
+    fn dead_entries_are_reclaimed_when_full() {
+        let r = Region::heap(INDEX_OFF as usize);
+        let dead = identity_word(pid_of_exited_child(), 12345);
+        for i in 0..ATTACH_ENTRIES {
+            r.word(entry_off(i)).unwrap().store(dead, Ordering::Relaxed);
+        }
+        assert_eq!(census(&r), (0, ATTACH_ENTRIES));
+        let (pid, start) = crate::sys::self_identity();
+        let (_, t) = attach(&r, identity_word(pid, start)).unwrap();
+        assert!(token_alive(&r, t));
+    }
+
+    fn pid_of_exited_child() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+}

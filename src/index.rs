@@ -1,0 +1,318 @@
+//! The open-addressing hash index.
+//!
+//! `nbuckets` buckets (a power of two) of 64 bytes, probed linearly from the
+//! home bucket `hash & (nbuckets - 1)`:
+//!
+//! | bytes  | word                                                    |
+//! |--------|---------------------------------------------------------|
+//! | 0..8   | overflow count: keys whose probe passed this bucket     |
+//! | 8..16  | insert lock (a `lockword`) for keys whose home this is  |
+//! | 16..64 | three slots, each a control word and an entry word      |
+//!
+//! There are no tombstones. A slot's entry word is 0 (empty) or names the
+//! arena block holding the key and value (`layout::Entry`). A lookup stops at
+//! the first bucket whose overflow count is 0: no key beyond it probed
+//! through it. An insert increments the counts of the buckets it passes
+//! *before* publishing its entry; a removal clears the entry *before*
+//! decrementing them. So a removal really empties its slot, and unbounded
+//! insert/remove churn never exhausts the index (F14's scheme; see
+//! docs/design.md).
+//!
+//! Keys never move once inserted. New keys are inserted under the insert lock
+//! of their home bucket, so two processes inserting the same new key are
+//! serialized and the second finds the first's entry: exactly one entry per
+//! key. Overwrites and removals of existing keys take only their slot.
+
+use crate::attach::Token;
+use crate::block;
+use crate::layout::{
+    Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, H_LIVE, SLOTS_PER_BUCKET,
+    SLOT_BYTES,
+};
+use crate::lockword;
+use crate::region::Region;
+use crate::seqlock;
+use crate::slab::{Corrupt, Slab};
+use crate::sync::{AtomicU64, Ordering};
+
+/// Where a key was found, and the state it was found in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Loc {
+    /// Byte offset of the slot's control word.
+    slot: u64,
+    /// The control word when the key was read (not WRITING).
+    ctrl: u64,
+    /// The entry word when the key was read.
+    pub(crate) entry: Entry,
+    /// Buckets between the home bucket and the key's bucket.
+    steps: u64,
+}
+
+/// Outcome of [`Index::insert_new`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NewKey {
+    Inserted,
+    /// The key appeared meanwhile: overwrite it instead.
+    Exists,
+    /// `capacity` live keys, or no empty slot at all.
+    Full,
+}
+
+/// The index of one segment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Index<'a> {
+    r: &'a Region,
+    g: &'a Geometry,
+    slab: Slab<'a>,
+}
+
+impl<'a> Index<'a> {
+    pub(crate) fn new(r: &'a Region, g: &'a Geometry) -> Index<'a> {
+        Index {
+            r,
+            g,
+            slab: Slab::new(r, g),
+        }
+    }
+
+    fn mask(&self) -> u64 {
+        self.g.nbuckets - 1
+    }
+
+    fn bucket_word(&self, bucket: u64, field: u64) -> &'a AtomicU64 {
+        self.r
+            .word(self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES + field)
+            .expect("bucket words lie inside the validated index")
+    }
+
+    fn slot(&self, bucket: u64, s: u64) -> (u64, &'a AtomicU64, &'a AtomicU64) {
+        let off =
+            self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES;
+        let words = self
+            .r
+            .words(off, 2)
+            .expect("slot words lie inside the validated index");
+        (off, &words[0], &words[1])
+    }
+
+    fn live(&self) -> &'a AtomicU64 {
+        self.r.word(H_LIVE).expect("header word")
+    }
+
+    /// The block an entry names, checked against the arena's bounds.
+    pub(crate) fn block_of(&self, e: Entry) -> Option<&'a [AtomicU64]> {
+        self.slab.block(e.granule() as u64, e.order())
+    }
+
+    /// Looks `key` up. If `out` is given, the value is copied into it from
+    /// the same snapshot that matched the key.
+    pub(crate) fn find(
+        &self,
+        key: &[u8],
+        hash: u64,
+        mut out: Option<&mut Vec<u8>>,
+    ) -> Result<Option<Loc>, Corrupt> {
+        let home = hash & self.mask();
+        let tag = Entry::tag_of(hash);
+        for steps in 0..self.g.nbuckets {
+            let bucket = home + steps;
+            for s in 0..SLOTS_PER_BUCKET {
+                let (slot, ctrl, entry) = self.slot(bucket, s);
+                loop {
+                    let begin = seqlock::read_begin(ctrl);
+                    // Acquire: pairs with the Release unlock that published it.
+                    let e = Entry(entry.load(Ordering::Acquire));
+                    if e.0 == Entry::EMPTY || e.tag() != tag {
+                        break;
+                    }
+                    let read = match self.block_of(e) {
+                        Some(words) => block::read(words, key, hash, out.as_deref_mut()),
+                        None => block::Read::Invalid,
+                    };
+                    if !seqlock::read_validate(ctrl, begin) {
+                        continue; // Released meanwhile: read the slot again.
+                    }
+                    match read {
+                        block::Read::Match => {
+                            return Ok(Some(Loc {
+                                slot,
+                                ctrl: begin,
+                                entry: e,
+                                steps,
+                            }))
+                        }
+                        block::Read::Mismatch => break,
+                        block::Read::Invalid => {
+                            return Err(Corrupt("index entry names an invalid block"))
+                        }
+                    }
+                }
+            }
+            // SeqCst: a lookup that misses the key must not see a count older
+            // than the key's insertion (which increments before publishing).
+            if self.bucket_word(bucket, B_OVERFLOW).load(Ordering::SeqCst) == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    fn ctrl_at(&self, slot: u64) -> (&'a AtomicU64, &'a AtomicU64) {
+        let words = self
+            .r
+            .words(slot, 2)
+            .expect("slot offsets come from this index");
+        (&words[0], &words[1])
+    }
+
+    /// Replaces the entry at `loc` with `new`, if the slot is unchanged since
+    /// `loc` was read. On `false` the caller looks the key up again.
+    pub(crate) fn try_replace(&self, loc: &Loc, new: Entry, me: Token) -> bool {
+        let (ctrl, entry) = self.ctrl_at(loc.slot);
+        let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
+            return false;
+        };
+        // Release: pairs with the Acquire entry loads of readers that see this
+        // entry before the unlock; the block was fully written before.
+        entry.store(new.0, Ordering::Release);
+        seqlock::unlock(ctrl, locked);
+        true
+    }
+
+    /// Removes the entry at `loc`, if the slot is unchanged since `loc` was
+    /// read. On `false` the caller looks the key up again.
+    pub(crate) fn try_remove(&self, loc: &Loc, hash: u64, me: Token) -> bool {
+        let (ctrl, entry) = self.ctrl_at(loc.slot);
+        let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
+            return false;
+        };
+        entry.store(Entry::EMPTY, Ordering::Release); // Release: as in try_replace.
+        seqlock::unlock(ctrl, locked);
+        // Only now, with the key gone, do the buckets it passed stop counting it.
+        let home = hash & self.mask();
+        for step in 0..loc.steps {
+            // SeqCst: see `find`.
+            self.bucket_word(home + step, B_OVERFLOW)
+                .fetch_sub(1, Ordering::SeqCst);
+        }
+        self.live().fetch_sub(1, Ordering::Relaxed); // Relaxed: a counter.
+        true
+    }
+
+    /// Locks a slot seen as `seen`; waits (recovering dead writers) if it is
+    /// WRITING, and then reports failure so the caller re-reads.
+    fn lock_slot(&self, ctrl: &AtomicU64, seen: u64, me: Token) -> Option<u64> {
+        if seqlock::is_writing(seen) {
+            seqlock::wait_unlocked(self.r, ctrl);
+            return None;
+        }
+        match seqlock::try_lock(ctrl, seen, me) {
+            Some(locked) => Some(locked),
+            None => {
+                seqlock::wait_unlocked(self.r, ctrl);
+                None
+            }
+        }
+    }
+
+    /// Inserts `key` as a new key with entry `new`, under its home bucket's
+    /// insert lock. `Exists` if it is present after all.
+    pub(crate) fn insert_new(
+        &self,
+        key: &[u8],
+        hash: u64,
+        new: Entry,
+        me: Token,
+    ) -> Result<NewKey, Corrupt> {
+        let home = hash & self.mask();
+        let lock = self.bucket_word(home, B_LOCK);
+        lockword::lock(self.r, lock, me);
+        let result = self.insert_locked(key, hash, home, new, me);
+        lockword::unlock(lock, me);
+        result
+    }
+
+    fn insert_locked(
+        &self,
+        key: &[u8],
+        hash: u64,
+        home: u64,
+        new: Entry,
+        me: Token,
+    ) -> Result<NewKey, Corrupt> {
+        if self.find(key, hash, None)?.is_some() {
+            return Ok(NewKey::Exists);
+        }
+        // Relaxed: a counter; the bound is enforced by the fetch_add's result.
+        if self.live().fetch_add(1, Ordering::Relaxed) >= self.g.capacity {
+            self.live().fetch_sub(1, Ordering::Relaxed);
+            return Ok(NewKey::Full);
+        }
+        for steps in 0..self.g.nbuckets {
+            let bucket = home + steps;
+            for s in 0..SLOTS_PER_BUCKET {
+                let (_, ctrl, entry) = self.slot(bucket, s);
+                let seen = ctrl.load(Ordering::Acquire); // Acquire: as seqlock::read_begin.
+                                                         // Relaxed: `seen` (Acquire) orders it; the CAS re-validates.
+                if seqlock::is_writing(seen) || entry.load(Ordering::Relaxed) != Entry::EMPTY {
+                    continue;
+                }
+                if let Some(locked) = seqlock::try_lock(ctrl, seen, me) {
+                    // The CAS succeeded on the version we saw empty, so no
+                    // writer touched the slot since: it is still empty.
+                    entry.store(new.0, Ordering::Release); // Release: as in try_replace.
+                    seqlock::unlock(ctrl, locked);
+                    return Ok(NewKey::Inserted);
+                }
+            }
+            // SeqCst: counts before the entry is published; see `find`.
+            self.bucket_word(bucket, B_OVERFLOW)
+                .fetch_add(1, Ordering::SeqCst);
+        }
+        // No empty slot anywhere (only possible if capacity was corrupted).
+        for steps in 0..self.g.nbuckets {
+            self.bucket_word(home + steps, B_OVERFLOW)
+                .fetch_sub(1, Ordering::SeqCst);
+        }
+        self.live().fetch_sub(1, Ordering::Relaxed);
+        Ok(NewKey::Full)
+    }
+
+    /// Every key present during the whole scan, each once; keys inserted or
+    /// removed during the scan may or may not appear.
+    pub(crate) fn keys(&self) -> Result<Vec<Vec<u8>>, Corrupt> {
+        let mut seen = std::collections::HashSet::new();
+        let mut key = Vec::new();
+        for bucket in 0..self.g.nbuckets {
+            for s in 0..SLOTS_PER_BUCKET {
+                let (_, ctrl, entry) = self.slot(bucket, s);
+                loop {
+                    let begin = seqlock::read_begin(ctrl);
+                    let e = Entry(entry.load(Ordering::Acquire)); // Acquire: as in find.
+                    if e.0 == Entry::EMPTY {
+                        break;
+                    }
+                    let ok = self
+                        .block_of(e)
+                        .is_some_and(|w| block::read_key(w, &mut key));
+                    if !seqlock::read_validate(ctrl, begin) {
+                        continue;
+                    }
+                    if !ok {
+                        return Err(Corrupt("index entry names an invalid block"));
+                    }
+                    if !seen.contains(&key) {
+                        seen.insert(key.clone());
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(seen.into_iter().collect())
+    }
+
+    /// Live keys according to the counter.
+    pub(crate) fn len(&self) -> u64 {
+        self.live().load(Ordering::Relaxed) // Relaxed: a counter.
+    }
+}

@@ -1,0 +1,409 @@
+//! The byte layout of a dictionary segment: header fields, geometry, and the
+//! encoding of index entries. `docs/design.md` draws the same layout.
+//!
+//! ```text
+//! 0        4096               4096+64 KiB         index_off + 64*nbuckets   total
+//! | header | attach table     | index (buckets)   | arena (power-of-two blocks) |
+//! ```
+//!
+//! Everything here is plain arithmetic: no shared memory is touched except in
+//! [`Geometry::write_header`] and [`Geometry::read_header`], both through a
+//! bounds-checked [`Region`].
+
+use crate::region::Region;
+use crate::sync::Ordering;
+
+/// `b"SHMDICT\0"` read as a little-endian u64.
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMDICT\0");
+/// Bumped whenever the byte layout or the hash changes.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Segment kinds that share the namespace.
+pub(crate) const KIND_DICT: u32 = 1;
+/// The index hash: xxh3-64 with seed 0 over the key bytes (see `hash_key`).
+pub(crate) const HASH_XXH3_64_SEED0: u64 = 1;
+
+/// Header size; the attach table starts here.
+pub(crate) const HEADER_BYTES: u64 = 4096;
+/// Entries in the attach table (one per attached handle).
+pub(crate) const ATTACH_ENTRIES: u64 = 4096;
+/// Bytes per attach entry: identity word + generation word.
+pub(crate) const ATTACH_ENTRY_BYTES: u64 = 16;
+/// First byte of the index: after header and attach table, page aligned.
+pub(crate) const INDEX_OFF: u64 = HEADER_BYTES + ATTACH_ENTRIES * ATTACH_ENTRY_BYTES;
+
+/// One bucket: overflow count, home lock, three slots of (ctrl, entry).
+pub(crate) const BUCKET_BYTES: u64 = 64;
+pub(crate) const SLOTS_PER_BUCKET: u64 = 3;
+/// Offsets inside a bucket.
+pub(crate) const B_OVERFLOW: u64 = 0;
+pub(crate) const B_LOCK: u64 = 8;
+pub(crate) const B_SLOTS: u64 = 16;
+pub(crate) const SLOT_BYTES: u64 = 16;
+/// Target maximum load of the index, as slots used per 4 slots.
+const MAX_LOAD_NUM: u64 = 3;
+const MAX_LOAD_DEN: u64 = 4;
+
+/// Smallest arena block, and the arena's addressing unit.
+pub(crate) const GRANULE: u64 = 64;
+/// Bytes of a block's header: lengths word and hash word.
+pub(crate) const BLOCK_HEADER: u64 = 16;
+/// Keys of up to this size always fit (the contract's promise).
+pub(crate) const MAX_GUARANTEED_KEY: u64 = 4096;
+/// Number of size classes with a free-list head in the header.
+pub(crate) const MAX_ORDERS: u64 = 32;
+
+// Header fields (byte offsets). Immutable after creation unless noted.
+pub(crate) const H_MAGIC: u64 = 0;
+pub(crate) const H_VERSION_KIND: u64 = 8; // version (low 32) | kind (high 32)
+pub(crate) const H_HEADER_BYTES: u64 = 16;
+pub(crate) const H_TOTAL_BYTES: u64 = 24;
+pub(crate) const H_CAPACITY: u64 = 32;
+pub(crate) const H_NBUCKETS: u64 = 40;
+pub(crate) const H_INDEX_OFF: u64 = 48;
+pub(crate) const H_ARENA_OFF: u64 = 56;
+pub(crate) const H_ARENA_BYTES: u64 = 64;
+pub(crate) const H_CHUNK_ORDER: u64 = 72;
+pub(crate) const H_ATTACH_OFF: u64 = 80;
+pub(crate) const H_ATTACH_LEN: u64 = 88;
+pub(crate) const H_HASH_ID: u64 = 96;
+// Mutable counters, each on its own cache line.
+/// Live keys (mutable).
+pub(crate) const H_LIVE: u64 = 128;
+/// Arena chunks carved so far (mutable).
+pub(crate) const H_CHUNKS_CARVED: u64 = 192;
+/// Defragmentation lock word and epoch (mutable).
+pub(crate) const H_DEFRAG_LOCK: u64 = 256;
+pub(crate) const H_DEFRAG_EPOCH: u64 = 264;
+// 512..1024: reserved for the futex words of `wait_for` (64 words).
+// 1024..2048: reserved for the robust process-shared mutex behind `lock()`.
+/// Free-list heads, one cache line per order.
+pub(crate) const H_FREE_HEADS: u64 = 2048;
+const _: () = assert!(H_FREE_HEADS + MAX_ORDERS * 64 <= HEADER_BYTES);
+const _: () = assert!(INDEX_OFF % 4096 == 0);
+const _: () = assert!(B_SLOTS + SLOTS_PER_BUCKET * SLOT_BYTES == BUCKET_BYTES);
+
+/// Defaults for `ShmDict::open` without options.
+pub(crate) const DEFAULT_CAPACITY: u64 = 1 << 20;
+pub(crate) const DEFAULT_ARENA_BYTES: u64 = 1 << 30;
+/// Limits imposed by the encodings below.
+pub(crate) const MAX_CAPACITY: u64 = 1 << 32;
+pub(crate) const MAX_ARENA_BYTES: u64 = 1 << 37;
+pub(crate) const MIN_ARENA_BYTES: u64 = 64 * 1024;
+
+/// The geometry of a segment: everything needed to find any structure in it.
+/// Computed at creation, stored in the header, validated on attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub(crate) capacity: u64,
+    pub(crate) nbuckets: u64,
+    pub(crate) index_off: u64,
+    pub(crate) arena_off: u64,
+    pub(crate) arena_bytes: u64,
+    /// log2(chunk size / GRANULE): the largest block order.
+    pub(crate) chunk_order: u32,
+    pub(crate) total_bytes: u64,
+}
+
+impl Geometry {
+    /// Geometry for a new segment holding `capacity` live keys and at least
+    /// `arena_bytes` of key and value room. `None` if out of range.
+    pub(crate) fn new(capacity: u64, arena_bytes: u64) -> Option<Geometry> {
+        if capacity == 0 || capacity > MAX_CAPACITY || arena_bytes > MAX_ARENA_BYTES {
+            return None;
+        }
+        let arena_req = arena_bytes.max(MIN_ARENA_BYTES);
+        let slots = capacity.checked_mul(MAX_LOAD_DEN)?.div_ceil(MAX_LOAD_NUM);
+        let nbuckets = slots.div_ceil(SLOTS_PER_BUCKET).next_power_of_two().max(2);
+        // A chunk is the largest block: it must hold a maximal key plus a value
+        // of 1/8 of the arena.
+        let largest = BLOCK_HEADER + MAX_GUARANTEED_KEY + arena_req / 8;
+        let chunk_bytes = largest.next_power_of_two().max(GRANULE);
+        let chunk_order = (chunk_bytes / GRANULE).trailing_zeros();
+        let arena = arena_req.div_ceil(chunk_bytes) * chunk_bytes;
+        let index_bytes = nbuckets.checked_mul(BUCKET_BYTES)?;
+        let arena_off = (INDEX_OFF + index_bytes).next_multiple_of(4096);
+        let total = arena_off.checked_add(arena)?;
+        let g = Geometry {
+            capacity,
+            nbuckets,
+            index_off: INDEX_OFF,
+            arena_off,
+            arena_bytes: arena,
+            chunk_order,
+            total_bytes: total,
+        };
+        g.check().ok().map(|()| g)
+    }
+
+    /// Consistency rules every geometry obeys; applied to untrusted headers.
+    fn check(&self) -> Result<(), String> {
+        let bad = |s: &str| Err(s.to_owned());
+        if !self.nbuckets.is_power_of_two() || self.nbuckets > (1 << 32) {
+            return bad("bucket count is not a power of two in range");
+        }
+        if self.capacity == 0 || self.capacity > self.nbuckets * SLOTS_PER_BUCKET {
+            return bad("capacity does not fit the index");
+        }
+        if self.index_off != INDEX_OFF {
+            return bad("index offset");
+        }
+        let index_end = self.index_off + self.nbuckets * BUCKET_BYTES;
+        if self.arena_off < index_end || self.arena_off % 4096 != 0 {
+            return bad("arena offset");
+        }
+        if self.chunk_order as u64 >= MAX_ORDERS {
+            return bad("chunk order");
+        }
+        let chunk = GRANULE << self.chunk_order;
+        if self.arena_bytes == 0
+            || self.arena_bytes % chunk != 0
+            || self.arena_bytes > MAX_ARENA_BYTES
+        {
+            return bad("arena size");
+        }
+        if self.arena_bytes / GRANULE > u32::MAX as u64 {
+            return bad("arena size exceeds the granule index");
+        }
+        if self.arena_off.checked_add(self.arena_bytes) != Some(self.total_bytes) {
+            return bad("total size");
+        }
+        Ok(())
+    }
+
+    /// Number of chunks the arena is carved into.
+    pub(crate) fn nchunks(&self) -> u64 {
+        self.arena_bytes >> (self.chunk_order + GRANULE.trailing_zeros())
+    }
+
+    /// Largest key + value payload a block can hold.
+    pub(crate) fn max_payload(&self) -> u64 {
+        (GRANULE << self.chunk_order) - BLOCK_HEADER
+    }
+
+    /// Writes the immutable header of a fresh (all-zero) segment.
+    pub(crate) fn write_header(&self, r: &Region) -> Option<()> {
+        let put = |off: u64, v: u64| -> Option<()> {
+            // Relaxed: the segment is not yet visible to any other process;
+            // publication (link into /dev/shm) orders these writes.
+            r.word(off)?.store(v, Ordering::Relaxed);
+            Some(())
+        };
+        put(
+            H_VERSION_KIND,
+            FORMAT_VERSION as u64 | (KIND_DICT as u64) << 32,
+        )?;
+        put(H_HEADER_BYTES, HEADER_BYTES)?;
+        put(H_TOTAL_BYTES, self.total_bytes)?;
+        put(H_CAPACITY, self.capacity)?;
+        put(H_NBUCKETS, self.nbuckets)?;
+        put(H_INDEX_OFF, self.index_off)?;
+        put(H_ARENA_OFF, self.arena_off)?;
+        put(H_ARENA_BYTES, self.arena_bytes)?;
+        put(H_CHUNK_ORDER, self.chunk_order as u64)?;
+        put(H_ATTACH_OFF, HEADER_BYTES)?;
+        put(H_ATTACH_LEN, ATTACH_ENTRIES)?;
+        put(H_HASH_ID, HASH_XXH3_64_SEED0)?;
+        put(H_MAGIC, MAGIC)
+    }
+
+    /// Reads and validates the header of an untrusted segment of `file_len`
+    /// bytes. Errors say which check failed; `Incompatible` vs `Corrupt` is
+    /// decided by the caller from [`HeaderError`].
+    pub(crate) fn read_header(r: &Region, file_len: u64) -> Result<Geometry, HeaderError> {
+        let get = |off: u64| -> Result<u64, HeaderError> {
+            r.word(off)
+                .map(|w| w.load(Ordering::Relaxed)) // Relaxed: immutable after publication.
+                .ok_or(HeaderError::Corrupt(
+                    "segment is shorter than a header".into(),
+                ))
+        };
+        if file_len < HEADER_BYTES {
+            return Err(HeaderError::Corrupt(format!(
+                "segment is {file_len} bytes, shorter than the {HEADER_BYTES}-byte header"
+            )));
+        }
+        if get(H_MAGIC)? != MAGIC {
+            return Err(HeaderError::Corrupt(
+                "bad magic: not a shmdict segment".into(),
+            ));
+        }
+        let vk = get(H_VERSION_KIND)?;
+        let (version, kind) = (vk as u32, (vk >> 32) as u32);
+        if version != FORMAT_VERSION {
+            return Err(HeaderError::Incompatible(format!(
+                "format version {version}, this build reads version {FORMAT_VERSION}"
+            )));
+        }
+        if kind != KIND_DICT {
+            return Err(HeaderError::Incompatible(format!(
+                "it holds a {}, not a dictionary",
+                kind_name(kind)
+            )));
+        }
+        if get(H_HASH_ID)? != HASH_XXH3_64_SEED0 {
+            return Err(HeaderError::Incompatible("unknown hash function".into()));
+        }
+        if get(H_HEADER_BYTES)? != HEADER_BYTES
+            || get(H_ATTACH_OFF)? != HEADER_BYTES
+            || get(H_ATTACH_LEN)? != ATTACH_ENTRIES
+        {
+            return Err(HeaderError::Corrupt("header or attach table size".into()));
+        }
+        let chunk_order = get(H_CHUNK_ORDER)?;
+        let g = Geometry {
+            capacity: get(H_CAPACITY)?,
+            nbuckets: get(H_NBUCKETS)?,
+            index_off: get(H_INDEX_OFF)?,
+            arena_off: get(H_ARENA_OFF)?,
+            arena_bytes: get(H_ARENA_BYTES)?,
+            chunk_order: u32::try_from(chunk_order).unwrap_or(u32::MAX),
+            total_bytes: get(H_TOTAL_BYTES)?,
+        };
+        g.check()
+            .map_err(|m| HeaderError::Corrupt(format!("bad geometry: {m}")))?;
+        if g.total_bytes != file_len {
+            return Err(HeaderError::Corrupt(format!(
+                "header says {} bytes but the segment is {file_len} bytes",
+                g.total_bytes
+            )));
+        }
+        Ok(g)
+    }
+}
+
+/// Why a header was rejected.
+#[derive(Debug)]
+pub(crate) enum HeaderError {
+    Corrupt(String),
+    Incompatible(String),
+}
+
+/// Human name of a segment kind, for messages.
+pub(crate) fn kind_name(kind: u32) -> String {
+    match kind {
+        KIND_DICT => "dictionary".into(),
+        2 => "Value".into(),
+        3 => "Array".into(),
+        k => format!("segment of unknown kind {k}"),
+    }
+}
+
+/// The index hash. Part of the format: xxh3-64, seed 0, over the key bytes.
+#[inline]
+pub(crate) fn hash_key(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+/// An index entry word: where a key's block lives.
+///
+/// | bits   | field                                   |
+/// |--------|-----------------------------------------|
+/// | 0..32  | granule index of the block in the arena |
+/// | 32..38 | order: block size is `GRANULE << order` |
+/// | 38..54 | tag: bits 48..64 of the key's hash      |
+/// | 63     | present (so no live entry is 0)         |
+///
+/// `0` is an empty slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entry(pub(crate) u64);
+
+const ENTRY_PRESENT: u64 = 1 << 63;
+
+impl Entry {
+    pub(crate) const EMPTY: u64 = 0;
+
+    pub(crate) fn new(granule: u32, order: u32, hash: u64) -> Entry {
+        Entry(ENTRY_PRESENT | (hash >> 48) << 38 | (order as u64 & 0x3f) << 32 | granule as u64)
+    }
+    pub(crate) fn granule(self) -> u32 {
+        self.0 as u32
+    }
+    pub(crate) fn order(self) -> u32 {
+        ((self.0 >> 32) & 0x3f) as u32
+    }
+    pub(crate) fn tag(self) -> u64 {
+        (self.0 >> 38) & 0xffff
+    }
+    pub(crate) fn tag_of(hash: u64) -> u64 {
+        hash >> 48
+    }
+}
+
+/// Block order needed for a key and value: the smallest `o` with
+/// `GRANULE << o >= BLOCK_HEADER + pad8(key) + value`.
+pub(crate) fn order_for(key_len: usize, value_len: usize) -> Option<u32> {
+    let need = BLOCK_HEADER
+        .checked_add((key_len as u64).checked_next_multiple_of(8)?)?
+        .checked_add(value_len as u64)?;
+    let blocks = need.div_ceil(GRANULE).next_power_of_two();
+    Some(blocks.trailing_zeros())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_holds_capacity_and_big_values() {
+        for (cap, arena) in [(1, 0), (1000, 1 << 20), (1 << 20, 1 << 30), (3, 100_000)] {
+            let g = Geometry::new(cap, arena).unwrap();
+            assert!(g.nbuckets * SLOTS_PER_BUCKET * 3 >= cap * 4, "{g:?}");
+            assert!(g.arena_bytes >= arena);
+            let k = MAX_GUARANTEED_KEY as usize;
+            let v = (g.arena_bytes / 8) as usize;
+            assert!(
+                order_for(k, v.min(arena.max(MIN_ARENA_BYTES) as usize / 8)).unwrap()
+                    <= g.chunk_order
+            );
+            assert_eq!(g.check(), Ok(()));
+        }
+        assert!(Geometry::new(0, 1 << 20).is_none());
+        assert!(Geometry::new(MAX_CAPACITY + 1, 1 << 20).is_none());
+    }
+
+    #[test]
+    fn entry_round_trips() {
+        let e = Entry::new(0xdead_beef, 17, 0xabcd_0000_0000_0000);
+        assert_eq!(e.granule(), 0xdead_beef);
+        assert_eq!(e.order(), 17);
+        assert_eq!(e.tag(), 0xabcd);
+        assert_ne!(Entry::new(0, 0, 0).0, Entry::EMPTY);
+    }
+
+    #[test]
+    fn orders() {
+        assert_eq!(order_for(0, 0), Some(0));
+        assert_eq!(order_for(16, 32), Some(0));
+        assert_eq!(order_for(16, 33), Some(1));
+        assert_eq!(order_for(16, 64), Some(1));
+        assert_eq!(order_for(16, 1024), Some(5));
+    }
+
+    #[test]
+    fn hash_is_pinned() {
+        // The hash is part of the on-segment format: this value must never change.
+        assert_eq!(hash_key(b""), 0x2d06800538d394c2);
+    }
+
+    #[test]
+    fn header_round_trip_and_rejects_garbage() {
+        let g = Geometry::new(100, 1 << 16).unwrap();
+        let r = Region::heap(HEADER_BYTES as usize);
+        g.write_header(&r).unwrap();
+        assert_eq!(Geometry::read_header(&r, g.total_bytes).unwrap(), g);
+        assert!(matches!(
+            Geometry::read_header(&r, g.total_bytes - 4096),
+            Err(HeaderError::Corrupt(_))
+        ));
+        r.word(H_NBUCKETS).unwrap().store(3, Ordering::Relaxed);
+        assert!(matches!(
+            Geometry::read_header(&r, g.total_bytes),
+            Err(HeaderError::Corrupt(_))
+        ));
+        r.word(H_VERSION_KIND).unwrap().store(2, Ordering::Relaxed);
+        assert!(matches!(
+            Geometry::read_header(&r, g.total_bytes),
+            Err(HeaderError::Incompatible(_))
+        ));
+    }
+}

@@ -1,0 +1,117 @@
+//! Owner-tagged lock words and the backoff used while waiting on another
+//! process.
+//!
+//! A lock word guards a short structural change (a bucket's new-key insert,
+//! the arena's defragmentation). It is never held across user code.
+//!
+//! | value                  | state                               |
+//! |------------------------|-------------------------------------|
+//! | `0`                    | free                                |
+//! | `HELD \| token`        | held by the handle named by `token` |
+//!
+//! A waiter that finds the word held for a while asks whether the holder is
+//! still attached and alive ([`attach::token_alive`]); if not, it clears the
+//! word with a CAS from the exact value it saw, so a live new holder is never
+//! disturbed.
+
+use crate::attach::{self, Token, TOKEN_BITS};
+use crate::region::Region;
+use crate::sync::{spin_hint, yield_now, AtomicU64, Ordering};
+
+/// Set in a lock word while it is held.
+pub(crate) const HELD: u64 = 1 << 63;
+const TOKEN_MASK: u64 = (1 << TOKEN_BITS) - 1;
+
+/// Who holds a lock word, if anyone.
+pub(crate) fn holder(v: u64) -> Option<Token> {
+    (v & HELD != 0).then_some(Token(v & TOKEN_MASK))
+}
+
+/// Spins, then yields, then sleeps; says when to check the holder's liveness.
+#[derive(Debug, Default)]
+pub(crate) struct Backoff {
+    step: u32,
+}
+
+impl Backoff {
+    /// Steps of pure spinning before yielding.
+    const SPIN_STEPS: u32 = 6;
+    /// Steps before the first liveness check, and between checks.
+    const FIRST_CHECK: u32 = 16;
+    const CHECK_EVERY: u32 = 64;
+    /// Steps after which each wait sleeps instead of yielding.
+    const SLEEP_AFTER: u32 = 2048;
+
+    pub(crate) fn new() -> Backoff {
+        Backoff { step: 0 }
+    }
+
+    /// Waits a little. Returns `true` when the caller should check whether the
+    /// holder it waits for is still alive.
+    pub(crate) fn snooze(&mut self) -> bool {
+        if self.step < Self::SPIN_STEPS {
+            for _ in 0..1u32 << self.step {
+                spin_hint();
+            }
+        } else if self.step < Self::SLEEP_AFTER {
+            yield_now();
+        } else {
+            #[cfg(not(loom))]
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            #[cfg(loom)]
+            yield_now();
+        }
+        self.step = self.step.saturating_add(1);
+        self.step == Self::FIRST_CHECK
+            || (self.step > Self::FIRST_CHECK && self.step % Self::CHECK_EVERY == 0)
+    }
+}
+
+/// Takes the lock word for `me`, waiting for a live holder and taking over
+/// from a dead one.
+pub(crate) fn lock(r: &Region, word: &AtomicU64, me: Token) {
+    let mine = HELD | me.0;
+    let mut backoff = Backoff::new();
+    loop {
+        // Acquire: pairs with the Release in `unlock`, so the previous holder's
+        // changes are visible to us.
+        match word.compare_exchange_weak(0, mine, Ordering::Acquire, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(seen) => {
+                if backoff.snooze() {
+                    clear_if_dead(r, word, seen);
+                }
+            }
+        }
+    }
+}
+
+/// Takes the lock word if it is free right now.
+pub(crate) fn try_lock(word: &AtomicU64, me: Token) -> bool {
+    // Acquire: pairs with the Release in `unlock`.
+    word.compare_exchange(0, HELD | me.0, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+}
+
+/// Clears `word` if it still holds `seen` and `seen`'s holder is dead.
+/// Returns whether the word is (now) free.
+pub(crate) fn clear_if_dead(r: &Region, word: &AtomicU64, seen: u64) -> bool {
+    match holder(seen) {
+        None => true,
+        Some(t) if !attach::token_alive(r, t) => {
+            // AcqRel: acquire what the dead holder published; release our
+            // clearing to the next locker. Fails harmlessly if it changed.
+            word.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        }
+        Some(_) => false,
+    }
+}
+
+/// Releases the lock word taken by [`lock`] for `me`.
+pub(crate) fn unlock(word: &AtomicU64, me: Token) {
+    // Release: pairs with the Acquire of the next `lock`. A CAS rather than a
+    // store: if we were wrongly presumed dead and the word was taken over, the
+    // new holder keeps it.
+    let _ = word.compare_exchange(HELD | me.0, 0, Ordering::Release, Ordering::Relaxed);
+}

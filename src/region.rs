@@ -1,0 +1,130 @@
+//! A bounds-checked view of shared memory as 64-bit atomic words.
+//!
+//! All of shmdict's shared-memory algorithms (the index, the slab, the attach
+//! table) read and write the segment only through [`Region`]. A region is
+//! either a live mapping of a segment or, for tests and loom models, a heap
+//! buffer of atomics. Every access names a byte offset and is checked against
+//! the region's length, so an offset read from a corrupted segment can produce
+//! `None` (and from there `Error::Corrupt`) but never an access outside the
+//! mapping.
+//!
+//! This module holds the one `unsafe` conversion of mapped bytes into atomics.
+
+use crate::sync::AtomicU64;
+
+/// Who keeps the memory behind a [`Region`] alive.
+enum Backing {
+    #[cfg(not(loom))]
+    Map(#[allow(dead_code)] memmap2::MmapRaw),
+    #[cfg(any(test, loom))]
+    Heap(#[allow(dead_code)] Box<[AtomicU64]>),
+}
+
+/// Shared memory seen as an array of `AtomicU64`, addressed by byte offset.
+pub(crate) struct Region {
+    /// First word. Valid for `len_words` words while `_backing` lives.
+    base: *const AtomicU64,
+    len_words: usize,
+    _backing: Backing,
+}
+
+// SAFETY: a Region only hands out `&AtomicU64`, which is Sync; the backing
+// memory (a shared mapping or a boxed slice) is not tied to a thread.
+unsafe impl Send for Region {}
+// SAFETY: as above: every access through a Region is an atomic operation.
+unsafe impl Sync for Region {}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("bytes", &self.len())
+            .finish()
+    }
+}
+
+impl Region {
+    /// Views a shared mapping as atomic words.
+    ///
+    /// Returns `None` if the mapping is not 8-byte aligned (mmap returns
+    /// page-aligned addresses, so this does not happen in practice).
+    #[cfg(not(loom))]
+    pub(crate) fn from_map(map: memmap2::MmapRaw) -> Option<Region> {
+        let ptr = map.as_ptr();
+        if (ptr as usize) % std::mem::align_of::<AtomicU64>() != 0 {
+            return None;
+        }
+        Some(Region {
+            base: ptr.cast::<AtomicU64>(),
+            len_words: map.len() / 8,
+            _backing: Backing::Map(map),
+        })
+    }
+
+    /// A zero-filled region on the heap (tests and loom models).
+    #[cfg(any(test, loom))]
+    pub(crate) fn heap(bytes: usize) -> Region {
+        let words: Box<[AtomicU64]> = (0..bytes / 8).map(|_| AtomicU64::new(0)).collect();
+        Region {
+            base: words.as_ptr(),
+            len_words: words.len(),
+            _backing: Backing::Heap(words),
+        }
+    }
+
+    /// Length of the region in bytes (a multiple of 8).
+    #[inline]
+    pub(crate) fn len(&self) -> u64 {
+        self.len_words as u64 * 8
+    }
+
+    /// The word at byte offset `off`, if `off` is 8-aligned and in bounds.
+    #[inline]
+    pub(crate) fn word(&self, off: u64) -> Option<&AtomicU64> {
+        self.words(off, 1).map(|w| &w[0])
+    }
+
+    /// `n` consecutive words starting at byte offset `off`, if 8-aligned and
+    /// entirely in bounds.
+    #[inline]
+    pub(crate) fn words(&self, off: u64, n: u64) -> Option<&[AtomicU64]> {
+        if off % 8 != 0 {
+            return None;
+        }
+        let first = usize::try_from(off / 8).ok()?;
+        let n = usize::try_from(n).ok()?;
+        let end = first.checked_add(n)?;
+        if end > self.len_words {
+            return None;
+        }
+        // SAFETY: `first..end` lies within the `len_words` words starting at
+        // `base`, which `_backing` keeps allocated (and, for a mapping, mapped)
+        // for as long as `self` lives; the returned borrow is tied to `self`.
+        // `base` is aligned for AtomicU64 (checked in `from_map`; a boxed
+        // slice is aligned by construction). For a mapping, AtomicU64 has the
+        // same size and alignment as u64, and shmdict never accesses the mapped
+        // bytes other than through atomics, so no non-atomic access races with
+        // these. Other processes' accesses are atomic operations too.
+        Some(unsafe { std::slice::from_raw_parts(self.base.add(first), n) })
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::sync::Ordering;
+
+    #[test]
+    fn bounds_are_checked() {
+        let r = Region::heap(64);
+        assert_eq!(r.len(), 64);
+        assert!(r.word(0).is_some());
+        assert!(r.word(56).is_some());
+        assert!(r.word(64).is_none(), "one past the end");
+        assert!(r.word(4).is_none(), "misaligned");
+        assert!(r.words(8, 7).is_some());
+        assert!(r.words(8, 8).is_none());
+        assert!(r.words(u64::MAX - 7, 2).is_none(), "overflowing offset");
+        r.word(8).unwrap().store(7, Ordering::Relaxed);
+        assert_eq!(r.words(0, 2).unwrap()[1].load(Ordering::Relaxed), 7);
+    }
+}

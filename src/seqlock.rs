@@ -1,0 +1,151 @@
+//! The control word of an index slot: a sequence lock for writers and a
+//! version that readers validate against.
+//!
+//! | bits   | meaning                                              |
+//! |--------|------------------------------------------------------|
+//! | 0      | WRITING: a writer holds the slot                     |
+//! | 1..24  | the writer's [`Token`] while WRITING, else 0         |
+//! | 24..64 | version: incremented by every release of the slot    |
+//!
+//! Values are copy-on-write: a writer prepares a complete block in the arena,
+//! takes the slot (WRITING, the word is odd), stores the new entry word,
+//! releases it (even again, version + 1) and only then frees the old block.
+//! A reader loads the control word, the entry word and the block's bytes, then
+//! loads the control word again: if it is unchanged, no release happened in
+//! between, so the old block was not freed (and reused) while it was read.
+//! Readers therefore never wait and never write; an odd word does not stop
+//! them, because the entry word always names a complete block.
+//!
+//! A writer killed while WRITING leaves the entry word either old or new.
+//! Another writer that waits on the slot for long checks the owner's liveness
+//! and releases the slot for it (see [`wait_unlocked`]).
+
+use crate::attach::{self, Token};
+use crate::lockword::Backoff;
+use crate::region::Region;
+use crate::sync::{AtomicU64, Ordering};
+
+pub(crate) const WRITING: u64 = 1;
+const OWNER_SHIFT: u32 = 1;
+const VERSION_SHIFT: u32 = 24;
+const VERSION_MASK: u64 = !((1 << VERSION_SHIFT) - 1);
+
+#[inline]
+pub(crate) fn is_writing(ctrl: u64) -> bool {
+    ctrl & WRITING != 0
+}
+
+#[inline]
+fn owner(ctrl: u64) -> Token {
+    Token((ctrl & !VERSION_MASK) >> OWNER_SHIFT)
+}
+
+/// The value after the slot holding `ctrl` is released: version + 1, no owner.
+#[inline]
+fn released(ctrl: u64) -> u64 {
+    (ctrl & VERSION_MASK).wrapping_add(1 << VERSION_SHIFT)
+}
+
+/// Takes the slot if its control word still equals `seen` (which must not be
+/// WRITING). Returns the locked value to pass to [`unlock`].
+#[inline]
+pub(crate) fn try_lock(ctrl: &AtomicU64, seen: u64, me: Token) -> Option<u64> {
+    if is_writing(seen) {
+        return None;
+    }
+    let locked = (seen & VERSION_MASK) | me.0 << OWNER_SHIFT | WRITING;
+    // AcqRel: Acquire pairs with the previous writer's Release in `unlock`, so
+    // we see the entry it left; Release orders our block writes (done before)
+    // ahead of the lock for a recovering process.
+    ctrl.compare_exchange(seen, locked, Ordering::AcqRel, Ordering::Relaxed)
+        .ok()
+        .map(|_| locked)
+}
+
+/// Releases a slot taken by [`try_lock`].
+#[inline]
+pub(crate) fn unlock(ctrl: &AtomicU64, locked: u64) {
+    // Release: pairs with the Acquire load of readers (`read_begin`) and the
+    // Acquire of the next `try_lock`: the entry word stored while WRITING is
+    // visible to whoever sees the new version. A CAS, not a store: if we were
+    // presumed dead and released, a later holder's state is not clobbered.
+    let _ = ctrl.compare_exchange(
+        locked,
+        released(locked),
+        Ordering::Release,
+        Ordering::Relaxed,
+    );
+}
+
+/// Starts an optimistic read: the control word to validate against later.
+#[inline]
+pub(crate) fn read_begin(ctrl: &AtomicU64) -> u64 {
+    // Acquire: pairs with the Release in `unlock`: the entry word and the
+    // block it names are visible.
+    ctrl.load(Ordering::Acquire)
+}
+
+/// Ends an optimistic read: `true` if nothing was released since `begin`, so
+/// every word read in between belongs to one consistent snapshot.
+#[inline]
+pub(crate) fn read_validate(ctrl: &AtomicU64, begin: u64) -> bool {
+    // Acquire fence: pairs with the Release fence a writer issues after it
+    // takes a block from the free lists and before it stores into the block
+    // (slab::alloc, slab::push). If any word we read was written after the
+    // block was recycled, that writer's fence synchronizes with this one, and
+    // the release that retired the block (which happened before the recycling)
+    // is visible to the load below, so the versions differ.
+    crate::sync::fence(Ordering::Acquire);
+    // Relaxed: ordered by the fence above.
+    ctrl.load(Ordering::Relaxed) & VERSION_MASK == begin & VERSION_MASK
+}
+
+/// Waits until the slot is not WRITING, releasing it on behalf of a dead
+/// writer. Returns the control word seen last (not WRITING).
+pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64) -> u64 {
+    let mut backoff = Backoff::new();
+    loop {
+        let c = ctrl.load(Ordering::Acquire); // Acquire: as in `read_begin`.
+        if !is_writing(c) {
+            return c;
+        }
+        if backoff.snooze() && !attach::token_alive(r, owner(c)) {
+            // The writer died while holding the slot. Its entry word is either
+            // the old or the new value, both complete blocks: release the slot
+            // as it would have. AcqRel: see `try_lock` and `unlock`.
+            let _ = ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_and_owners() {
+        let w = AtomicU64::new(0);
+        let me = Token(0x5a5a5);
+        let begin = read_begin(&w);
+        let locked = try_lock(&w, begin, me).unwrap();
+        assert!(is_writing(w.load(Ordering::Relaxed)));
+        assert_eq!(owner(locked), me);
+        assert!(
+            try_lock(&w, locked, me).is_none(),
+            "cannot lock a WRITING word"
+        );
+        assert!(
+            read_validate(&w, begin),
+            "locking alone does not invalidate readers"
+        );
+        unlock(&w, locked);
+        let after = w.load(Ordering::Relaxed);
+        assert!(!is_writing(after));
+        assert!(!read_validate(&w, begin), "a release invalidates readers");
+        assert!(
+            try_lock(&w, begin, me).is_none(),
+            "a stale version cannot lock"
+        );
+        assert_eq!(after >> VERSION_SHIFT, 1);
+    }
+}

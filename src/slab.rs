@@ -1,0 +1,363 @@
+//! The arena allocator: power-of-two blocks with lock-free free lists.
+//!
+//! The arena is `nchunks` chunks of `GRANULE << chunk_order` bytes. A block of
+//! order `o` is `GRANULE << o` bytes and starts at a granule index that is a
+//! multiple of `1 << o` (buddy alignment), so two free buddies of order `o`
+//! can be merged into one block of order `o + 1`.
+//!
+//! Each order has a free list in the header: a Treiber stack whose head word
+//! is
+//!
+//! | bits   | meaning                                             |
+//! |--------|-----------------------------------------------------|
+//! | 0..32  | granule index + 1 of the top block (0 = empty list) |
+//! | 32..64 | tag, incremented by every push and pop (ABA guard)  |
+//!
+//! and whose links live in word 0 of each free block (granule index + 1).
+//!
+//! `alloc(o)` pops order `o`; failing that, pops a larger order and splits it,
+//! pushing the unused halves; failing that, carves a fresh chunk (a counter in
+//! the header, so untouched arena pages stay untouched); failing that, it
+//! defragments once and tries again. `free` pushes the block on its order's
+//! list without merging, so the fast paths are one CAS each.
+//!
+//! Defragmentation (the slow path before reporting `Full`) takes the
+//! owner-tagged defragmentation lock, drains every free list, merges free
+//! buddies, and pushes the merged blocks back. Allocators that fail while it
+//! runs wait for it and try again, so a defragmentation never causes a
+//! spurious `Full`.
+//!
+//! Memory ordering rule for recycled blocks: after taking a block off a free
+//! list and before storing into it, a process issues a Release fence (in
+//! [`Slab::alloc`] and [`Slab::push`]). See `seqlock::read_validate` for the
+//! Acquire fence it pairs with.
+
+use crate::attach::Token;
+use crate::layout::{
+    Geometry, GRANULE, H_CHUNKS_CARVED, H_DEFRAG_EPOCH, H_DEFRAG_LOCK, H_FREE_HEADS,
+};
+use crate::lockword::{self, Backoff};
+use crate::region::Region;
+use crate::sync::{fence, AtomicU64, Ordering};
+
+const LINK_MASK: u64 = 0xffff_ffff;
+
+/// The allocator over one segment's arena.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slab<'a> {
+    r: &'a Region,
+    g: &'a Geometry,
+}
+
+/// A free list or block reference failed a bounds or alignment check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Corrupt(pub(crate) &'static str);
+
+impl<'a> Slab<'a> {
+    pub(crate) fn new(r: &'a Region, g: &'a Geometry) -> Slab<'a> {
+        Slab { r, g }
+    }
+
+    /// Whether a block of `order` may start at `granule`.
+    pub(crate) fn block_ok(&self, granule: u64, order: u32) -> bool {
+        order <= self.g.chunk_order
+            && granule % (1u64 << order) == 0
+            && (granule + (1u64 << order)) * GRANULE <= self.g.arena_bytes
+    }
+
+    /// The words of a block, bounds- and alignment-checked.
+    pub(crate) fn block(&self, granule: u64, order: u32) -> Option<&'a [AtomicU64]> {
+        if !self.block_ok(granule, order) {
+            return None;
+        }
+        self.r
+            .words(self.g.arena_off + granule * GRANULE, (GRANULE << order) / 8)
+    }
+
+    fn head(&self, order: u32) -> &'a AtomicU64 {
+        self.r
+            .word(H_FREE_HEADS + order as u64 * 64)
+            .expect("free-list heads lie inside the validated header")
+    }
+
+    fn push(&self, granule: u64, order: u32) {
+        let Some(link) = self.block(granule, order).map(|w| &w[0]) else {
+            return; // Not a valid block: leak it rather than corrupt the list.
+        };
+        // Release fence: we own this block (just taken off a list, or retired
+        // after the Release unlock that replaced it); readers that read the
+        // link below synchronize with this fence (seqlock::read_validate).
+        fence(Ordering::Release);
+        let head = self.head(order);
+        let mut cur = head.load(Ordering::Relaxed); // Relaxed: validated by the CAS.
+        loop {
+            link.store(cur & LINK_MASK, Ordering::Relaxed); // Relaxed: published by the CAS.
+            let new = (cur >> 32).wrapping_add(1) << 32 | (granule + 1);
+            // Release: pairs with the Acquire in `pop`; the popper sees the
+            // link and everything we did to the block before freeing it.
+            match head.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    fn pop(&self, order: u32) -> Result<Option<u64>, Corrupt> {
+        let head = self.head(order);
+        // Acquire: pairs with the Release CAS in `push` that installed `cur`.
+        let mut cur = head.load(Ordering::Acquire);
+        loop {
+            let top = cur & LINK_MASK;
+            if top == 0 {
+                return Ok(None);
+            }
+            let granule = top - 1;
+            let words = self
+                .block(granule, order)
+                .ok_or(Corrupt("free-list entry out of bounds"))?;
+            // Relaxed: if the block was popped and reused meanwhile this is
+            // garbage, but then the tag changed and the CAS below fails.
+            let next = words[0].load(Ordering::Relaxed) & LINK_MASK;
+            let new = (cur >> 32).wrapping_add(1) << 32 | next;
+            // Acquire (both outcomes): pairs with `push`'s Release.
+            match head.compare_exchange_weak(cur, new, Ordering::Acquire, Ordering::Acquire) {
+                Ok(_) => return Ok(Some(granule)),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Carves a fresh chunk from the untouched end of the arena.
+    fn carve(&self) -> Option<u64> {
+        let w = self.r.word(H_CHUNKS_CARVED)?;
+        let mut cur = w.load(Ordering::Relaxed); // Relaxed: a counter; the CAS decides.
+        loop {
+            if cur >= self.g.nchunks() {
+                return None;
+            }
+            // Relaxed: the chunk's memory is untouched zeroes; nothing to order.
+            match w.compare_exchange_weak(cur, cur + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(cur << self.g.chunk_order),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Keeps the first block of `to` inside the block `granule` of order
+    /// `from`, and frees the rest as blocks of orders `to..from`.
+    fn split(&self, granule: u64, from: u32, to: u32) -> u64 {
+        for o in (to..from).rev() {
+            self.push(granule + (1u64 << o), o);
+        }
+        granule
+    }
+
+    /// Takes a block of `order`. `Ok(None)` means the arena is full even after
+    /// defragmentation (or the order exceeds a chunk).
+    pub(crate) fn alloc(&self, order: u32, me: Token) -> Result<Option<u64>, Corrupt> {
+        if order > self.g.chunk_order {
+            return Ok(None);
+        }
+        for round in 0..2 {
+            if let Some(g) = self.take(order)? {
+                // Release fence: see the module docs; the caller stores into
+                // the block next.
+                fence(Ordering::Release);
+                return Ok(Some(g));
+            }
+            if round == 0 {
+                self.defragment(me)?;
+            }
+        }
+        Ok(None)
+    }
+
+    fn take(&self, order: u32) -> Result<Option<u64>, Corrupt> {
+        if let Some(g) = self.pop(order)? {
+            return Ok(Some(g));
+        }
+        for larger in order + 1..=self.g.chunk_order {
+            if let Some(g) = self.pop(larger)? {
+                return Ok(Some(self.split(g, larger, order)));
+            }
+        }
+        Ok(self
+            .carve()
+            .map(|g| self.split(g, self.g.chunk_order, order)))
+    }
+
+    /// Returns a block to its free list.
+    pub(crate) fn free(&self, granule: u64, order: u32) {
+        self.push(granule, order);
+    }
+
+    /// Merges free buddies. If another process is defragmenting, waits for it
+    /// instead (its result serves us too).
+    fn defragment(&self, me: Token) -> Result<(), Corrupt> {
+        let lock = self.r.word(H_DEFRAG_LOCK).ok_or(Corrupt("header"))?;
+        let epoch = self.r.word(H_DEFRAG_EPOCH).ok_or(Corrupt("header"))?;
+        if !lockword::try_lock(lock, me) {
+            let mut backoff = Backoff::new();
+            loop {
+                let seen = lock.load(Ordering::Acquire); // Acquire: pairs with unlock.
+                if seen == 0 || (backoff.snooze() && lockword::clear_if_dead(self.r, lock, seen)) {
+                    return Ok(());
+                }
+            }
+        }
+        let result = self.merge_all();
+        epoch.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
+        lockword::unlock(lock, me);
+        result
+    }
+
+    fn merge_all(&self) -> Result<(), Corrupt> {
+        let top = self.g.chunk_order;
+        let max_blocks = self.g.arena_bytes / GRANULE;
+        let mut by_order: Vec<Vec<u64>> = vec![Vec::new(); top as usize + 1];
+        let mut result = Ok(());
+        'drain: for o in 0..=top {
+            loop {
+                match self.pop(o) {
+                    Ok(Some(g)) => by_order[o as usize].push(g),
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break 'drain;
+                    }
+                }
+                if by_order[o as usize].len() as u64 > max_blocks {
+                    result = Err(Corrupt("free list longer than the arena (a cycle)"));
+                    break 'drain;
+                }
+            }
+        }
+        for o in 0..top as usize {
+            let mut list = std::mem::take(&mut by_order[o]);
+            list.sort_unstable();
+            list.dedup();
+            let mut i = 0;
+            while i < list.len() {
+                let g = list[i];
+                if g & (1 << o) == 0 && list.get(i + 1) == Some(&(g + (1 << o))) {
+                    by_order[o + 1].push(g);
+                    i += 2;
+                } else {
+                    self.push(g, o as u32);
+                    i += 1;
+                }
+            }
+        }
+        let mut last = std::mem::take(&mut by_order[top as usize]);
+        last.sort_unstable();
+        last.dedup();
+        for g in last {
+            self.push(g, top);
+        }
+        result
+    }
+
+    /// Free blocks per order (a snapshot; exact only when the arena is quiet).
+    pub(crate) fn free_counts(&self) -> Vec<u64> {
+        let max_blocks = self.g.arena_bytes / GRANULE;
+        (0..=self.g.chunk_order)
+            .map(|o| {
+                let mut n = 0;
+                // Acquire: pairs with push's Release, so links are visible.
+                let mut cur = self.head(o).load(Ordering::Acquire) & LINK_MASK;
+                while cur != 0 && n <= max_blocks {
+                    n += 1;
+                    cur = match self.block(cur - 1, o) {
+                        Some(w) => w[0].load(Ordering::Relaxed) & LINK_MASK,
+                        None => 0,
+                    };
+                }
+                n
+            })
+            .collect()
+    }
+
+    /// Chunks carved so far.
+    pub(crate) fn chunks_carved(&self) -> u64 {
+        self.r
+            .word(H_CHUNKS_CARVED)
+            .map_or(0, |w| w.load(Ordering::Relaxed).min(self.g.nchunks())) // Relaxed: a statistic.
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn setup(arena: u64) -> (Region, Geometry) {
+        let g = Geometry::new(16, arena).unwrap();
+        (Region::heap(g.total_bytes as usize), g)
+    }
+
+    #[test]
+    fn blocks_are_aligned_disjoint_and_reused() {
+        let (r, g) = setup(64 * 1024);
+        let s = Slab::new(&r, &g);
+        let me = Token(1);
+        let mut used = Vec::new();
+        for &o in [0u32, 3, 1, 0, 2, 5].iter().cycle() {
+            match s.alloc(o, me).unwrap() {
+                Some(b) => {
+                    assert_eq!(b % (1 << o), 0, "block of order {o} misaligned");
+                    used.push((b, b + (1 << o), o));
+                }
+                None => break,
+            }
+        }
+        used.sort_unstable();
+        for w in used.windows(2) {
+            assert!(w[0].1 <= w[1].0, "blocks overlap: {:?}", w);
+        }
+        let n = used.len();
+        for &(b, _, o) in &used {
+            s.free(b, o);
+        }
+        let mut again = 0;
+        for &(_, _, o) in &used {
+            again += s.alloc(o, me).unwrap().is_some() as usize;
+        }
+        assert_eq!(again, n, "every freed block is reusable");
+    }
+
+    #[test]
+    fn full_then_freed_small_blocks_merge_into_a_chunk() {
+        let (r, g) = setup(64 * 1024);
+        let s = Slab::new(&r, &g);
+        let me = Token(1);
+        let mut small = Vec::new();
+        while let Some(b) = s.alloc(0, me).unwrap() {
+            small.push(b);
+        }
+        assert_eq!(
+            small.len() as u64,
+            g.arena_bytes / GRANULE,
+            "every granule used"
+        );
+        assert_eq!(s.alloc(g.chunk_order, me).unwrap(), None, "full");
+        for b in small {
+            s.free(b, 0);
+        }
+        for _ in 0..g.nchunks() {
+            assert!(
+                s.alloc(g.chunk_order, me).unwrap().is_some(),
+                "freed space merges back"
+            );
+        }
+        assert_eq!(s.alloc(0, me).unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_free_list_is_reported_not_followed() {
+        let (r, g) = setup(64 * 1024);
+        let s = Slab::new(&r, &g);
+        r.word(H_FREE_HEADS)
+            .unwrap()
+            .store(u32::MAX as u64, Ordering::Relaxed);
+        assert!(s.alloc(0, Token(1)).is_err());
+    }
+}

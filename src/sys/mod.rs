@@ -1,0 +1,256 @@
+//! Operating-system calls: POSIX shared-memory objects, mappings and process
+//! liveness. Linux only; `/dev/shm` is where shm_open keeps its objects.
+//!
+//! A new segment is never visible half-initialized: it is created unnamed
+//! (`O_TMPFILE` in /dev/shm, or under a private temporary name where that is
+//! not supported), sized, initialized through the caller's closure, and only
+//! then given its name with `linkat`, which fails with `EEXIST` instead of
+//! replacing a segment another process published first.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64 as StdAtomicU64, Ordering as StdOrdering};
+
+use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+
+use crate::error::{Error, Result};
+use crate::region::Region;
+
+const SHM_DIR: &str = "/dev/shm";
+/// Prefix of the temporary names used where O_TMPFILE is unavailable.
+pub(crate) const TEMP_PREFIX: &str = ".shmdict-tmp-";
+
+fn shm_path(name: &str) -> String {
+    format!("{SHM_DIR}/{name}")
+}
+
+/// Opens an existing segment for reading and writing; returns it with its size.
+pub(crate) fn open_existing(name: &str) -> Result<(File, u64)> {
+    let fd = rustix::shm::open(
+        format!("/{name}").as_str(),
+        rustix::shm::OFlags::RDWR,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOENT => Error::NotFound {
+            segment: name.to_owned(),
+        },
+        e => Error::io(name, "shm_open", e),
+    })?;
+    let file = File::from(fd);
+    let st = rustix::fs::fstat(&file).map_err(|e| Error::io(name, "fstat", e))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Error::corrupt(name, "not a regular file"));
+    }
+    Ok((file, st.st_size as u64))
+}
+
+/// Maps `len` bytes of `file` shared and read-write.
+pub(crate) fn map(name: &str, file: &File, len: u64) -> Result<Region> {
+    let len_usize =
+        usize::try_from(len).map_err(|_| Error::corrupt(name, "size exceeds the address space"))?;
+    let map = memmap2::MmapOptions::new()
+        .len(len_usize)
+        .map_raw(file)
+        .map_err(|e| Error::io(name, "mmap", e))?;
+    Region::from_map(map).ok_or_else(|| Error::corrupt(name, "mapping is misaligned"))
+}
+
+/// Creates a segment of `len` bytes with permission bits exactly `mode`,
+/// initializes it with `init`, and publishes it as `name`.
+///
+/// Returns `Ok(None)` if a segment of that name already exists (nothing is
+/// left behind in that case).
+pub(crate) fn create_segment(
+    name: &str,
+    mode: u32,
+    len: u64,
+    init: impl FnOnce(&Region) -> Result<()>,
+) -> Result<Option<(File, Region)>> {
+    let (fd, temp_name) = create_unnamed(name)?;
+    // From here on a temporary name, if any, must be removed on every path.
+    let result = (|| {
+        let file = File::from(fd);
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode))
+            .map_err(|e| Error::io(name, "fchmod", e))?;
+        rustix::fs::ftruncate(&file, len).map_err(|e| Error::io(name, "ftruncate", e))?;
+        let region = map(name, &file, len)?;
+        init(&region)?;
+        let linked = match &temp_name {
+            None => {
+                let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                rustix::fs::linkat(
+                    CWD,
+                    proc_path.as_str(),
+                    CWD,
+                    shm_path(name).as_str(),
+                    AtFlags::SYMLINK_FOLLOW,
+                )
+            }
+            Some(t) => rustix::fs::linkat(
+                CWD,
+                shm_path(t).as_str(),
+                CWD,
+                shm_path(name).as_str(),
+                AtFlags::empty(),
+            ),
+        };
+        match linked {
+            Ok(()) => Ok(Some((file, region))),
+            Err(rustix::io::Errno::EXIST) => Ok(None),
+            Err(e) => Err(Error::io(name, "linkat", e)),
+        }
+    })();
+    if let Some(t) = temp_name {
+        let _ = rustix::shm::unlink(format!("/{t}").as_str());
+    }
+    result
+}
+
+/// An unnamed file in /dev/shm, or one with a private temporary name.
+fn create_unnamed(name: &str) -> Result<(OwnedFd, Option<String>)> {
+    // Create with no permissions: fchmod sets `mode` exactly afterwards, so the
+    // process umask does not filter it.
+    match rustix::fs::openat(
+        CWD,
+        SHM_DIR,
+        OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) if proc_self_fd_works(&fd) => return Ok((fd, None)),
+        Ok(_) => {}
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL) => {
+        }
+        Err(e) => return Err(Error::io(name, "open O_TMPFILE in /dev/shm", e)),
+    }
+    static COUNTER: StdAtomicU64 = StdAtomicU64::new(0);
+    loop {
+        let t = format!(
+            "{TEMP_PREFIX}{}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, StdOrdering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        );
+        let flags =
+            rustix::shm::OFlags::CREATE | rustix::shm::OFlags::EXCL | rustix::shm::OFlags::RDWR;
+        match rustix::shm::open(format!("/{t}").as_str(), flags, Mode::empty()) {
+            Ok(fd) => return Ok((fd, Some(t))),
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => return Err(Error::io(name, "shm_open (create)", e)),
+        }
+    }
+}
+
+fn proc_self_fd_works(fd: &OwnedFd) -> bool {
+    rustix::fs::statat(
+        CWD,
+        format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()).as_str(),
+        AtFlags::empty(),
+    )
+    .is_ok()
+}
+
+/// Removes the name of a segment. Processes already attached keep working.
+pub(crate) fn unlink(name: &str) -> Result<()> {
+    rustix::shm::unlink(format!("/{name}").as_str()).map_err(|e| match e {
+        rustix::io::Errno::NOENT => Error::NotFound {
+            segment: name.to_owned(),
+        },
+        e => Error::io(name, "shm_unlink", e),
+    })
+}
+
+/// Bytes still available to unprivileged users in /dev/shm.
+pub(crate) fn shm_available_bytes() -> Option<u64> {
+    let s = rustix::fs::statvfs(SHM_DIR).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// This process's pid and start time (clock ticks after boot), read once.
+pub(crate) fn self_identity() -> (u32, u64) {
+    let pid = std::process::id();
+    let start = proc_stat(pid).map(|s| s.start_ticks).unwrap_or(0);
+    (pid, start)
+}
+
+struct ProcStat {
+    zombie: bool,
+    start_ticks: u64,
+}
+
+fn proc_stat(pid: u32) -> io::Result<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: parse after
+    // the last ')'. Then field 3 is the state and field 22 the start time.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad /proc stat"))?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next().unwrap_or("");
+    let start_ticks = fields
+        .nth(18)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad /proc stat"))?;
+    Ok(ProcStat {
+        zombie: state == "Z" || state == "X",
+        start_ticks,
+    })
+}
+
+/// Whether the process `pid` that started at `start_ticks` (as truncated by
+/// the caller to `start_mask`) still runs. A zombie counts as dead; a pid
+/// reused by a younger process counts as dead.
+pub(crate) fn process_alive(pid: u32, start_ticks: u64, start_mask: u64) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match proc_stat(pid) {
+        Ok(s) => !s.zombie && (s.start_ticks & start_mask) == start_ticks,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        // /proc unreadable for this pid: fall back to a signal-0 probe.
+        Err(_) => match rustix::process::Pid::from_raw(pid as i32) {
+            Some(p) => rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH),
+            None => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_liveness() {
+        let (pid, start) = self_identity();
+        assert_eq!(pid, std::process::id());
+        assert!(start > 0);
+        assert!(process_alive(pid, start, u64::MAX));
+        assert!(
+            !process_alive(pid, start + 1, u64::MAX),
+            "a reused pid is not the original"
+        );
+        assert!(!process_alive(0, 0, u64::MAX));
+    }
+
+    #[test]
+    fn zombie_counts_as_dead() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Wait until it has exited but is not yet reaped.
+        let start = loop {
+            match proc_stat(pid) {
+                Ok(s) if s.zombie => break s.start_ticks,
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(!process_alive(pid, start, u64::MAX));
+        child.wait().unwrap();
+        assert!(!process_alive(pid, start, u64::MAX));
+    }
+}
