@@ -1,4 +1,4 @@
-//! shmdict: a lock-free dictionary in POSIX shared memory.
+#![doc = include_str!("../README.md")]
 #[cfg(not(target_os = "linux"))]
 compile_error!("shmdict supports Linux only (it relies on /dev/shm, /proc and futexes)");
 #[cfg(not(target_has_atomic = "64"))]
