@@ -6,10 +6,13 @@ use crate::attach::{self, Token};
 use crate::block;
 use crate::error::{Error, Result};
 use crate::index::{Index, NewKey};
-use crate::layout::{self, hash_key, Entry, Geometry, HeaderError, GRANULE};
+#[cfg(not(loom))]
+use crate::layout::HeaderError;
+use crate::layout::{self, hash_key, Entry, Geometry, GRANULE};
 use crate::region::Region;
 use crate::slab::{Corrupt, Slab};
 use crate::typed::Typed;
+#[cfg(not(loom))]
 use crate::{name, sys};
 
 /// A dictionary of byte strings in a named shared-memory segment.
@@ -115,6 +118,7 @@ impl Options {
     }
 
     /// Attaches to the segment `name`, or creates it with these options.
+    #[cfg(not(loom))]
     ///
     /// Creation is race-free: processes opening the same new name at once
     /// all end up on one segment, and none sees it half-initialized.
@@ -162,6 +166,7 @@ impl Options {
         ))
     }
 
+    #[cfg(not(loom))]
     fn geometry(&self, name: &str) -> Result<Geometry> {
         let capacity = self.capacity.map_or(layout::DEFAULT_CAPACITY, |c| c as u64);
         let arena = match self.arena_bytes {
@@ -185,6 +190,7 @@ impl Options {
 impl ShmDict {
     /// Attaches to the dictionary `name`, creating it with default sizing if
     /// it does not exist.
+    #[cfg(not(loom))]
     pub fn open(name: &str) -> Result<ShmDict> {
         Options::default().open(name)
     }
@@ -196,11 +202,13 @@ impl ShmDict {
 
     /// Removes the name `name`. Processes already attached keep working on
     /// the segment; it is freed when the last one detaches.
+    #[cfg(not(loom))]
     pub fn unlink(name: &str) -> Result<()> {
         name::validate(name)?;
         sys::unlink(name)
     }
 
+    #[cfg(not(loom))]
     fn attach_file(name: &str, file: &std::fs::File, len: u64) -> Result<ShmDict> {
         if len < layout::HEADER_BYTES {
             return Err(Error::corrupt(
@@ -235,19 +243,17 @@ impl ShmDict {
 
     /// Builds a dictionary on a heap region (loom models and unit tests).
     #[cfg(any(loom, test))]
-    pub(crate) fn on_heap(capacity: u64, arena_bytes: u64, ident: u64) -> ShmDict {
+    pub(crate) fn on_heap(capacity: u64, arena_bytes: u64) -> ShmDict {
         let geo = Geometry::new(capacity, arena_bytes).expect("test geometry");
         let region = Region::heap(geo.total_bytes as usize);
         geo.write_header(&region).expect("header fits");
-        ShmDict::attach_region("heap", region, geo)
-            .expect("attach")
-            .with_ident(ident)
+        ShmDict::attach_region("heap", region, geo).expect("attach")
     }
 
+    /// Buckets in the index (loom models place keys by home bucket).
     #[cfg(any(loom, test))]
-    fn with_ident(mut self, ident: u64) -> ShmDict {
-        self.ident = ident;
-        self
+    pub(crate) fn nbuckets(&self) -> u64 {
+        self.geo.nbuckets
     }
 
     fn index(&self) -> Index<'_> {

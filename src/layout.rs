@@ -24,8 +24,17 @@ pub(crate) const HASH_XXH3_64_SEED0: u64 = 1;
 
 /// Header size; the attach table starts here.
 pub(crate) const HEADER_BYTES: u64 = 4096;
-/// Entries in the attach table (one per attached handle).
+/// Entries in the attach table (one per attached handle). Loom models use a
+/// tiny table (and the other loom sizes below) to keep their state small.
+#[cfg(not(loom))]
 pub(crate) const ATTACH_ENTRIES: u64 = 4096;
+#[cfg(loom)]
+pub(crate) const ATTACH_ENTRIES: u64 = 4;
+/// Alignment of the index and the arena.
+#[cfg(not(loom))]
+pub(crate) const PAGE: u64 = 4096;
+#[cfg(loom)]
+pub(crate) const PAGE: u64 = 64;
 /// Bytes per attach entry: identity word + generation word.
 pub(crate) const ATTACH_ENTRY_BYTES: u64 = 16;
 /// First byte of the index: after header and attach table, page aligned.
@@ -48,7 +57,10 @@ pub(crate) const GRANULE: u64 = 64;
 /// Bytes of a block's header: lengths word and hash word.
 pub(crate) const BLOCK_HEADER: u64 = 16;
 /// Keys of up to this size always fit (the contract's promise).
+#[cfg(not(loom))]
 pub(crate) const MAX_GUARANTEED_KEY: u64 = 4096;
+#[cfg(loom)]
+pub(crate) const MAX_GUARANTEED_KEY: u64 = 64;
 /// Number of size classes with a free-list head in the header.
 pub(crate) const MAX_ORDERS: u64 = 32;
 
@@ -79,7 +91,7 @@ pub(crate) const H_DEFRAG_EPOCH: u64 = 264;
 /// Free-list heads, one cache line per order.
 pub(crate) const H_FREE_HEADS: u64 = 2048;
 const _: () = assert!(H_FREE_HEADS + MAX_ORDERS * 64 <= HEADER_BYTES);
-const _: () = assert!(INDEX_OFF % 4096 == 0);
+const _: () = assert!(INDEX_OFF % PAGE == 0);
 const _: () = assert!(B_SLOTS + SLOTS_PER_BUCKET * SLOT_BYTES == BUCKET_BYTES);
 
 /// Defaults for `ShmDict::open` without options.
@@ -88,7 +100,10 @@ pub(crate) const DEFAULT_ARENA_BYTES: u64 = 1 << 30;
 /// Limits imposed by the encodings below.
 pub(crate) const MAX_CAPACITY: u64 = 1 << 32;
 pub(crate) const MAX_ARENA_BYTES: u64 = 1 << 37;
+#[cfg(not(loom))]
 pub(crate) const MIN_ARENA_BYTES: u64 = 64 * 1024;
+#[cfg(loom)]
+pub(crate) const MIN_ARENA_BYTES: u64 = 1024;
 
 /// The geometry of a segment: everything needed to find any structure in it.
 /// Computed at creation, stored in the header, validated on attach.
@@ -121,7 +136,7 @@ impl Geometry {
         let chunk_order = (chunk_bytes / GRANULE).trailing_zeros();
         let arena = arena_req.div_ceil(chunk_bytes) * chunk_bytes;
         let index_bytes = nbuckets.checked_mul(BUCKET_BYTES)?;
-        let arena_off = (INDEX_OFF + index_bytes).next_multiple_of(4096);
+        let arena_off = (INDEX_OFF + index_bytes).next_multiple_of(PAGE);
         let total = arena_off.checked_add(arena)?;
         let g = Geometry {
             capacity,
@@ -148,7 +163,7 @@ impl Geometry {
             return bad("index offset");
         }
         let index_end = self.index_off + self.nbuckets * BUCKET_BYTES;
-        if self.arena_off < index_end || self.arena_off % 4096 != 0 {
+        if self.arena_off < index_end || self.arena_off % PAGE != 0 {
             return bad("arena offset");
         }
         if self.chunk_order as u64 >= MAX_ORDERS {

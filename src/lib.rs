@@ -1,4 +1,7 @@
 #![doc = include_str!("../README.md")]
+// Loom builds compile out the OS layer (segments, names, liveness), so parts
+// of the format code that only it uses are unused there.
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
 #[cfg(not(target_os = "linux"))]
 compile_error!("shmdict supports Linux only (it relies on /dev/shm, /proc and futexes)");
 #[cfg(not(target_has_atomic = "64"))]
@@ -23,3 +26,76 @@ mod typed;
 pub use dict::{Options, ShmDict, Stats};
 pub use error::{Error, Result};
 pub use typed::Typed;
+
+/// Entry points for the loom models in `tests/loom.rs`; not part of the API.
+///
+/// Under `--cfg loom` the real algorithms run on a heap buffer of loom
+/// atomics instead of a shared mapping (see `region.rs`).
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod __loom {
+    use crate::layout::Geometry;
+    use crate::region::Region;
+    use crate::slab::Slab;
+
+    /// A dictionary on the heap with the given geometry.
+    pub fn dict(capacity: u64, arena_bytes: u64) -> crate::ShmDict {
+        crate::ShmDict::on_heap(capacity, arena_bytes)
+    }
+
+    /// The home bucket of `key` in `dict`.
+    pub fn home_bucket(dict: &crate::ShmDict, key: &[u8]) -> u64 {
+        crate::layout::hash_key(key) & (dict.nbuckets() - 1)
+    }
+
+    /// The bare slab allocator on a heap region.
+    #[derive(Debug)]
+    pub struct Arena {
+        region: Region,
+        geo: Geometry,
+    }
+
+    impl Arena {
+        /// An arena of at least `bytes` bytes.
+        pub fn new(bytes: u64) -> Arena {
+            let geo = Geometry::new(1, bytes).expect("geometry");
+            Arena {
+                region: Region::heap(geo.total_bytes as usize),
+                geo,
+            }
+        }
+
+        /// Largest order.
+        pub fn max_order(&self) -> u32 {
+            self.geo.chunk_order
+        }
+
+        /// Allocates a block of `order`; its granule index.
+        pub fn alloc(&self, order: u32) -> Option<u64> {
+            Slab::new(&self.region, &self.geo)
+                .alloc(order, crate::attach::Token(1))
+                .expect("not corrupt")
+        }
+
+        /// Frees a block.
+        pub fn free(&self, granule: u64, order: u32) {
+            Slab::new(&self.region, &self.geo).free(granule, order)
+        }
+
+        /// Writes `v` into word 1 of a block the caller owns.
+        pub fn write(&self, granule: u64, order: u32, v: u64) {
+            let w = Slab::new(&self.region, &self.geo)
+                .block(granule, order)
+                .expect("block");
+            w[1].store(v, crate::sync::Ordering::Relaxed);
+        }
+
+        /// Reads word 1 of a block the caller owns.
+        pub fn read(&self, granule: u64, order: u32) -> u64 {
+            let w = Slab::new(&self.region, &self.geo)
+                .block(granule, order)
+                .expect("block");
+            w[1].load(crate::sync::Ordering::Relaxed)
+        }
+    }
+}
