@@ -19,7 +19,7 @@
 
 use crate::layout::{ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, HEADER_BYTES};
 use crate::region::Region;
-use crate::sync::Ordering;
+use crate::sync::{AtomicU64, Ordering};
 
 const PID_BITS: u32 = 23;
 const PID_MASK: u64 = (1 << PID_BITS) - 1;
@@ -44,6 +44,56 @@ impl Token {
     }
     fn generation(self) -> u64 {
         self.0 >> INDEX_BITS
+    }
+}
+
+/// The handle on whose behalf this process takes slots and lock words: its
+/// token, and the number of holds its threads have in flight.
+///
+/// The count is what lets a waiter tell a word held by another thread of
+/// its own handle (count > 0: wait) from a word that merely *names* its token
+/// because the segment was corrupted (count 0: nobody here holds anything, so
+/// the hold is bogus and is released like a dead holder's). Without it a
+/// corrupted word naming the waiter's own token would make it wait forever.
+#[derive(Debug)]
+pub(crate) struct Holder {
+    pub(crate) token: Token,
+    /// Process-local, never in the segment.
+    holds: AtomicU64,
+}
+
+impl Holder {
+    pub(crate) fn new(token: Token) -> Holder {
+        Holder {
+            token,
+            holds: AtomicU64::new(0),
+        }
+    }
+
+    /// Call before trying to take a word for this handle.
+    pub(crate) fn begin_hold(&self) {
+        // Release (as part of AcqRel): ordered before the CAS that takes the
+        // word, so a waiter that sees the word taken sees this count (it reads
+        // the word with Acquire, then the count).
+        self.holds.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Call after releasing a word, or after failing to take it.
+    pub(crate) fn end_hold(&self) {
+        // Release: the word's release happened before; a waiter reading 0 here
+        // and then CASing the old held value fails, because it changed.
+        self.holds.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether whoever `t` names can no longer release what it holds: a dead or
+/// detached handle, or our own handle when none of its threads holds anything.
+pub(crate) fn holder_dead(r: &Region, me: &Holder, t: Token) -> bool {
+    if t == me.token {
+        // Acquire: pairs with `begin_hold`/`end_hold`.
+        me.holds.load(Ordering::Acquire) == 0
+    } else {
+        !token_alive(r, t)
     }
 }
 

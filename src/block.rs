@@ -95,12 +95,6 @@ pub(crate) fn read_key(words: &[AtomicU64], out: &mut Vec<u8>) -> bool {
     }
 }
 
-/// The lengths of the key and the value stored in the block.
-#[cfg(test)]
-pub(crate) fn sizes(words: &[AtomicU64]) -> Option<(usize, usize)> {
-    lengths(words)
-}
-
 fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
     for (w, chunk) in words.iter().zip(bytes.chunks(8)) {
         let mut buf = [0u8; 8];

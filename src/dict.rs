@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::attach::{self, Token};
+use crate::attach::{self, Holder};
 use crate::block;
 use crate::error::{Error, Result};
 use crate::index::{Index, NewKey};
@@ -33,7 +33,7 @@ pub struct ShmDict {
     name: String,
     region: Region,
     geo: Geometry,
-    token: Token,
+    me: Holder,
     attach_index: u64,
     ident: u64,
 }
@@ -235,7 +235,7 @@ impl ShmDict {
             name: name.to_owned(),
             region,
             geo,
-            token,
+            me: Holder::new(token),
             attach_index,
             ident,
         })
@@ -251,7 +251,7 @@ impl ShmDict {
     }
 
     /// Buckets in the index (loom models place keys by home bucket).
-    #[cfg(any(loom, test))]
+    #[cfg(loom)]
     pub(crate) fn nbuckets(&self) -> u64 {
         self.geo.nbuckets
     }
@@ -318,13 +318,13 @@ impl ShmDict {
         loop {
             match index.find(key, hash, None).map_err(|c| self.corrupt(c))? {
                 Some(loc) => {
-                    if index.try_replace(&loc, new, self.token) {
+                    if index.try_replace(&loc, new, &self.me) {
                         self.release(loc.entry);
                         return Ok(());
                     }
                 }
                 None => match index
-                    .insert_new(key, hash, new, self.token)
+                    .insert_new(key, hash, new, &self.me)
                     .map_err(|c| self.corrupt(c))?
                 {
                     NewKey::Inserted => return Ok(()),
@@ -347,7 +347,7 @@ impl ShmDict {
             match index.find(key, hash, None).map_err(|c| self.corrupt(c))? {
                 None => return Ok(false),
                 Some(loc) => {
-                    if index.try_remove(&loc, hash, self.token) {
+                    if index.try_remove(&loc, hash, &self.me) {
                         self.release(loc.entry);
                         return Ok(true);
                     }
@@ -399,14 +399,14 @@ impl ShmDict {
             match (found, op) {
                 (None, Op::Remove) => break Ok(None),
                 (Some(loc), Op::Remove) => {
-                    if index.try_remove(&loc, hash, self.token) {
+                    if index.try_remove(&loc, hash, &self.me) {
                         self.release(loc.entry);
                         break Ok(None);
                     }
                 }
                 (Some(loc), Op::Set(value)) => {
                     let new = self.prepare(key, hash, &value, &mut spare)?;
-                    if index.try_replace(&loc, new, self.token) {
+                    if index.try_replace(&loc, new, &self.me) {
                         self.release(loc.entry);
                         break Ok(Some(value));
                     }
@@ -415,7 +415,7 @@ impl ShmDict {
                 (None, Op::Set(value)) => {
                     let new = self.prepare(key, hash, &value, &mut spare)?;
                     match index
-                        .insert_new(key, hash, new, self.token)
+                        .insert_new(key, hash, new, &self.me)
                         .map_err(|c| self.corrupt(c))?
                     {
                         NewKey::Inserted => break Ok(Some(value)),
@@ -463,7 +463,7 @@ impl ShmDict {
                     self.release(e);
                 }
                 self.slab()
-                    .alloc(order, self.token)
+                    .alloc(order, &self.me)
                     .map_err(|c| self.corrupt(c))?
                     .ok_or_else(|| {
                         Error::full(
@@ -537,13 +537,6 @@ impl ShmDict {
             attached: attach::census(&self.region),
         }
     }
-
-    /// The size of one value's stored block, for tests of the arena.
-    #[cfg(test)]
-    pub(crate) fn block_sizes(&self, key: &[u8]) -> Option<(usize, usize)> {
-        let loc = self.index().find(key, hash_key(key), None).ok()??;
-        block::sizes(self.index().block_of(loc.entry)?)
-    }
 }
 
 #[cfg(not(loom))]
@@ -575,5 +568,93 @@ impl fmt::Debug for ShmDict {
             .field("capacity", &self.geo.capacity)
             .field("arena_bytes", &self.geo.arena_bytes)
             .finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    //! Regression: a fuzzed segment whose slot control word or insert lock word
+    //! named the waiting handle's own token made `insert` wait forever for
+    //! itself (found by `fuzz/` as libFuzzer timeouts).
+
+    use super::*;
+    use crate::layout::{hash_key, BUCKET_BYTES, B_LOCK, B_SLOTS, SLOTS_PER_BUCKET, SLOT_BYTES};
+    use crate::{lockword, seqlock};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Runs `f` on a thread; fails if it does not finish (a watchdog, not a
+    /// timing assertion: the limit is far beyond any normal run).
+    fn finishes(what: &str, f: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{what} did not finish: it waits for a bogus hold"));
+    }
+
+    fn bucket_of(d: &ShmDict, key: &[u8]) -> u64 {
+        d.geo.index_off + (hash_key(key) & (d.geo.nbuckets - 1)) * BUCKET_BYTES
+    }
+
+    #[test]
+    fn a_slot_held_in_our_own_name_by_nobody_is_released() {
+        let d = Arc::new(ShmDict::on_heap(16, 1 << 16));
+        d.insert("k", "old").unwrap();
+        let bucket = bucket_of(&d, b"k");
+        let slot = (0..SLOTS_PER_BUCKET)
+            .map(|s| bucket + B_SLOTS + s * SLOT_BYTES)
+            .find(|&off| {
+                d.region
+                    .word(off + 8)
+                    .unwrap()
+                    .load(crate::sync::Ordering::Relaxed)
+                    != 0
+            })
+            .expect("k is in its home bucket");
+        let ctrl = d.region.word(slot).unwrap();
+        // Take the slot as this handle would, then forget it: the state a
+        // corrupted segment can present.
+        seqlock::try_lock(ctrl, seqlock::read_begin(ctrl), &d.me).unwrap();
+        d.me.end_hold();
+        assert_eq!(
+            d.get("k").unwrap().as_deref(),
+            Some(&b"old"[..]),
+            "readers never wait"
+        );
+        let d2 = d.clone();
+        finishes("insert over a bogus WRITING slot", move || {
+            d2.insert("k", "new").unwrap()
+        });
+        assert_eq!(d.get("k").unwrap().as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn an_insert_lock_held_in_our_own_name_by_nobody_is_taken_over() {
+        let d = Arc::new(ShmDict::on_heap(16, 1 << 16));
+        let lock = d.region.word(bucket_of(&d, b"fresh") + B_LOCK).unwrap();
+        assert!(lockword::try_lock(lock, &d.me));
+        d.me.end_hold();
+        let d2 = d.clone();
+        finishes("insert under a bogus insert lock", move || {
+            d2.insert("fresh", "v").unwrap()
+        });
+        assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn holds_of_another_thread_of_ours_are_waited_for() {
+        let d = Arc::new(ShmDict::on_heap(16, 1 << 16));
+        let lock = d.region.word(bucket_of(&d, b"fresh") + B_LOCK).unwrap();
+        assert!(lockword::try_lock(lock, &d.me), "held for real: count 1");
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || d2.insert("fresh", "v").unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(d.len(), 0, "the insert waits while the lock is really held");
+        lockword::unlock(lock, &d.me);
+        t.join().unwrap();
+        assert_eq!(d.len(), 1);
     }
 }

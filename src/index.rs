@@ -23,7 +23,7 @@
 //! serialized and the second finds the first's entry: exactly one entry per
 //! key. Overwrites and removals of existing keys take only their slot.
 
-use crate::attach::Token;
+use crate::attach::Holder;
 use crate::block;
 use crate::layout::{
     Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, H_LIVE, SLOTS_PER_BUCKET,
@@ -167,7 +167,7 @@ impl<'a> Index<'a> {
 
     /// Replaces the entry at `loc` with `new`, if the slot is unchanged since
     /// `loc` was read. On `false` the caller looks the key up again.
-    pub(crate) fn try_replace(&self, loc: &Loc, new: Entry, me: Token) -> bool {
+    pub(crate) fn try_replace(&self, loc: &Loc, new: Entry, me: &Holder) -> bool {
         let (ctrl, entry) = self.ctrl_at(loc.slot);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
@@ -175,19 +175,19 @@ impl<'a> Index<'a> {
         // Release: pairs with the Acquire entry loads of readers that see this
         // entry before the unlock; the block was fully written before.
         entry.store(new.0, Ordering::Release);
-        seqlock::unlock(ctrl, locked);
+        seqlock::unlock(ctrl, locked, me);
         true
     }
 
     /// Removes the entry at `loc`, if the slot is unchanged since `loc` was
     /// read. On `false` the caller looks the key up again.
-    pub(crate) fn try_remove(&self, loc: &Loc, hash: u64, me: Token) -> bool {
+    pub(crate) fn try_remove(&self, loc: &Loc, hash: u64, me: &Holder) -> bool {
         let (ctrl, entry) = self.ctrl_at(loc.slot);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
         };
         entry.store(Entry::EMPTY, Ordering::Release); // Release: as in try_replace.
-        seqlock::unlock(ctrl, locked);
+        seqlock::unlock(ctrl, locked, me);
         // Only now, with the key gone, do the buckets it passed stop counting it.
         let home = hash & self.mask();
         for step in 0..loc.steps {
@@ -201,15 +201,15 @@ impl<'a> Index<'a> {
 
     /// Locks a slot seen as `seen`; waits (recovering dead writers) if it is
     /// WRITING, and then reports failure so the caller re-reads.
-    fn lock_slot(&self, ctrl: &AtomicU64, seen: u64, me: Token) -> Option<u64> {
+    fn lock_slot(&self, ctrl: &AtomicU64, seen: u64, me: &Holder) -> Option<u64> {
         if seqlock::is_writing(seen) {
-            seqlock::wait_unlocked(self.r, ctrl);
+            seqlock::wait_unlocked(self.r, ctrl, me);
             return None;
         }
         match seqlock::try_lock(ctrl, seen, me) {
             Some(locked) => Some(locked),
             None => {
-                seqlock::wait_unlocked(self.r, ctrl);
+                seqlock::wait_unlocked(self.r, ctrl, me);
                 None
             }
         }
@@ -222,7 +222,7 @@ impl<'a> Index<'a> {
         key: &[u8],
         hash: u64,
         new: Entry,
-        me: Token,
+        me: &Holder,
     ) -> Result<NewKey, Corrupt> {
         let home = hash & self.mask();
         let lock = self.bucket_word(home, B_LOCK);
@@ -238,7 +238,7 @@ impl<'a> Index<'a> {
         hash: u64,
         home: u64,
         new: Entry,
-        me: Token,
+        me: &Holder,
     ) -> Result<NewKey, Corrupt> {
         if self.find(key, hash, None)?.is_some() {
             return Ok(NewKey::Exists);
@@ -261,7 +261,7 @@ impl<'a> Index<'a> {
                     // The CAS succeeded on the version we saw empty, so no
                     // writer touched the slot since: it is still empty.
                     entry.store(new.0, Ordering::Release); // Release: as in try_replace.
-                    seqlock::unlock(ctrl, locked);
+                    seqlock::unlock(ctrl, locked, me);
                     return Ok(NewKey::Inserted);
                 }
             }

@@ -53,6 +53,7 @@ pub mod __loom {
     pub struct Arena {
         region: Region,
         geo: Geometry,
+        me: crate::attach::Holder,
     }
 
     impl Arena {
@@ -62,6 +63,7 @@ pub mod __loom {
             Arena {
                 region: Region::heap(geo.total_bytes as usize),
                 geo,
+                me: crate::attach::Holder::new(crate::attach::Token(1)),
             }
         }
 
@@ -73,7 +75,7 @@ pub mod __loom {
         /// Allocates a block of `order`; its granule index.
         pub fn alloc(&self, order: u32) -> Option<u64> {
             Slab::new(&self.region, &self.geo)
-                .alloc(order, crate::attach::Token(1))
+                .alloc(order, &self.me)
                 .expect("not corrupt")
         }
 

@@ -14,7 +14,7 @@
 //! word with a CAS from the exact value it saw, so a live new holder is never
 //! disturbed.
 
-use crate::attach::{self, Token, TOKEN_BITS};
+use crate::attach::{self, Holder, Token, TOKEN_BITS};
 use crate::region::Region;
 use crate::sync::{spin_hint, yield_now, AtomicU64, Ordering};
 
@@ -69,36 +69,40 @@ impl Backoff {
 
 /// Takes the lock word for `me`, waiting for a live holder and taking over
 /// from a dead one.
-pub(crate) fn lock(r: &Region, word: &AtomicU64, me: Token) {
-    let mine = HELD | me.0;
+pub(crate) fn lock(r: &Region, word: &AtomicU64, me: &Holder) {
     let mut backoff = Backoff::new();
     loop {
-        // Acquire: pairs with the Release in `unlock`, so the previous holder's
-        // changes are visible to us.
-        match word.compare_exchange_weak(0, mine, Ordering::Acquire, Ordering::Relaxed) {
-            Ok(_) => return,
-            Err(seen) => {
-                if backoff.snooze() {
-                    clear_if_dead(r, word, seen);
-                }
-            }
+        if try_lock(word, me) {
+            return;
+        }
+        // Acquire: pairs with `unlock`; see `clear_if_dead`.
+        let seen = word.load(Ordering::Acquire);
+        if backoff.snooze() {
+            clear_if_dead(r, word, seen, me);
         }
     }
 }
 
 /// Takes the lock word if it is free right now.
-pub(crate) fn try_lock(word: &AtomicU64, me: Token) -> bool {
-    // Acquire: pairs with the Release in `unlock`.
-    word.compare_exchange(0, HELD | me.0, Ordering::Acquire, Ordering::Relaxed)
-        .is_ok()
+pub(crate) fn try_lock(word: &AtomicU64, me: &Holder) -> bool {
+    me.begin_hold();
+    // AcqRel: Acquire pairs with the Release in `unlock`, so the previous
+    // holder's changes are visible; Release publishes `begin_hold`.
+    let ok = word
+        .compare_exchange(0, HELD | me.token.0, Ordering::AcqRel, Ordering::Relaxed)
+        .is_ok();
+    if !ok {
+        me.end_hold();
+    }
+    ok
 }
 
-/// Clears `word` if it still holds `seen` and `seen`'s holder is dead.
-/// Returns whether the word is (now) free.
-pub(crate) fn clear_if_dead(r: &Region, word: &AtomicU64, seen: u64) -> bool {
+/// Clears `word` if it still holds `seen` and `seen`'s holder is dead (see
+/// [`attach::holder_dead`]). Returns whether the word is (now) free.
+pub(crate) fn clear_if_dead(r: &Region, word: &AtomicU64, seen: u64, me: &Holder) -> bool {
     match holder(seen) {
         None => true,
-        Some(t) if !attach::token_alive(r, t) => {
+        Some(t) if attach::holder_dead(r, me, t) => {
             // AcqRel: acquire what the dead holder published; release our
             // clearing to the next locker. Fails harmlessly if it changed.
             word.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
@@ -109,9 +113,10 @@ pub(crate) fn clear_if_dead(r: &Region, word: &AtomicU64, seen: u64) -> bool {
 }
 
 /// Releases the lock word taken by [`lock`] for `me`.
-pub(crate) fn unlock(word: &AtomicU64, me: Token) {
+pub(crate) fn unlock(word: &AtomicU64, me: &Holder) {
     // Release: pairs with the Acquire of the next `lock`. A CAS rather than a
     // store: if we were wrongly presumed dead and the word was taken over, the
     // new holder keeps it.
-    let _ = word.compare_exchange(HELD | me.0, 0, Ordering::Release, Ordering::Relaxed);
+    let _ = word.compare_exchange(HELD | me.token.0, 0, Ordering::Release, Ordering::Relaxed);
+    me.end_hold();
 }

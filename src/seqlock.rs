@@ -20,7 +20,7 @@
 //! Another writer that waits on the slot for long checks the owner's liveness
 //! and releases the slot for it (see [`wait_unlocked`]).
 
-use crate::attach::{self, Token};
+use crate::attach::{self, Holder, Token};
 use crate::lockword::Backoff;
 use crate::region::Region;
 use crate::sync::{AtomicU64, Ordering};
@@ -49,22 +49,27 @@ fn released(ctrl: u64) -> u64 {
 /// Takes the slot if its control word still equals `seen` (which must not be
 /// WRITING). Returns the locked value to pass to [`unlock`].
 #[inline]
-pub(crate) fn try_lock(ctrl: &AtomicU64, seen: u64, me: Token) -> Option<u64> {
+pub(crate) fn try_lock(ctrl: &AtomicU64, seen: u64, me: &Holder) -> Option<u64> {
     if is_writing(seen) {
         return None;
     }
-    let locked = (seen & VERSION_MASK) | me.0 << OWNER_SHIFT | WRITING;
+    let locked = (seen & VERSION_MASK) | me.token.0 << OWNER_SHIFT | WRITING;
+    me.begin_hold();
     // AcqRel: Acquire pairs with the previous writer's Release in `unlock`, so
     // we see the entry it left; Release orders our block writes (done before)
-    // ahead of the lock for a recovering process.
-    ctrl.compare_exchange(seen, locked, Ordering::AcqRel, Ordering::Relaxed)
-        .ok()
-        .map(|_| locked)
+    // and `begin_hold` ahead of the lock.
+    match ctrl.compare_exchange(seen, locked, Ordering::AcqRel, Ordering::Relaxed) {
+        Ok(_) => Some(locked),
+        Err(_) => {
+            me.end_hold();
+            None
+        }
+    }
 }
 
 /// Releases a slot taken by [`try_lock`].
 #[inline]
-pub(crate) fn unlock(ctrl: &AtomicU64, locked: u64) {
+pub(crate) fn unlock(ctrl: &AtomicU64, locked: u64, me: &Holder) {
     // Release: pairs with the Acquire load of readers (`read_begin`) and the
     // Acquire of the next `try_lock`: the entry word stored while WRITING is
     // visible to whoever sees the new version. A CAS, not a store: if we were
@@ -75,6 +80,7 @@ pub(crate) fn unlock(ctrl: &AtomicU64, locked: u64) {
         Ordering::Release,
         Ordering::Relaxed,
     );
+    me.end_hold();
 }
 
 /// Starts an optimistic read: the control word to validate against later.
@@ -102,14 +108,14 @@ pub(crate) fn read_validate(ctrl: &AtomicU64, begin: u64) -> bool {
 
 /// Waits until the slot is not WRITING, releasing it on behalf of a dead
 /// writer. Returns the control word seen last (not WRITING).
-pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64) -> u64 {
+pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64, me: &Holder) -> u64 {
     let mut backoff = Backoff::new();
     loop {
         let c = ctrl.load(Ordering::Acquire); // Acquire: as in `read_begin`.
         if !is_writing(c) {
             return c;
         }
-        if backoff.snooze() && !attach::token_alive(r, owner(c)) {
+        if backoff.snooze() && attach::holder_dead(r, me, owner(c)) {
             // The writer died while holding the slot. Its entry word is either
             // the old or the new value, both complete blocks: release the slot
             // as it would have. AcqRel: see `try_lock` and `unlock`.
@@ -125,11 +131,11 @@ mod tests {
     #[test]
     fn versions_and_owners() {
         let w = AtomicU64::new(0);
-        let me = Token(0x5a5a5);
+        let me = &Holder::new(Token(0x5a5a5));
         let begin = read_begin(&w);
         let locked = try_lock(&w, begin, me).unwrap();
         assert!(is_writing(w.load(Ordering::Relaxed)));
-        assert_eq!(owner(locked), me);
+        assert_eq!(owner(locked), me.token);
         assert!(
             try_lock(&w, locked, me).is_none(),
             "cannot lock a WRITING word"
@@ -138,7 +144,7 @@ mod tests {
             read_validate(&w, begin),
             "locking alone does not invalidate readers"
         );
-        unlock(&w, locked);
+        unlock(&w, locked, me);
         let after = w.load(Ordering::Relaxed);
         assert!(!is_writing(after));
         assert!(!read_validate(&w, begin), "a release invalidates readers");

@@ -32,7 +32,7 @@
 //! [`Slab::alloc`] and [`Slab::push`]). See `seqlock::read_validate` for the
 //! Acquire fence it pairs with.
 
-use crate::attach::Token;
+use crate::attach::Holder;
 use crate::layout::{
     Geometry, GRANULE, H_CHUNKS_CARVED, H_DEFRAG_EPOCH, H_DEFRAG_LOCK, H_FREE_HEADS,
 };
@@ -154,7 +154,7 @@ impl<'a> Slab<'a> {
 
     /// Takes a block of `order`. `Ok(None)` means the arena is full even after
     /// defragmentation (or the order exceeds a chunk).
-    pub(crate) fn alloc(&self, order: u32, me: Token) -> Result<Option<u64>, Corrupt> {
+    pub(crate) fn alloc(&self, order: u32, me: &Holder) -> Result<Option<u64>, Corrupt> {
         if order > self.g.chunk_order {
             return Ok(None);
         }
@@ -193,14 +193,16 @@ impl<'a> Slab<'a> {
 
     /// Merges free buddies. If another process is defragmenting, waits for it
     /// instead (its result serves us too).
-    fn defragment(&self, me: Token) -> Result<(), Corrupt> {
+    fn defragment(&self, me: &Holder) -> Result<(), Corrupt> {
         let lock = self.r.word(H_DEFRAG_LOCK).ok_or(Corrupt("header"))?;
         let epoch = self.r.word(H_DEFRAG_EPOCH).ok_or(Corrupt("header"))?;
         if !lockword::try_lock(lock, me) {
             let mut backoff = Backoff::new();
             loop {
                 let seen = lock.load(Ordering::Acquire); // Acquire: pairs with unlock.
-                if seen == 0 || (backoff.snooze() && lockword::clear_if_dead(self.r, lock, seen)) {
+                if seen == 0
+                    || (backoff.snooze() && lockword::clear_if_dead(self.r, lock, seen, me))
+                {
                     return Ok(());
                 }
             }
@@ -298,7 +300,7 @@ mod tests {
     fn blocks_are_aligned_disjoint_and_reused() {
         let (r, g) = setup(64 * 1024);
         let s = Slab::new(&r, &g);
-        let me = Token(1);
+        let me = &Holder::new(crate::attach::Token(1));
         let mut used = Vec::new();
         for &o in [0u32, 3, 1, 0, 2, 5].iter().cycle() {
             match s.alloc(o, me).unwrap() {
@@ -328,7 +330,7 @@ mod tests {
     fn full_then_freed_small_blocks_merge_into_a_chunk() {
         let (r, g) = setup(64 * 1024);
         let s = Slab::new(&r, &g);
-        let me = Token(1);
+        let me = &Holder::new(crate::attach::Token(1));
         let mut small = Vec::new();
         while let Some(b) = s.alloc(0, me).unwrap() {
             small.push(b);
@@ -358,6 +360,6 @@ mod tests {
         r.word(H_FREE_HEADS)
             .unwrap()
             .store(u32::MAX as u64, Ordering::Relaxed);
-        assert!(s.alloc(0, Token(1)).is_err());
+        assert!(s.alloc(0, &Holder::new(crate::attach::Token(1))).is_err());
     }
 }
