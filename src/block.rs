@@ -96,10 +96,19 @@ pub(crate) fn read_key(words: &[AtomicU64], out: &mut Vec<u8>) -> bool {
 }
 
 fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
-    for (w, chunk) in words.iter().zip(bytes.chunks(8)) {
+    let chunks = bytes.chunks_exact(8);
+    let tail = chunks.remainder();
+    let mut words = words.iter();
+    for (chunk, w) in chunks.zip(words.by_ref()) {
+        let word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+        w.store(word, Ordering::Relaxed); // Relaxed: see `write`.
+    }
+    if !tail.is_empty() {
         let mut buf = [0u8; 8];
-        buf[..chunk.len()].copy_from_slice(chunk);
-        w.store(u64::from_ne_bytes(buf), Ordering::Relaxed); // Relaxed: see `write`.
+        buf[..tail.len()].copy_from_slice(tail);
+        if let Some(w) = words.next() {
+            w.store(u64::from_ne_bytes(buf), Ordering::Relaxed); // Relaxed: see `write`.
+        }
     }
 }
 
@@ -107,20 +116,37 @@ fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
 fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
     out.clear();
     out.resize(len, 0);
-    for (chunk, w) in out.chunks_mut(8).zip(words) {
+    let mut chunks = out.chunks_exact_mut(8);
+    let mut words = words.iter();
+    for (chunk, w) in chunks.by_ref().zip(words.by_ref()) {
         // Relaxed: validated by the caller's seqlock.
-        let bytes = w.load(Ordering::Relaxed).to_ne_bytes();
-        chunk.copy_from_slice(&bytes[..chunk.len()]);
+        chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+    }
+    let tail = chunks.into_remainder();
+    if let Some(w) = words.next() {
+        let n = tail.len();
+        // Relaxed: validated by the caller's seqlock.
+        tail.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes()[..n]);
     }
 }
 
 fn eq_bytes(words: &[AtomicU64], bytes: &[u8]) -> bool {
-    words.len() >= bytes.len().div_ceil(8)
-        && bytes.chunks(8).zip(words).all(|(chunk, w)| {
-            // Relaxed: validated by the caller's seqlock.
-            let have = w.load(Ordering::Relaxed).to_ne_bytes();
-            have[..chunk.len()] == *chunk
-        })
+    if words.len() < bytes.len().div_ceil(8) {
+        return false;
+    }
+    let chunks = bytes.chunks_exact(8);
+    let tail = chunks.remainder();
+    for (chunk, w) in chunks.zip(words) {
+        // Relaxed: validated by the caller's seqlock.
+        if w.load(Ordering::Relaxed) != u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) {
+            return false;
+        }
+    }
+    if tail.is_empty() {
+        return true;
+    }
+    let have = words[bytes.len() / 8].load(Ordering::Relaxed).to_ne_bytes();
+    have[..tail.len()] == *tail
 }
 
 #[cfg(all(test, not(loom)))]

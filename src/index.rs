@@ -85,6 +85,16 @@ impl<'a> Index<'a> {
             .expect("bucket words lie inside the validated index")
     }
 
+    /// A bucket's byte offset and its eight words, bounds-checked once.
+    fn bucket(&self, bucket: u64) -> (u64, &'a [AtomicU64]) {
+        let off = self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES;
+        let words = self
+            .r
+            .words(off, BUCKET_BYTES / 8)
+            .expect("buckets lie inside the validated index");
+        (off, words)
+    }
+
     fn slot(&self, bucket: u64, s: u64) -> (u64, &'a AtomicU64, &'a AtomicU64) {
         let off =
             self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES;
@@ -116,8 +126,10 @@ impl<'a> Index<'a> {
         let tag = Entry::tag_of(hash);
         for steps in 0..self.g.nbuckets {
             let bucket = home + steps;
-            for s in 0..SLOTS_PER_BUCKET {
-                let (slot, ctrl, entry) = self.slot(bucket, s);
+            let (bucket_off, words) = self.bucket(bucket);
+            for s in 0..SLOTS_PER_BUCKET as usize {
+                let (ctrl, entry) = (&words[2 + 2 * s], &words[3 + 2 * s]);
+                let slot = bucket_off + B_SLOTS + s as u64 * SLOT_BYTES;
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     // Acquire: pairs with the Release unlock that published it.
@@ -150,7 +162,7 @@ impl<'a> Index<'a> {
             }
             // SeqCst: a lookup that misses the key must not see a count older
             // than the key's insertion (which increments before publishing).
-            if self.bucket_word(bucket, B_OVERFLOW).load(Ordering::SeqCst) == 0 {
+            if words[(B_OVERFLOW / 8) as usize].load(Ordering::SeqCst) == 0 {
                 return Ok(None);
             }
         }

@@ -98,17 +98,25 @@ pub(crate) fn try_lock(word: &AtomicU64, me: &Holder) -> bool {
 }
 
 /// Clears `word` if it still holds `seen` and `seen`'s holder is dead (see
-/// [`attach::holder_dead`]). Returns whether the word is (now) free.
+/// [`attach::holder_dead`]), or if `seen` is not a value a lock word can
+/// hold (only a corrupted segment has those). Returns whether the word is
+/// (now) free.
 pub(crate) fn clear_if_dead(r: &Region, word: &AtomicU64, seen: u64, me: &Holder) -> bool {
+    let malformed = seen != 0 && seen & !(HELD | TOKEN_MASK) != 0 || seen == HELD;
     match holder(seen) {
-        None => true,
-        Some(t) if attach::holder_dead(r, me, t) => {
+        None if seen == 0 => true,
+        Some(t) if malformed || attach::holder_dead(r, me, t) => {
             // AcqRel: acquire what the dead holder published; release our
             // clearing to the next locker. Fails harmlessly if it changed.
             word.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         }
         Some(_) => false,
+        None => {
+            // Non-zero without HELD: garbage. AcqRel: as above.
+            word.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        }
     }
 }
 
@@ -119,4 +127,28 @@ pub(crate) fn unlock(word: &AtomicU64, me: &Holder) {
     // new holder keeps it.
     let _ = word.compare_exchange(HELD | me.token.0, 0, Ordering::Release, Ordering::Relaxed);
     me.end_hold();
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    //! Regression: a lock word holding a value without the HELD bit (a
+    //! flipped bit in a corrupted segment) was reported free but never
+    //! cleared, so `lock` retried forever (found by tests/api.rs).
+
+    use super::*;
+    use crate::layout::INDEX_OFF;
+
+    #[test]
+    fn malformed_lock_words_are_cleared() {
+        let r = Region::heap(INDEX_OFF as usize + 64);
+        let me = Holder::new(Token(3));
+        let word = r.word(INDEX_OFF).unwrap();
+        for garbage in [1, 0x8000, HELD, HELD | 1 << 40 | 3, u64::MAX] {
+            word.store(garbage, Ordering::Relaxed);
+            lock(&r, word, &me);
+            assert_eq!(word.load(Ordering::Relaxed), HELD | 3, "after {garbage:#x}");
+            unlock(word, &me);
+            assert_eq!(word.load(Ordering::Relaxed), 0);
+        }
+    }
 }

@@ -72,14 +72,11 @@ pub(crate) fn try_lock(ctrl: &AtomicU64, seen: u64, me: &Holder) -> Option<u64> 
 pub(crate) fn unlock(ctrl: &AtomicU64, locked: u64, me: &Holder) {
     // Release: pairs with the Acquire load of readers (`read_begin`) and the
     // Acquire of the next `try_lock`: the entry word stored while WRITING is
-    // visible to whoever sees the new version. A CAS, not a store: if we were
-    // presumed dead and released, a later holder's state is not clobbered.
-    let _ = ctrl.compare_exchange(
-        locked,
-        released(locked),
-        Ordering::Release,
-        Ordering::Relaxed,
-    );
+    // visible to whoever sees the new version. A plain store suffices: while
+    // we hold the slot only we change it; others release a WRITING word only
+    // for a holder that is dead (a stopped process counts as alive) or, for
+    // our own token, only while our hold count is 0 (`attach::holder_dead`).
+    ctrl.store(released(locked), Ordering::Release);
     me.end_hold();
 }
 

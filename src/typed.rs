@@ -43,11 +43,18 @@ impl<'a, T: Serialize + DeserializeOwned> Typed<'a, T> {
         })
     }
 
+    /// Decodes a whole value: bytes left over mean the value is not a `T`
+    /// (postcard's `from_bytes` would ignore them).
     fn decode(&self, bytes: &[u8]) -> Result<T> {
-        postcard::from_bytes(bytes).map_err(|source| Error::Codec {
+        let codec = |source| Error::Codec {
             segment: self.dict.name().to_owned(),
             source,
-        })
+        };
+        match postcard::take_from_bytes(bytes) {
+            Ok((value, [])) => Ok(value),
+            Ok(_) => Err(codec(postcard::Error::DeserializeBadEncoding)),
+            Err(e) => Err(codec(e)),
+        }
     }
 
     /// The value of `key`, decoded.
