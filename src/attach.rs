@@ -39,7 +39,7 @@ impl Token {
     fn new(index: u64, generation: u64) -> Token {
         Token(index | (generation & GEN_MASK) << INDEX_BITS)
     }
-    fn index(self) -> u64 {
+    pub(crate) fn index(self) -> u64 {
         self.0 & ((1 << INDEX_BITS) - 1)
     }
     fn generation(self) -> u64 {
@@ -68,6 +68,11 @@ impl Holder {
             token,
             holds: AtomicU64::new(0),
         }
+    }
+
+    /// The free-list shard this handle prefers.
+    pub(crate) fn shard(&self) -> u64 {
+        self.token.index() % crate::layout::FREE_SHARDS
     }
 
     /// Call before trying to take a word for this handle.

@@ -488,7 +488,7 @@ impl ShmDict {
 
     /// Frees the block of an entry that is no longer (or never was) published.
     fn release(&self, e: Entry) {
-        self.slab().free(e.granule() as u64, e.order());
+        self.slab().free(e.granule() as u64, e.order(), &self.me);
     }
 
     fn index_full(&self) -> Error {

@@ -37,8 +37,17 @@ pub(crate) const PAGE: u64 = 4096;
 pub(crate) const PAGE: u64 = 64;
 /// Bytes per attach entry: identity word + generation word.
 pub(crate) const ATTACH_ENTRY_BYTES: u64 = 16;
-/// First byte of the index: after header and attach table, page aligned.
-pub(crate) const INDEX_OFF: u64 = HEADER_BYTES + ATTACH_ENTRIES * ATTACH_ENTRY_BYTES;
+/// The free-list table: one head per (order, shard), each on its own cache
+/// line, after the attach table. A handle pushes to and pops from the shard
+/// of its attach index first, so processes writing at once do not contend
+/// on one head.
+pub(crate) const FREE_OFF: u64 = HEADER_BYTES + ATTACH_ENTRIES * ATTACH_ENTRY_BYTES;
+#[cfg(not(loom))]
+pub(crate) const FREE_SHARDS: u64 = 4;
+#[cfg(loom)]
+pub(crate) const FREE_SHARDS: u64 = 2;
+/// First byte of the index: after the free-list table, page aligned.
+pub(crate) const INDEX_OFF: u64 = FREE_OFF + MAX_ORDERS * FREE_SHARDS * 64;
 
 /// One bucket: overflow count, home lock, three slots of (ctrl, entry).
 pub(crate) const BUCKET_BYTES: u64 = 64;
@@ -61,8 +70,11 @@ pub(crate) const BLOCK_HEADER: u64 = 16;
 pub(crate) const MAX_GUARANTEED_KEY: u64 = 4096;
 #[cfg(loom)]
 pub(crate) const MAX_GUARANTEED_KEY: u64 = 64;
-/// Number of size classes with a free-list head in the header.
+/// Number of size classes (block orders) with free lists.
+#[cfg(not(loom))]
 pub(crate) const MAX_ORDERS: u64 = 32;
+#[cfg(loom)]
+pub(crate) const MAX_ORDERS: u64 = 8;
 
 // Header fields (byte offsets). Immutable after creation unless noted.
 pub(crate) const H_MAGIC: u64 = 0;
@@ -88,9 +100,7 @@ pub(crate) const H_DEFRAG_LOCK: u64 = 256;
 pub(crate) const H_DEFRAG_EPOCH: u64 = 264;
 // 512..1024: reserved for the futex words of `wait_for` (64 words).
 // 1024..2048: reserved for the robust process-shared mutex behind `lock()`.
-/// Free-list heads, one cache line per order.
-pub(crate) const H_FREE_HEADS: u64 = 2048;
-const _: () = assert!(H_FREE_HEADS + MAX_ORDERS * 64 <= HEADER_BYTES);
+// 2048..4096: reserved.
 const _: () = assert!(INDEX_OFF % PAGE == 0);
 const _: () = assert!(B_SLOTS + SLOTS_PER_BUCKET * SLOT_BYTES == BUCKET_BYTES);
 

@@ -81,7 +81,7 @@ pub mod __loom {
 
         /// Frees a block.
         pub fn free(&self, granule: u64, order: u32) {
-            Slab::new(&self.region, &self.geo).free(granule, order)
+            Slab::new(&self.region, &self.geo).free(granule, order, &self.me)
         }
 
         /// Writes `v` into word 1 of a block the caller owns.

@@ -34,7 +34,7 @@
 
 use crate::attach::Holder;
 use crate::layout::{
-    Geometry, GRANULE, H_CHUNKS_CARVED, H_DEFRAG_EPOCH, H_DEFRAG_LOCK, H_FREE_HEADS,
+    Geometry, FREE_OFF, FREE_SHARDS, GRANULE, H_CHUNKS_CARVED, H_DEFRAG_EPOCH, H_DEFRAG_LOCK,
 };
 use crate::lockword::{self, Backoff};
 use crate::region::Region;
@@ -74,13 +74,13 @@ impl<'a> Slab<'a> {
             .words(self.g.arena_off + granule * GRANULE, (GRANULE << order) / 8)
     }
 
-    fn head(&self, order: u32) -> &'a AtomicU64 {
+    fn head(&self, order: u32, shard: u64) -> &'a AtomicU64 {
         self.r
-            .word(H_FREE_HEADS + order as u64 * 64)
-            .expect("free-list heads lie inside the validated header")
+            .word(FREE_OFF + (order as u64 * FREE_SHARDS + shard % FREE_SHARDS) * 64)
+            .expect("free-list heads lie inside the validated table")
     }
 
-    fn push(&self, granule: u64, order: u32) {
+    fn push(&self, granule: u64, order: u32, shard: u64) {
         let Some(link) = self.block(granule, order).map(|w| &w[0]) else {
             return; // Not a valid block: leak it rather than corrupt the list.
         };
@@ -88,7 +88,7 @@ impl<'a> Slab<'a> {
         // after the Release unlock that replaced it); readers that read the
         // link below synchronize with this fence (seqlock::read_validate).
         fence(Ordering::Release);
-        let head = self.head(order);
+        let head = self.head(order, shard);
         let mut cur = head.load(Ordering::Relaxed); // Relaxed: validated by the CAS.
         loop {
             link.store(cur & LINK_MASK, Ordering::Relaxed); // Relaxed: published by the CAS.
@@ -102,8 +102,8 @@ impl<'a> Slab<'a> {
         }
     }
 
-    fn pop(&self, order: u32) -> Result<Option<u64>, Corrupt> {
-        let head = self.head(order);
+    fn pop(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
+        let head = self.head(order, shard);
         // Acquire: pairs with the Release CAS in `push` that installed `cur`.
         let mut cur = head.load(Ordering::Acquire);
         loop {
@@ -145,11 +145,21 @@ impl<'a> Slab<'a> {
 
     /// Keeps the first block of `to` inside the block `granule` of order
     /// `from`, and frees the rest as blocks of orders `to..from`.
-    fn split(&self, granule: u64, from: u32, to: u32) -> u64 {
+    fn split(&self, granule: u64, from: u32, to: u32, shard: u64) -> u64 {
         for o in (to..from).rev() {
-            self.push(granule + (1u64 << o), o);
+            self.push(granule + (1u64 << o), o, shard);
         }
         granule
+    }
+
+    /// Pops a block of `order`, from `shard` first, then from the others.
+    fn pop_any(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
+        for i in 0..FREE_SHARDS {
+            if let Some(g) = self.pop(order, shard + i)? {
+                return Ok(Some(g));
+            }
+        }
+        Ok(None)
     }
 
     /// Takes a block of `order`. `Ok(None)` means the arena is full even after
@@ -159,7 +169,7 @@ impl<'a> Slab<'a> {
             return Ok(None);
         }
         for round in 0..2 {
-            if let Some(g) = self.take(order)? {
+            if let Some(g) = self.take(order, me.shard())? {
                 // Release fence: see the module docs; the caller stores into
                 // the block next.
                 fence(Ordering::Release);
@@ -172,23 +182,23 @@ impl<'a> Slab<'a> {
         Ok(None)
     }
 
-    fn take(&self, order: u32) -> Result<Option<u64>, Corrupt> {
-        if let Some(g) = self.pop(order)? {
+    fn take(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
+        if let Some(g) = self.pop_any(order, shard)? {
             return Ok(Some(g));
         }
         for larger in order + 1..=self.g.chunk_order {
-            if let Some(g) = self.pop(larger)? {
-                return Ok(Some(self.split(g, larger, order)));
+            if let Some(g) = self.pop_any(larger, shard)? {
+                return Ok(Some(self.split(g, larger, order, shard)));
             }
         }
         Ok(self
             .carve()
-            .map(|g| self.split(g, self.g.chunk_order, order)))
+            .map(|g| self.split(g, self.g.chunk_order, order, shard)))
     }
 
-    /// Returns a block to its free list.
-    pub(crate) fn free(&self, granule: u64, order: u32) {
-        self.push(granule, order);
+    /// Returns a block to a free list (the handle's own shard).
+    pub(crate) fn free(&self, granule: u64, order: u32, me: &Holder) {
+        self.push(granule, order, me.shard());
     }
 
     /// Merges free buddies. If another process is defragmenting, waits for it
@@ -207,20 +217,20 @@ impl<'a> Slab<'a> {
                 }
             }
         }
-        let result = self.merge_all();
+        let result = self.merge_all(me.shard());
         epoch.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
         lockword::unlock(lock, me);
         result
     }
 
-    fn merge_all(&self) -> Result<(), Corrupt> {
+    fn merge_all(&self, shard: u64) -> Result<(), Corrupt> {
         let top = self.g.chunk_order;
         let max_blocks = self.g.arena_bytes / GRANULE;
         let mut by_order: Vec<Vec<u64>> = vec![Vec::new(); top as usize + 1];
         let mut result = Ok(());
         'drain: for o in 0..=top {
             loop {
-                match self.pop(o) {
+                match self.pop_any(o, shard) {
                     Ok(Some(g)) => by_order[o as usize].push(g),
                     Ok(None) => break,
                     Err(e) => {
@@ -245,7 +255,7 @@ impl<'a> Slab<'a> {
                     by_order[o + 1].push(g);
                     i += 2;
                 } else {
-                    self.push(g, o as u32);
+                    self.push(g, o as u32, shard);
                     i += 1;
                 }
             }
@@ -254,7 +264,7 @@ impl<'a> Slab<'a> {
         last.sort_unstable();
         last.dedup();
         for g in last {
-            self.push(g, top);
+            self.push(g, top, shard);
         }
         result
     }
@@ -265,14 +275,16 @@ impl<'a> Slab<'a> {
         (0..=self.g.chunk_order)
             .map(|o| {
                 let mut n = 0;
-                // Acquire: pairs with push's Release, so links are visible.
-                let mut cur = self.head(o).load(Ordering::Acquire) & LINK_MASK;
-                while cur != 0 && n <= max_blocks {
-                    n += 1;
-                    cur = match self.block(cur - 1, o) {
-                        Some(w) => w[0].load(Ordering::Relaxed) & LINK_MASK,
-                        None => 0,
-                    };
+                for shard in 0..FREE_SHARDS {
+                    // Acquire: pairs with push's Release, so links are visible.
+                    let mut cur = self.head(o, shard).load(Ordering::Acquire) & LINK_MASK;
+                    while cur != 0 && n <= max_blocks {
+                        n += 1;
+                        cur = match self.block(cur - 1, o) {
+                            Some(w) => w[0].load(Ordering::Relaxed) & LINK_MASK,
+                            None => 0,
+                        };
+                    }
                 }
                 n
             })
@@ -317,7 +329,7 @@ mod tests {
         }
         let n = used.len();
         for &(b, _, o) in &used {
-            s.free(b, o);
+            s.free(b, o, me);
         }
         let mut again = 0;
         for &(_, _, o) in &used {
@@ -342,7 +354,7 @@ mod tests {
         );
         assert_eq!(s.alloc(g.chunk_order, me).unwrap(), None, "full");
         for b in small {
-            s.free(b, 0);
+            s.free(b, 0, me);
         }
         for _ in 0..g.nchunks() {
             assert!(
@@ -357,7 +369,7 @@ mod tests {
     fn corrupt_free_list_is_reported_not_followed() {
         let (r, g) = setup(64 * 1024);
         let s = Slab::new(&r, &g);
-        r.word(H_FREE_HEADS)
+        r.word(FREE_OFF)
             .unwrap()
             .store(u32::MAX as u64, Ordering::Relaxed);
         assert!(s.alloc(0, &Holder::new(crate::attach::Token(1))).is_err());
