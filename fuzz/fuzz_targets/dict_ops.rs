@@ -1,0 +1,548 @@
+//! Differential fuzzing of `ShmDict` against a `HashMap` model, with injected
+//! faults.
+//!
+//! Each input is a small dictionary geometry and a list of operations over a
+//! key space of eight keys (empty, short, 100-byte and 4 KiB keys) with values
+//! of random lengths. The capacity (1 to 8 keys) and the arena (64 to 127 KiB)
+//! are small, so both kinds of `Full` are hit often.
+//!
+//! Until the first fault, every result must agree with the model:
+//! - `Full` leaves the model unchanged, and a new key beyond `capacity` must
+//!   be `Full`;
+//! - after removing every key, a 4 KiB key with a value of 1/8 of the arena
+//!   must fit (the contract's size promise; exercises defragmentation).
+//!
+//! A fault overwrites bytes of the segment file `/dev/shm/<name>` behind the
+//! library's back (through `std::fs`, which the mapping sees). From then on
+//! results are not compared: operations keep running and may return any
+//! error (`Corrupt`, `Full`, `Codec`, ...), but must not panic, crash or hang.
+//!
+//! The segment is unlinked at the end of every input, and also if the target
+//! panics (so a crash found by the fuzzer leaves nothing in /dev/shm).
+#![no_main]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use shmdict::{Error, ShmDict};
+
+/// Number of distinct keys.
+const KEYS: u8 = 8;
+/// The longest key the contract promises always fits.
+const MAX_KEY: usize = 4096;
+/// Where the index starts in the current format (header 4 KiB + attach table
+/// 64 KiB + free-list table 8 KiB). Only used to aim faults; nothing depends
+/// on it being right.
+const INDEX_OFF_HINT: u64 = 4096 + 4096 * 16 + 32 * 4 * 64;
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    /// Capacity is `1 + capacity % 8`.
+    capacity: u8,
+    /// Arena is `64 + arena_kib % 64` KiB.
+    arena_kib: u8,
+    ops: Vec<Op>,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Insert {
+        key: u8,
+        value: Value,
+    },
+    Get {
+        key: u8,
+    },
+    GetInto {
+        key: u8,
+        junk: u8,
+    },
+    Remove {
+        key: u8,
+    },
+    Contains {
+        key: u8,
+    },
+    Update {
+        key: u8,
+        how: How,
+    },
+    /// `typed::<u64>().update(+1)`, then `typed::<u64>().get`.
+    Counter {
+        key: u8,
+    },
+    Len,
+    Keys,
+    Stats,
+    /// Opens a second handle by name and continues with it (the first is
+    /// dropped afterwards).
+    Reopen,
+    /// Removes every key, then inserts the 4 KiB key with a value of 1/8 of
+    /// the arena: that must fit.
+    ClearThenBig,
+    /// Overwrites bytes of the segment file.
+    Fault(Fault),
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Len {
+    Tiny(u8),
+    Small(u16),
+    Large(u16),
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct Value {
+    len: Len,
+    fill: u8,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum How {
+    Remove,
+    Keep,
+    Set(Value),
+    Append(Value),
+    Truncate(u16),
+}
+
+#[derive(Arbitrary, Debug)]
+enum Area {
+    Header,
+    AttachTable,
+    Index,
+    Arena,
+    Anywhere,
+}
+
+#[derive(Arbitrary, Debug)]
+enum Fault {
+    /// Writes up to 16 arbitrary bytes at a byte offset in `area`.
+    Bytes {
+        area: Area,
+        offset: u32,
+        bytes: Vec<u8>,
+    },
+    /// Writes one 8-byte-aligned word, shaped like the words the segment
+    /// holds (lengths, offsets, lock words owned by a token).
+    Word { area: Area, offset: u32, word: Word },
+}
+
+#[derive(Arbitrary, Debug)]
+enum Word {
+    Raw(u64),
+    Small(u8),
+    /// Bit 63 (a lock word's HELD) with a 23-bit owner token.
+    HeldBy(u32),
+    /// Bit 0 (a slot's WRITING) with a token in bits 1..24 and a version.
+    WritingBy(u32, u16),
+    /// Two 32-bit halves, like a block's key and value lengths.
+    Lengths(u16, u16),
+}
+
+impl Len {
+    fn get(self) -> usize {
+        match self {
+            Len::Tiny(n) => usize::from(n % 64),
+            Len::Small(n) => usize::from(n % 1024),
+            // Up to ~20 KB: beyond the largest block of the smallest arena.
+            Len::Large(n) => usize::from(n) % 20_000,
+        }
+    }
+}
+
+impl Value {
+    fn bytes(self) -> Vec<u8> {
+        let n = self.len.get();
+        (0..n)
+            .map(|i| self.fill.wrapping_add((i as u8).wrapping_mul(31)))
+            .collect()
+    }
+}
+
+impl How {
+    /// The update closure's decision, applied identically to the dictionary
+    /// and the model.
+    fn apply(self, old: Option<&[u8]>) -> Option<Vec<u8>> {
+        match self {
+            How::Remove => None,
+            How::Keep => old.map(<[u8]>::to_vec),
+            How::Set(v) => Some(v.bytes()),
+            How::Append(v) => {
+                let mut out = old.map(<[u8]>::to_vec).unwrap_or_default();
+                out.extend(v.bytes());
+                Some(out)
+            }
+            How::Truncate(n) => old.map(|o| o[..o.len().min(usize::from(n))].to_vec()),
+        }
+    }
+}
+
+fn key(k: u8) -> Vec<u8> {
+    match k % KEYS {
+        0 => Vec::new(),
+        6 => (0..100u8).collect(),
+        7 => vec![b'K'; MAX_KEY],
+        i => format!("key-{i}").into_bytes(),
+    }
+}
+
+/// How `Typed<u64>` decodes a stored value: postcard, and nothing may follow
+/// the encoded value.
+fn decode_u64(bytes: &[u8]) -> Result<u64, postcard::Error> {
+    match postcard::take_from_bytes::<u64>(bytes)? {
+        (n, []) => Ok(n),
+        _ => Err(postcard::Error::DeserializeBadEncoding),
+    }
+}
+
+/// The segment of the input being run, so a panic can unlink it.
+static CURRENT: Mutex<Option<String>> = Mutex::new(None);
+static HOOK: Once = Once::new();
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Chains a panic hook in front of libfuzzer-sys's (which aborts): unlink the
+/// current segment first.
+fn install_unlink_hook() {
+    HOOK.call_once(|| {
+        let next = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(cur) = CURRENT.try_lock() {
+                if let Some(name) = cur.as_deref() {
+                    let _ = ShmDict::unlink(name);
+                }
+            }
+            next(info);
+        }));
+    });
+}
+
+fn is_full(r: &Result<impl Sized, Error>) -> bool {
+    matches!(r, Err(Error::Full { .. }))
+}
+
+struct Run {
+    name: String,
+    dict: ShmDict,
+    model: HashMap<Vec<u8>, Vec<u8>>,
+    capacity: usize,
+    arena_bytes: usize,
+    /// Set by the first fault: stop comparing with the model.
+    faulted: bool,
+    file: Option<File>,
+    segment_len: u64,
+    buckets: u64,
+    /// The arena's real size (the requested size rounded up to whole chunks).
+    arena_real: u64,
+}
+
+impl Run {
+    /// Checks a write that may create `k`: `Full` only leaves the model
+    /// unchanged, and a new key beyond capacity must be `Full`.
+    fn check_new_key_full<T: std::fmt::Debug>(&self, k: &[u8], r: &Result<T, Error>) {
+        if !self.model.contains_key(k) && self.model.len() >= self.capacity {
+            assert!(
+                is_full(r),
+                "new key past capacity {}: expected Full, got {r:?}",
+                self.capacity
+            );
+        }
+    }
+
+    fn step(&mut self, op: Op) {
+        if self.faulted {
+            self.step_unchecked(op);
+            return;
+        }
+        match op {
+            Op::Insert { key: k, value } => {
+                let (k, v) = (key(k), value.bytes());
+                let r = self.dict.insert(&k, &v);
+                self.check_new_key_full(&k, &r);
+                match r {
+                    Ok(()) => {
+                        self.model.insert(k, v);
+                    }
+                    Err(Error::Full { .. }) => {}
+                    Err(e) => panic!("insert: unexpected error {e}"),
+                }
+            }
+            Op::Get { key: k } => {
+                let k = key(k);
+                let got = self.dict.get(&k).expect("get");
+                assert_eq!(got.as_ref(), self.model.get(&k), "get");
+            }
+            Op::GetInto { key: k, junk } => {
+                let k = key(k);
+                let mut buf = vec![junk; usize::from(junk)];
+                let found = self.dict.get_into(&k, &mut buf).expect("get_into");
+                match self.model.get(&k) {
+                    Some(v) => assert!(found && &buf == v, "get_into"),
+                    None => assert!(!found, "get_into found a removed key"),
+                }
+            }
+            Op::Remove { key: k } => {
+                let k = key(k);
+                let was = self.dict.remove(&k).expect("remove");
+                assert_eq!(was, self.model.remove(&k).is_some(), "remove");
+            }
+            Op::Contains { key: k } => {
+                let k = key(k);
+                let has = self.dict.contains_key(&k).expect("contains_key");
+                assert_eq!(has, self.model.contains_key(&k), "contains_key");
+            }
+            Op::Update { key: k, how } => {
+                let k = key(k);
+                let expected_old = self.model.get(&k).cloned();
+                let mut decided = None;
+                let r = self.dict.update(&k, |old| {
+                    assert_eq!(old, expected_old.as_deref(), "update saw another value");
+                    decided = Some(how.apply(old));
+                    decided.clone().unwrap()
+                });
+                let decided = decided.expect("update never called its closure");
+                if decided.is_some() {
+                    self.check_new_key_full(&k, &r);
+                }
+                match r {
+                    Ok(stored) => {
+                        assert_eq!(stored, decided, "update returned another value");
+                        match decided {
+                            Some(v) => self.model.insert(k, v),
+                            None => self.model.remove(&k),
+                        };
+                    }
+                    Err(Error::Full { .. }) => {
+                        assert!(decided.is_some(), "update: Full while removing")
+                    }
+                    Err(e) => panic!("update: unexpected error {e}"),
+                }
+            }
+            Op::Counter { key: k } => {
+                let k = key(k);
+                let typed = self.dict.typed::<u64>();
+                let old = self.model.get(&k).map(|b| decode_u64(b));
+                let r = typed.update(&k, |v| Some(v.unwrap_or(0).wrapping_add(1)));
+                match old {
+                    Some(Err(_)) => {
+                        assert!(
+                            matches!(r, Err(Error::Codec { .. })),
+                            "counter over a non-u64 value: {r:?}"
+                        );
+                    }
+                    Some(Ok(_)) | None => {
+                        self.check_new_key_full(&k, &r);
+                        let n = old.map_or(0, |o| o.unwrap()).wrapping_add(1);
+                        match r {
+                            Ok(stored) => {
+                                assert_eq!(stored, Some(n), "counter");
+                                self.model
+                                    .insert(k.clone(), postcard::to_allocvec(&n).unwrap());
+                            }
+                            Err(Error::Full { .. }) => {}
+                            Err(e) => panic!("counter: unexpected error {e}"),
+                        }
+                    }
+                }
+                let expect = self.model.get(&k).map(|b| decode_u64(b));
+                match (typed.get(&k), expect) {
+                    (Ok(got), None) => assert_eq!(got, None, "typed get"),
+                    (Ok(got), Some(Ok(n))) => assert_eq!(got, Some(n), "typed get"),
+                    (Err(Error::Codec { .. }), Some(Err(_))) => {}
+                    (got, expect) => panic!("typed get: {got:?}, model {expect:?}"),
+                }
+            }
+            Op::Len => {
+                assert_eq!(self.dict.len(), self.model.len(), "len");
+                assert_eq!(self.dict.is_empty(), self.model.is_empty(), "is_empty");
+            }
+            Op::Keys => {
+                let mut got = self.dict.keys().expect("keys");
+                got.sort();
+                let mut want: Vec<_> = self.model.keys().cloned().collect();
+                want.sort();
+                assert_eq!(got, want, "keys");
+            }
+            Op::Stats => {
+                let s = self.dict.stats();
+                assert_eq!(s.len, self.model.len(), "stats.len");
+                assert_eq!(s.capacity, self.capacity, "stats.capacity");
+            }
+            Op::Reopen => {
+                let other = ShmDict::open(&self.name).expect("reopen");
+                assert_eq!(other.len(), self.model.len(), "len after reopen");
+                self.dict = other;
+            }
+            Op::ClearThenBig => {
+                let keys: Vec<_> = self.model.keys().cloned().collect();
+                for k in keys {
+                    assert!(self.dict.remove(&k).expect("remove"), "remove a live key");
+                }
+                self.model.clear();
+                assert!(self.dict.is_empty(), "empty after removing every key");
+                let (k, v) = (key(7), vec![0xA5; self.arena_bytes / 8]);
+                if let Err(e) = self.dict.insert(&k, &v) {
+                    panic!(
+                        "a {}-byte key and a {}-byte value must fit an empty arena of {} bytes: {e}",
+                        k.len(),
+                        v.len(),
+                        self.arena_bytes
+                    );
+                }
+                self.model.insert(k, v);
+            }
+            Op::Fault(f) => self.fault(f),
+        }
+    }
+
+    /// After a fault: run the operation, accept any result.
+    fn step_unchecked(&mut self, op: Op) {
+        match op {
+            Op::Insert { key: k, value } => {
+                let _ = self.dict.insert(key(k), value.bytes());
+            }
+            Op::Get { key: k } => {
+                let _ = self.dict.get(key(k));
+            }
+            Op::GetInto { key: k, junk } => {
+                let mut buf = vec![junk; usize::from(junk)];
+                let _ = self.dict.get_into(key(k), &mut buf);
+            }
+            Op::Remove { key: k } => {
+                let _ = self.dict.remove(key(k));
+            }
+            Op::Contains { key: k } => {
+                let _ = self.dict.contains_key(key(k));
+            }
+            Op::Update { key: k, how } => {
+                let _ = self.dict.update(key(k), |old| how.apply(old));
+            }
+            Op::Counter { key: k } => {
+                let typed = self.dict.typed::<u64>();
+                let _ = typed.update(key(k), |v| Some(v.unwrap_or(0).wrapping_add(1)));
+                let _ = typed.get(key(k));
+            }
+            Op::Len => {
+                let _ = (self.dict.len(), self.dict.is_empty());
+            }
+            Op::Keys => {
+                let _ = self.dict.keys();
+            }
+            Op::Stats => {
+                let _ = self.dict.stats();
+            }
+            Op::Reopen => {
+                if let Ok(other) = ShmDict::open(&self.name) {
+                    let _ = other.len();
+                    self.dict = other;
+                }
+            }
+            Op::ClearThenBig => {
+                if let Ok(keys) = self.dict.keys() {
+                    for k in keys {
+                        let _ = self.dict.remove(k);
+                    }
+                }
+                let _ = self.dict.insert(key(7), vec![0xA5; self.arena_bytes / 8]);
+            }
+            Op::Fault(f) => self.fault(f),
+        }
+    }
+
+    fn fault(&mut self, f: Fault) {
+        self.faulted = true;
+        let file = self.file.get_or_insert_with(|| {
+            File::options()
+                .write(true)
+                .open(format!("/dev/shm/{}", self.name))
+                .expect("open the segment file")
+        });
+        let (area, at, bytes) = match f {
+            Fault::Bytes {
+                area,
+                offset,
+                mut bytes,
+            } => {
+                bytes.truncate(16);
+                (area, u64::from(offset), bytes)
+            }
+            Fault::Word { area, offset, word } => {
+                let w = match word {
+                    Word::Raw(w) => w,
+                    Word::Small(n) => u64::from(n),
+                    Word::HeldBy(t) => 1 << 63 | u64::from(t & 0x7f_ffff),
+                    Word::WritingBy(t, v) => 1 | u64::from(t & 0x7f_ffff) << 1 | u64::from(v) << 24,
+                    Word::Lengths(k, v) => u64::from(k) | u64::from(v) << 32,
+                };
+                (area, u64::from(offset) & !7, w.to_ne_bytes().to_vec())
+            }
+        };
+        let (start, size) = Run::area_of(self.segment_len, self.buckets, self.arena_real, &area);
+        let at = start + at % size;
+        // Never write past the end: growing the file is not the fault under test.
+        let room = (self.segment_len - at) as usize;
+        let bytes = &bytes[..bytes.len().min(room)];
+        file.write_all_at(bytes, at)
+            .expect("write the segment file");
+    }
+
+    /// The byte range (start, size) of an area of a segment of `len` bytes.
+    fn area_of(len: u64, buckets: u64, arena: u64, area: &Area) -> (u64, u64) {
+        let index_len = buckets * 64;
+        let arena_off = len.saturating_sub(arena);
+        let (start, size) = match area {
+            Area::Header => (0, 4096),
+            Area::AttachTable => (4096, INDEX_OFF_HINT - 4096),
+            Area::Index => (INDEX_OFF_HINT, index_len),
+            Area::Arena => (arena_off, arena),
+            Area::Anywhere => (0, len),
+        };
+        let start = start.min(len - 1);
+        (start, size.clamp(1, len - start))
+    }
+}
+
+fuzz_target!(|input: Input| {
+    install_unlink_hook();
+    let name = format!(
+        "shmdict-fuzz-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    *CURRENT.lock().unwrap() = Some(name.clone());
+    let capacity = 1 + usize::from(input.capacity % 8);
+    let arena_bytes = (64 + usize::from(input.arena_kib % 64)) * 1024;
+    let dict = ShmDict::options()
+        .capacity(capacity)
+        .arena_bytes(arena_bytes)
+        .create_new(true)
+        .open(&name)
+        .expect("create a fresh segment");
+    let stats = dict.stats();
+    let segment_len = std::fs::metadata(format!("/dev/shm/{name}"))
+        .expect("segment file")
+        .len();
+    let mut run = Run {
+        name: name.clone(),
+        dict,
+        model: HashMap::new(),
+        capacity,
+        arena_bytes,
+        faulted: false,
+        file: None,
+        segment_len,
+        buckets: stats.buckets as u64,
+        arena_real: stats.arena_bytes as u64,
+    };
+    for op in input.ops {
+        run.step(op);
+    }
+    drop(run);
+    ShmDict::unlink(&name).expect("unlink");
+    *CURRENT.lock().unwrap() = None;
+});
