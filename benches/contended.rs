@@ -38,6 +38,33 @@ fn two_threads(iters: u64, f: impl Fn(usize, u64) + Sync) -> Duration {
     start.elapsed()
 }
 
+/// The reader's wall time for `iters` reads on thread 0 while thread 1
+/// writes until the reader is done.
+fn reader_beside_writer<'k>(
+    iters: u64,
+    read: impl Fn(&mut Cursor<'k>, &mut Vec<u8>) + Sync,
+    write: impl Fn(&mut Cursor<'k>) + Sync,
+    start: impl Fn(usize) -> Cursor<'k> + Sync,
+) -> Duration {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut cur = start(1);
+            while !done.load(Ordering::Relaxed) {
+                write(&mut cur);
+            }
+        });
+        let (mut cur, mut buf) = (start(0), Vec::with_capacity(VALUE_LEN));
+        let t0 = Instant::now();
+        for _ in 0..iters {
+            read(&mut cur, &mut buf);
+        }
+        let elapsed = t0.elapsed();
+        done.store(true, Ordering::Relaxed);
+        elapsed
+    })
+}
+
 fn benches(c: &mut Criterion) {
     let (inserted, visited) = keys();
     let seg = Segment::create("contended", VALUE_LEN);
@@ -47,15 +74,34 @@ fn benches(c: &mut Criterion) {
     let new_value = value(VALUE_LEN, 7);
     let start = |t: usize| Cursor::starting_at(&visited, t * KEYS / 2);
 
+    // The operations, per side; `t` is the thread (and handle) number.
+    let shm_read = |t: usize, cur: &mut Cursor<'_>, buf: &mut Vec<u8>| {
+        black_box(handles[t].get_into(cur.next_key(), buf).unwrap());
+    };
+    let shm_write = |t: usize, cur: &mut Cursor<'_>| {
+        handles[t].insert(cur.next_key(), &new_value).unwrap();
+    };
+    let base_read = |cur: &mut Cursor<'_>, buf: &mut Vec<u8>| {
+        let map = base.read().unwrap();
+        buf.clear();
+        buf.extend_from_slice(map.get(&cur.next_key()[..]).unwrap());
+        drop(map);
+        black_box(&buf);
+    };
+    let base_write = |cur: &mut Cursor<'_>| {
+        let mut map = base.write().unwrap();
+        map.get_mut(&cur.next_key()[..])
+            .unwrap()
+            .copy_from_slice(&new_value);
+    };
+
     let mut g = c.benchmark_group("2_readers/64B");
     g.throughput(Throughput::Elements(1));
     g.bench_function("shmdict", |b| {
         b.iter_custom(|iters| {
             two_threads(iters, |t, n| {
                 let (mut cur, mut buf) = (start(t), Vec::with_capacity(VALUE_LEN));
-                for _ in 0..n {
-                    black_box(handles[t].get_into(cur.next_key(), &mut buf).unwrap());
-                }
+                (0..n).for_each(|_| shm_read(t, &mut cur, &mut buf));
             })
         })
     });
@@ -63,13 +109,7 @@ fn benches(c: &mut Criterion) {
         b.iter_custom(|iters| {
             two_threads(iters, |t, n| {
                 let (mut cur, mut buf) = (start(t), Vec::with_capacity(VALUE_LEN));
-                for _ in 0..n {
-                    let map = base.read().unwrap();
-                    buf.clear();
-                    buf.extend_from_slice(map.get(&cur.next_key()[..]).unwrap());
-                    drop(map);
-                    black_box(&buf);
-                }
+                (0..n).for_each(|_| base_read(&mut cur, &mut buf));
             })
         })
     });
@@ -81,9 +121,7 @@ fn benches(c: &mut Criterion) {
         b.iter_custom(|iters| {
             two_threads(iters, |t, n| {
                 let mut cur = start(t);
-                for _ in 0..n {
-                    handles[t].insert(cur.next_key(), &new_value).unwrap();
-                }
+                (0..n).for_each(|_| shm_write(t, &mut cur));
             })
         })
     });
@@ -91,84 +129,35 @@ fn benches(c: &mut Criterion) {
         b.iter_custom(|iters| {
             two_threads(iters, |t, n| {
                 let mut cur = start(t);
-                for _ in 0..n {
-                    let mut map = base.write().unwrap();
-                    map.get_mut(&cur.next_key()[..])
-                        .unwrap()
-                        .copy_from_slice(&new_value);
-                }
+                (0..n).for_each(|_| base_write(&mut cur));
             })
         })
     });
     g.finish();
 
-    // Thread 0 reads (timed); thread 1 overwrites until the reader is done.
     let mut g = c.benchmark_group("reader_beside_writer/64B");
     g.throughput(Throughput::Elements(1));
     g.bench_function("shmdict", |b| {
         b.iter_custom(|iters| {
-            let done = AtomicBool::new(false);
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    let mut cur = start(1);
-                    while !done.load(Ordering::Relaxed) {
-                        handles[1].insert(cur.next_key(), &new_value).unwrap();
-                    }
-                });
-                let (mut cur, mut buf) = (start(0), Vec::with_capacity(VALUE_LEN));
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    black_box(handles[0].get_into(cur.next_key(), &mut buf).unwrap());
-                }
-                let elapsed = t0.elapsed();
-                done.store(true, Ordering::Relaxed);
-                elapsed
-            })
+            reader_beside_writer(
+                iters,
+                |c, buf| shm_read(0, c, buf),
+                |c| shm_write(1, c),
+                start,
+            )
         })
     });
     g.bench_function("rwlock_hashmap", |b| {
-        b.iter_custom(|iters| {
-            let done = AtomicBool::new(false);
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    let mut cur = start(1);
-                    while !done.load(Ordering::Relaxed) {
-                        let mut map = base.write().unwrap();
-                        map.get_mut(&cur.next_key()[..])
-                            .unwrap()
-                            .copy_from_slice(&new_value);
-                    }
-                });
-                let (mut cur, mut buf) = (start(0), Vec::with_capacity(VALUE_LEN));
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    let map = base.read().unwrap();
-                    buf.clear();
-                    buf.extend_from_slice(map.get(&cur.next_key()[..]).unwrap());
-                    drop(map);
-                    black_box(&buf);
-                }
-                let elapsed = t0.elapsed();
-                done.store(true, Ordering::Relaxed);
-                elapsed
-            })
-        })
+        b.iter_custom(|iters| reader_beside_writer(iters, base_read, base_write, start))
     });
     g.finish();
 
     assert_eq!(seg.dict().len(), KEYS);
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(20)
-}
-
 criterion_group! {
     name = contended;
-    config = config();
+    config = common::config();
     targets = benches
 }
 criterion_main!(contended);

@@ -24,7 +24,6 @@
 //! them: `docs/performance.md`.
 
 use std::hint::black_box;
-use std::time::Duration;
 
 mod common;
 
@@ -177,17 +176,9 @@ fn benches(c: &mut Criterion) {
     bench_size(c, "1KiB", 1024);
 }
 
-fn config() -> Criterion {
-    // Short runs: the whole benchmark takes about two minutes on 2 cores.
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(20)
-}
-
 criterion_group! {
     name = core;
-    config = config();
+    config = common::config();
     targets = benches
 }
 criterion_main!(core);

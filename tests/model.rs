@@ -321,25 +321,32 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// A fresh segment for `case`, opened through two handles.
+    fn new(case: &Case) -> Harness {
+        let seg = Segment::new();
+        let first = ShmDict::options()
+            .capacity(case.capacity)
+            .arena_bytes(case.arena_bytes)
+            .create_new(true)
+            .open(&seg.0)
+            .unwrap();
+        let second = ShmDict::open(&seg.0).unwrap();
+        let arena = first.stats().arena_bytes;
+        Harness {
+            seg,
+            capacity: case.capacity,
+            arena,
+            first,
+            second,
+            model: HashMap::new(),
+            fulls: 0,
+        }
+    }
+}
+
 fn run(case: &Case) -> Result<(), TestCaseError> {
-    let seg = Segment::new();
-    let first = ShmDict::options()
-        .capacity(case.capacity)
-        .arena_bytes(case.arena_bytes)
-        .create_new(true)
-        .open(&seg.0)
-        .unwrap();
-    let second = ShmDict::open(&seg.0).unwrap();
-    let arena = first.stats().arena_bytes;
-    let mut h = Harness {
-        seg,
-        capacity: case.capacity,
-        arena,
-        first,
-        second,
-        model: HashMap::new(),
-        fulls: 0,
-    };
+    let mut h = Harness::new(case);
     for step in &case.steps {
         h.step(step)?;
     }
@@ -411,24 +418,7 @@ fn sequences_reach_full() {
             .collect(),
     };
     for case in [by_capacity, by_arena] {
-        let seg = Segment::new();
-        let first = ShmDict::options()
-            .capacity(case.capacity)
-            .arena_bytes(case.arena_bytes)
-            .create_new(true)
-            .open(&seg.0)
-            .unwrap();
-        let second = ShmDict::open(&seg.0).unwrap();
-        let arena = first.stats().arena_bytes;
-        let mut h = Harness {
-            seg,
-            capacity: case.capacity,
-            arena,
-            first,
-            second,
-            model: HashMap::new(),
-            fulls: 0,
-        };
+        let mut h = Harness::new(&case);
         for step in &case.steps {
             h.step(step).unwrap();
         }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
+use std::time::Duration;
 
 use shmdict::ShmDict;
 
@@ -142,4 +143,12 @@ impl Drop for Segment {
         drop(self.dict.take());
         let _ = ShmDict::unlink(&self.name);
     }
+}
+
+/// Short runs: 1 s warm-up, 3 s measurement, 20 samples.
+pub(crate) fn config() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20)
 }
