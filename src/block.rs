@@ -145,6 +145,7 @@ fn eq_bytes(words: &[AtomicU64], bytes: &[u8]) -> bool {
     if tail.is_empty() {
         return true;
     }
+    // Relaxed: validated by the caller's seqlock.
     let have = words[bytes.len() / 8].load(Ordering::Relaxed).to_ne_bytes();
     have[..tail.len()] == *tail
 }

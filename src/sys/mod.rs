@@ -129,6 +129,7 @@ fn create_unnamed(name: &str) -> Result<(OwnedFd, Option<String>)> {
         let t = format!(
             "{TEMP_PREFIX}{}-{}-{}",
             std::process::id(),
+            // Relaxed: only uniqueness within this process matters.
             COUNTER.fetch_add(1, StdOrdering::Relaxed),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
