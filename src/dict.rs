@@ -5,7 +5,7 @@ use std::fmt;
 use crate::attach::{self, Holder};
 use crate::block;
 use crate::error::{Error, Result};
-use crate::index::{Index, NewKey};
+use crate::index::{Index, Loc, NewKey};
 #[cfg(not(loom))]
 use crate::layout::HeaderError;
 use crate::layout::{self, hash_key, Entry, Geometry, GRANULE};
@@ -315,26 +315,45 @@ impl ShmDict {
         let hash = hash_key(key);
         let new = self.prepare(key, hash, value, &mut None)?;
         let index = self.index();
-        loop {
-            match index.find(key, hash, None).map_err(|c| self.corrupt(c))? {
-                Some(loc) => {
-                    if index.try_replace(&loc, new, &self.me) {
-                        self.release(loc.entry);
-                        return Ok(());
-                    }
-                }
-                None => match index
-                    .insert_new(key, hash, new, &self.me)
-                    .map_err(|c| self.corrupt(c))?
-                {
-                    NewKey::Inserted => return Ok(()),
-                    NewKey::Exists => {}
-                    NewKey::Full => {
-                        self.release(new);
-                        return Err(self.index_full());
-                    }
-                },
+        let result = loop {
+            let found = match index.find(key, hash, None) {
+                Ok(found) => found,
+                Err(c) => break Err(self.corrupt(c)),
+            };
+            match self.publish(key, hash, new, found) {
+                Ok(true) => break Ok(()),
+                Ok(false) => {}
+                Err(e) => break Err(e),
             }
+        };
+        if result.is_err() {
+            self.release(new);
+        }
+        result
+    }
+
+    /// Publishes the prepared block `new` as the value of `key`: over the
+    /// entry `found` by a lookup, or, if the lookup found nothing, as a new
+    /// key. `Ok(false)`: another writer changed the key since the lookup;
+    /// nothing was published. Unless `Ok(true)`, `new` is still the caller's.
+    fn publish(&self, key: &[u8], hash: u64, new: Entry, found: Option<Loc>) -> Result<bool> {
+        let index = self.index();
+        match found {
+            Some(loc) => {
+                let replaced = index.try_replace(&loc, new, &self.me);
+                if replaced {
+                    self.release(loc.entry);
+                }
+                Ok(replaced)
+            }
+            None => match index
+                .insert_new(key, hash, new, &self.me)
+                .map_err(|c| self.corrupt(c))?
+            {
+                NewKey::Inserted => Ok(true),
+                NewKey::Exists => Ok(false),
+                NewKey::Full => Err(self.index_full()),
+            },
         }
     }
 
@@ -389,9 +408,10 @@ impl ShmDict {
         // A block prepared in an earlier round that lost a race, kept for reuse.
         let mut spare: Option<Entry> = None;
         let result = loop {
-            let found = index
-                .find(key, hash, Some(&mut current))
-                .map_err(|c| self.corrupt(c))?;
+            let found = match index.find(key, hash, Some(&mut current)) {
+                Ok(found) => found,
+                Err(c) => break Err(self.corrupt(c)),
+            };
             let op = match f(found.as_ref().map(|_| current.as_slice())) {
                 Ok(op) => op,
                 Err(e) => break Err(e),
@@ -404,30 +424,25 @@ impl ShmDict {
                         break Ok(None);
                     }
                 }
-                (Some(loc), Op::Set(value)) => {
-                    let new = self.prepare(key, hash, &value, &mut spare)?;
-                    if index.try_replace(&loc, new, &self.me) {
-                        self.release(loc.entry);
-                        break Ok(Some(value));
-                    }
-                    spare = Some(new);
-                }
-                (None, Op::Set(value)) => {
-                    let new = self.prepare(key, hash, &value, &mut spare)?;
-                    match index
-                        .insert_new(key, hash, new, &self.me)
-                        .map_err(|c| self.corrupt(c))?
-                    {
-                        NewKey::Inserted => break Ok(Some(value)),
-                        NewKey::Exists => spare = Some(new),
-                        NewKey::Full => {
-                            self.release(new);
-                            break Err(self.index_full());
+                (found, Op::Set(value)) => {
+                    let new = match self.prepare(key, hash, &value, &mut spare) {
+                        Ok(new) => new,
+                        Err(e) => break Err(e),
+                    };
+                    // Publish only over the state `f` saw: if it changed,
+                    // run `f` again on the new state.
+                    match self.publish(key, hash, new, found) {
+                        Ok(true) => break Ok(Some(value)),
+                        Ok(false) => spare = Some(new),
+                        Err(e) => {
+                            spare = Some(new);
+                            break Err(e);
                         }
                     }
                 }
             }
         };
+        // Whatever ended the loop, a prepared block not published goes back.
         if let Some(e) = spare {
             self.release(e);
         }

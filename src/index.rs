@@ -38,7 +38,8 @@ use crate::sync::{AtomicU64, Ordering};
 /// Where a key was found, and the state it was found in.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Loc {
-    /// Byte offset of the slot's control word.
+    /// The bucket (absolute, before masking) and the slot in it.
+    bucket: u64,
     slot: u64,
     /// The control word when the key was read (not WRITING).
     ctrl: u64,
@@ -79,30 +80,24 @@ impl<'a> Index<'a> {
         self.g.nbuckets - 1
     }
 
-    fn bucket_word(&self, bucket: u64, field: u64) -> &'a AtomicU64 {
-        self.r
-            .word(self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES + field)
-            .expect("bucket words lie inside the validated index")
-    }
-
-    /// A bucket's byte offset and its eight words, bounds-checked once.
-    fn bucket(&self, bucket: u64) -> (u64, &'a [AtomicU64]) {
+    /// The eight words of a bucket, bounds-checked once.
+    fn bucket(&self, bucket: u64) -> &'a [AtomicU64] {
         let off = self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES;
-        let words = self
-            .r
+        self.r
             .words(off, BUCKET_BYTES / 8)
-            .expect("buckets lie inside the validated index");
-        (off, words)
+            .expect("buckets lie inside the validated index")
     }
 
-    fn slot(&self, bucket: u64, s: u64) -> (u64, &'a AtomicU64, &'a AtomicU64) {
-        let off =
-            self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES;
-        let words = self
-            .r
-            .words(off, 2)
-            .expect("slot words lie inside the validated index");
-        (off, &words[0], &words[1])
+    /// The word at byte offset `field` of a bucket.
+    fn bucket_word(&self, bucket: u64, field: u64) -> &'a AtomicU64 {
+        &self.bucket(bucket)[(field / 8) as usize]
+    }
+
+    /// Slot `s` of a bucket: its control word and entry word.
+    fn slot(&self, bucket: u64, s: u64) -> (&'a AtomicU64, &'a AtomicU64) {
+        let words = self.bucket(bucket);
+        let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
+        (&words[w], &words[w + 1])
     }
 
     fn live(&self) -> &'a AtomicU64 {
@@ -126,10 +121,8 @@ impl<'a> Index<'a> {
         let tag = Entry::tag_of(hash);
         for steps in 0..self.g.nbuckets {
             let bucket = home + steps;
-            let (bucket_off, words) = self.bucket(bucket);
-            for s in 0..SLOTS_PER_BUCKET as usize {
-                let (ctrl, entry) = (&words[2 + 2 * s], &words[3 + 2 * s]);
-                let slot = bucket_off + B_SLOTS + s as u64 * SLOT_BYTES;
+            for s in 0..SLOTS_PER_BUCKET {
+                let (ctrl, entry) = self.slot(bucket, s);
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     // Acquire: pairs with the Release unlock that published it.
@@ -147,7 +140,8 @@ impl<'a> Index<'a> {
                     match read {
                         block::Read::Match => {
                             return Ok(Some(Loc {
-                                slot,
+                                bucket,
+                                slot: s,
                                 ctrl: begin,
                                 entry: e,
                                 steps,
@@ -162,25 +156,17 @@ impl<'a> Index<'a> {
             }
             // SeqCst: a lookup that misses the key must not see a count older
             // than the key's insertion (which increments before publishing).
-            if words[(B_OVERFLOW / 8) as usize].load(Ordering::SeqCst) == 0 {
+            if self.bucket_word(bucket, B_OVERFLOW).load(Ordering::SeqCst) == 0 {
                 return Ok(None);
             }
         }
         Ok(None)
     }
 
-    fn ctrl_at(&self, slot: u64) -> (&'a AtomicU64, &'a AtomicU64) {
-        let words = self
-            .r
-            .words(slot, 2)
-            .expect("slot offsets come from this index");
-        (&words[0], &words[1])
-    }
-
     /// Replaces the entry at `loc` with `new`, if the slot is unchanged since
     /// `loc` was read. On `false` the caller looks the key up again.
     pub(crate) fn try_replace(&self, loc: &Loc, new: Entry, me: &Holder) -> bool {
-        let (ctrl, entry) = self.ctrl_at(loc.slot);
+        let (ctrl, entry) = self.slot(loc.bucket, loc.slot);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
         };
@@ -194,7 +180,7 @@ impl<'a> Index<'a> {
     /// Removes the entry at `loc`, if the slot is unchanged since `loc` was
     /// read. On `false` the caller looks the key up again.
     pub(crate) fn try_remove(&self, loc: &Loc, hash: u64, me: &Holder) -> bool {
-        let (ctrl, entry) = self.ctrl_at(loc.slot);
+        let (ctrl, entry) = self.slot(loc.bucket, loc.slot);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
         };
@@ -211,20 +197,15 @@ impl<'a> Index<'a> {
         true
     }
 
-    /// Locks a slot seen as `seen`; waits (recovering dead writers) if it is
-    /// WRITING, and then reports failure so the caller re-reads.
+    /// Locks a slot seen as `seen`. If that fails (it is WRITING, or changed
+    /// since), waits until no writer holds it, recovering a dead writer's
+    /// hold, and reports failure so the caller reads it again.
     fn lock_slot(&self, ctrl: &AtomicU64, seen: u64, me: &Holder) -> Option<u64> {
-        if seqlock::is_writing(seen) {
+        let locked = seqlock::try_lock(ctrl, seen, me);
+        if locked.is_none() {
             seqlock::wait_unlocked(self.r, ctrl, me);
-            return None;
         }
-        match seqlock::try_lock(ctrl, seen, me) {
-            Some(locked) => Some(locked),
-            None => {
-                seqlock::wait_unlocked(self.r, ctrl, me);
-                None
-            }
-        }
+        locked
     }
 
     /// Inserts `key` as a new key with entry `new`, under its home bucket's
@@ -263,9 +244,10 @@ impl<'a> Index<'a> {
         for steps in 0..self.g.nbuckets {
             let bucket = home + steps;
             for s in 0..SLOTS_PER_BUCKET {
-                let (_, ctrl, entry) = self.slot(bucket, s);
-                let seen = ctrl.load(Ordering::Acquire); // Acquire: as seqlock::read_begin.
-                                                         // Relaxed: `seen` (Acquire) orders it; the CAS re-validates.
+                let (ctrl, entry) = self.slot(bucket, s);
+                let seen = seqlock::read_begin(ctrl);
+                // Relaxed: ordered after `seen` (Acquire); the CAS below
+                // re-validates the version it was read at.
                 if seqlock::is_writing(seen) || entry.load(Ordering::Relaxed) != Entry::EMPTY {
                     continue;
                 }
@@ -297,7 +279,7 @@ impl<'a> Index<'a> {
         let mut key = Vec::new();
         for bucket in 0..self.g.nbuckets {
             for s in 0..SLOTS_PER_BUCKET {
-                let (_, ctrl, entry) = self.slot(bucket, s);
+                let (ctrl, entry) = self.slot(bucket, s);
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     let e = Entry(entry.load(Ordering::Acquire)); // Acquire: as in find.

@@ -2,8 +2,8 @@
 //! encoding of index entries. `docs/design.md` draws the same layout.
 //!
 //! ```text
-//! 0        4096               4096+64 KiB         index_off + 64*nbuckets   total
-//! | header | attach table     | index (buckets)   | arena (power-of-two blocks) |
+//! 0        4096          69632             77824         arena_off             total
+//! | header | attach table | free-list table | index       | arena (power-of-two blocks) |
 //! ```
 //!
 //! Everything here is plain arithmetic: no shared memory is touched except in
