@@ -7,12 +7,14 @@
 //! The parent creates a uniquely named dictionary, writes the job's settings
 //! into it, and starts `WORKERS` copies of this same program as worker
 //! processes (`quickstart worker <i> <name>`). Each worker opens the
-//! dictionary by name, counts the words of its share of a generated text,
-//! bumps shared counters with atomic `update`s (one per word and one per
-//! line, all processes hitting the same keys at once), and publishes a report
-//! under its own key. The parent waits for the workers, reads everything
-//! back, checks that no increment was lost, prints a summary and unlinks the
-//! dictionary (also when something fails).
+//! dictionary by name and sleeps in `wait_for("go")` until the parent says
+//! go; then it counts the words of its share of a generated text, bumps
+//! shared counters with atomic `update`s (one per word and one per line, all
+//! processes hitting the same keys at once), and publishes a report under its
+//! own key. The parent sleeps in `wait_for` on each report key (no polling:
+//! the write wakes it), reads everything back, checks that no increment was
+//! lost, prints a summary and unlinks the dictionary (also when something
+//! fails).
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -129,8 +131,29 @@ fn run(dict: &ShmDict) -> Result<()> {
         "shmdict quickstart: {WORKERS} worker processes share the dictionary '{}'",
         dict.name()
     );
-    // Later versions add `wait_for`, so a parent can sleep until a result key
-    // appears; here the parent simply waits for its children to exit.
+    // The workers sleep in `wait_for("go")` until this insert wakes them.
+    dict.insert("go", b"")?;
+    // Sleep until each report is published: `wait_for` returns as soon as
+    // the key exists. A worker that fails exits without a report, so check
+    // the children between waits.
+    let reports = dict.typed::<Report>();
+    let mut arrived = Vec::new();
+    for i in 0..WORKERS {
+        let key = format!("result/{i}");
+        loop {
+            if dict.wait_for(&key, Duration::from_millis(500))?.is_some() {
+                arrived.push(started.elapsed());
+                break;
+            }
+            if let Some(status) = workers.0[i].try_wait()? {
+                if dict.contains_key(&key)? {
+                    continue;
+                }
+                return Err(format!("worker {i} exited ({status}) without a report").into());
+            }
+        }
+    }
+    let elapsed = started.elapsed();
     for (i, child) in workers.0.iter_mut().enumerate() {
         let status = child.wait()?;
         if !status.success() {
@@ -138,7 +161,6 @@ fn run(dict: &ShmDict) -> Result<()> {
         }
     }
     workers.0.clear();
-    let elapsed = started.elapsed();
 
     // What the counters must say: count the same text here.
     let mut expected: HashMap<&str, u64> = HashMap::new();
@@ -149,19 +171,19 @@ fn run(dict: &ShmDict) -> Result<()> {
     }
     let expected_words: u64 = expected.values().sum();
 
-    let reports = dict.typed::<Report>();
     let mut updates = 0;
-    for i in 0..WORKERS {
+    for (i, seen_after) in arrived.iter().enumerate() {
         let r = reports
             .get(format!("result/{i}"))?
             .ok_or_else(|| format!("worker {i} published no result"))?;
         println!(
-            "  worker {i} (pid {:>6}): {:>5} lines, {:>6} words, {:>6} atomic updates in {}",
+            "  worker {i} (pid {:>6}): {:>5} lines, {:>6} words, {:>6} atomic updates in {}; report seen after {}",
             r.pid,
             r.lines,
             r.words,
             r.updates,
-            ms(Duration::from_micros(r.micros))
+            ms(Duration::from_micros(r.micros)),
+            ms(*seen_after)
         );
         updates += r.updates;
     }
@@ -201,7 +223,6 @@ fn run(dict: &ShmDict) -> Result<()> {
 }
 
 fn worker(index: u64, name: &str) -> Result<()> {
-    let started = Instant::now();
     let dict = ShmDict::open(name)?;
     let Some(config) = dict.typed::<Config>().get("config")? else {
         // Not started by the parent: `open` has just created an empty
@@ -210,6 +231,10 @@ fn worker(index: u64, name: &str) -> Result<()> {
         ShmDict::unlink(name)?;
         return Err(format!("'{name}' is not a quickstart dictionary").into());
     };
+    // Sleep until the parent says go (a start barrier without polling).
+    dict.wait_for("go", Duration::from_secs(60))?
+        .ok_or("the parent never said go")?;
+    let started = Instant::now();
     let counters = dict.typed::<u64>();
     let bump = |key: &str| counters.update(key, |n| Some(n.unwrap_or(0) + 1));
     let mut report = Report {

@@ -6,13 +6,15 @@
 //! [`Token`], so another process that finds it held for long can ask whether
 //! the holder still lives and, if not, take it over.
 //!
-//! Entry `i` (16 bytes at `HEADER_BYTES + 16 * i`):
+//! Entry `i` (64 bytes at `HEADER_BYTES + 64 * i`, a cache line each):
 //!
 //! | word | bits   | meaning                                             |
 //! |------|--------|-----------------------------------------------------|
 //! | 0    | 0..23  | pid of the attached process (0 = entry free)        |
 //! | 0    | 23..64 | its start time in clock ticks after boot, truncated |
 //! | 1    | 0..64  | generation, incremented on every claim              |
+//! | 2    | 0..64  | write operations of this handle in flight (`gate`)  |
+//! | 3..8 |        | reserved (zero)                                     |
 //!
 //! A token is `index | (generation mod 2^11) << 12`: 23 bits. A token whose
 //! generation no longer matches its entry belongs to a handle that is gone.
@@ -20,6 +22,9 @@
 use crate::layout::{ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, HEADER_BYTES};
 use crate::region::Region;
 use crate::sync::{AtomicU64, Ordering};
+
+/// Byte offset, inside an entry, of the count of write operations in flight.
+pub(crate) const E_ACTIVE: u64 = 16;
 
 const PID_BITS: u32 = 23;
 const PID_MASK: u64 = (1 << PID_BITS) - 1;
@@ -107,12 +112,12 @@ pub(crate) fn identity_word(pid: u32, start_ticks: u64) -> u64 {
     (pid as u64 & PID_MASK) | (start_ticks & START_MASK) << PID_BITS
 }
 
-fn entry_off(index: u64) -> u64 {
+pub(crate) fn entry_off(index: u64) -> u64 {
     HEADER_BYTES + index * ATTACH_ENTRY_BYTES
 }
 
 /// Whether the process named by an identity word still runs.
-fn identity_alive(ident: u64) -> bool {
+pub(crate) fn identity_alive(ident: u64) -> bool {
     if ident == 0 {
         return false;
     }
@@ -143,6 +148,9 @@ pub(crate) fn attach(r: &Region, ident: u64) -> Option<(u64, Token)> {
             {
                 // AcqRel: the generation counter orders claims of this entry.
                 let gen = r.word(entry_off(i) + 8)?.fetch_add(1, Ordering::AcqRel) + 1;
+                // A dead previous owner may have died inside write operations.
+                // Relaxed: published by our first gate entry (SeqCst).
+                r.word(entry_off(i) + E_ACTIVE)?.store(0, Ordering::Relaxed);
                 return Some((i, Token::new(i, gen)));
             }
         }

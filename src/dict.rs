@@ -30,11 +30,11 @@ use crate::{name, sys};
 /// handle inherited from the parent: locks a handle holds name the process
 /// that opened it.
 pub struct ShmDict {
-    name: String,
-    region: Region,
-    geo: Geometry,
-    me: Holder,
-    attach_index: u64,
+    pub(crate) name: String,
+    pub(crate) region: Region,
+    pub(crate) geo: Geometry,
+    pub(crate) me: Holder,
+    pub(crate) attach_index: u64,
     ident: u64,
 }
 
@@ -142,6 +142,13 @@ impl Options {
         // few rounds settle any such race.
         for _ in 0..16 {
             let created = sys::create_segment(name, self.mode, geo.total_bytes, |r| {
+                crate::locks::init(r).map_err(|rc| {
+                    Error::io(
+                        name,
+                        "pthread_mutex_init",
+                        std::io::Error::from_raw_os_error(rc),
+                    )
+                })?;
                 geo.write_header(r)
                     .ok_or_else(|| Error::corrupt(name, "new segment too small for its header"))
             })?;
@@ -246,6 +253,8 @@ impl ShmDict {
     pub(crate) fn on_heap(capacity: u64, arena_bytes: u64) -> ShmDict {
         let geo = Geometry::new(capacity, arena_bytes).expect("test geometry");
         let region = Region::heap(geo.total_bytes as usize);
+        #[cfg(not(loom))]
+        crate::locks::init(&region).expect("mutexes");
         geo.write_header(&region).expect("header fits");
         ShmDict::attach_region("heap", region, geo).expect("attach")
     }
@@ -256,11 +265,26 @@ impl ShmDict {
         self.geo.nbuckets
     }
 
-    fn index(&self) -> Index<'_> {
+    /// Enters the write gate (see `gate.rs`) for one write operation.
+    #[inline]
+    fn enter_write(&self) -> crate::gate::InFlight<'_> {
+        crate::gate::enter(&self.region, self.attach_index, &self.me)
+    }
+
+    /// Wakes processes waiting on keys of this hash's channel (`wait.rs`).
+    #[inline]
+    fn notify(&self, hash: u64) {
+        #[cfg(not(loom))]
+        crate::wait::notify(&self.region, hash);
+        #[cfg(loom)]
+        let _ = hash;
+    }
+
+    pub(crate) fn index(&self) -> Index<'_> {
         Index::new(&self.region, &self.geo)
     }
 
-    fn slab(&self) -> Slab<'_> {
+    pub(crate) fn slab(&self) -> Slab<'_> {
         Slab::new(&self.region, &self.geo)
     }
 
@@ -313,6 +337,7 @@ impl ShmDict {
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
         let (key, value) = (key.as_ref(), value.as_ref());
         let hash = hash_key(key);
+        let _op = self.enter_write();
         let new = self.prepare(key, hash, value, &mut None)?;
         let index = self.index();
         let result = loop {
@@ -321,7 +346,10 @@ impl ShmDict {
                 Err(c) => break Err(self.corrupt(c)),
             };
             match self.publish(key, hash, new, found) {
-                Ok(true) => break Ok(()),
+                Ok(true) => {
+                    self.notify(hash);
+                    break Ok(());
+                }
                 Ok(false) => {}
                 Err(e) => break Err(e),
             }
@@ -362,12 +390,14 @@ impl ShmDict {
         let key = key.as_ref();
         let hash = hash_key(key);
         let index = self.index();
+        let _op = self.enter_write();
         loop {
             match index.find(key, hash, None).map_err(|c| self.corrupt(c))? {
                 None => return Ok(false),
                 Some(loc) => {
                     if index.try_remove(&loc, hash, &self.me) {
                         self.release(loc.entry);
+                        self.notify(hash);
                         return Ok(true);
                     }
                 }
@@ -404,6 +434,7 @@ impl ShmDict {
     ) -> Result<Option<Vec<u8>>> {
         let hash = hash_key(key);
         let index = self.index();
+        let _op = self.enter_write();
         let mut current = Vec::new();
         // A block prepared in an earlier round that lost a race, kept for reuse.
         let mut spare: Option<Entry> = None;
@@ -421,6 +452,7 @@ impl ShmDict {
                 (Some(loc), Op::Remove) => {
                     if index.try_remove(&loc, hash, &self.me) {
                         self.release(loc.entry);
+                        self.notify(hash);
                         break Ok(None);
                     }
                 }
@@ -432,7 +464,10 @@ impl ShmDict {
                     // Publish only over the state `f` saw: if it changed,
                     // run `f` again on the new state.
                     match self.publish(key, hash, new, found) {
-                        Ok(true) => break Ok(Some(value)),
+                        Ok(true) => {
+                            self.notify(hash);
+                            break Ok(Some(value));
+                        }
                         Ok(false) => spare = Some(new),
                         Err(e) => {
                             spare = Some(new);

@@ -49,6 +49,16 @@ pub(crate) struct Loc {
     steps: u64,
 }
 
+impl Loc {
+    /// A number that changes with every write to the key: the slot's place
+    /// (24 bits, modulo 2^24) and its control word's version (40 bits).
+    /// Never 0 (a slot holding a key has been released at least once).
+    pub(crate) fn version(&self, nbuckets: u64) -> u64 {
+        let place = ((self.bucket & (nbuckets - 1)) * SLOTS_PER_BUCKET + self.slot) & 0xff_ffff;
+        place << 40 | seqlock::version(self.ctrl)
+    }
+}
+
 /// Outcome of [`Index::insert_new`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum NewKey {
@@ -89,12 +99,12 @@ impl<'a> Index<'a> {
     }
 
     /// The word at byte offset `field` of a bucket.
-    fn bucket_word(&self, bucket: u64, field: u64) -> &'a AtomicU64 {
+    pub(crate) fn bucket_word(&self, bucket: u64, field: u64) -> &'a AtomicU64 {
         &self.bucket(bucket)[(field / 8) as usize]
     }
 
     /// Slot `s` of a bucket: its control word and entry word.
-    fn slot(&self, bucket: u64, s: u64) -> (&'a AtomicU64, &'a AtomicU64) {
+    pub(crate) fn slot(&self, bucket: u64, s: u64) -> (&'a AtomicU64, &'a AtomicU64) {
         let words = self.bucket(bucket);
         let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
         (&words[w], &words[w + 1])

@@ -2,8 +2,8 @@
 //! encoding of index entries. `docs/design.md` draws the same layout.
 //!
 //! ```text
-//! 0        4096          69632             77824         arena_off             total
-//! | header | attach table | free-list table | index       | arena (power-of-two blocks) |
+//! 0        4096          266240            274432           290816          294912  arena_off    total
+//! | header | attach table | free-list table | key-lock table | futex channels | index  | arena |
 //! ```
 //!
 //! Everything here is plain arithmetic: no shared memory is touched except in
@@ -16,7 +16,7 @@ use crate::sync::Ordering;
 /// `b"SHMDICT\0"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMDICT\0");
 /// Bumped whenever the byte layout or the hash changes.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Segment kinds that share the namespace.
 pub(crate) const KIND_DICT: u32 = 1;
 /// The index hash: xxh3-64 with seed 0 over the key bytes (see `hash_key`).
@@ -35,8 +35,9 @@ pub(crate) const ATTACH_ENTRIES: u64 = 4;
 pub(crate) const PAGE: u64 = 4096;
 #[cfg(loom)]
 pub(crate) const PAGE: u64 = 64;
-/// Bytes per attach entry: identity word + generation word.
-pub(crate) const ATTACH_ENTRY_BYTES: u64 = 16;
+/// Bytes per attach entry: identity word, generation word, count of write
+/// operations in flight (see `gate.rs`), padding to a cache line of its own.
+pub(crate) const ATTACH_ENTRY_BYTES: u64 = 64;
 /// The free-list table: one head per (order, shard), each on its own cache
 /// line, after the attach table. A handle pushes to and pops from the shard
 /// of its attach index first, so processes writing at once do not contend
@@ -46,8 +47,26 @@ pub(crate) const FREE_OFF: u64 = HEADER_BYTES + ATTACH_ENTRIES * ATTACH_ENTRY_BY
 pub(crate) const FREE_SHARDS: u64 = 4;
 #[cfg(loom)]
 pub(crate) const FREE_SHARDS: u64 = 2;
-/// First byte of the index: after the free-list table, page aligned.
-pub(crate) const INDEX_OFF: u64 = FREE_OFF + MAX_ORDERS * FREE_SHARDS * 64;
+/// The key-lock table (`lock_keys`): robust mutexes, one per stripe, each
+/// on its own cache line, after the free-list table.
+pub(crate) const KEYLOCK_OFF: u64 = FREE_OFF + MAX_ORDERS * FREE_SHARDS * 64;
+#[cfg(not(loom))]
+pub(crate) const KEYLOCK_STRIPES: u64 = 256;
+#[cfg(loom)]
+pub(crate) const KEYLOCK_STRIPES: u64 = 1;
+pub(crate) const KEYLOCK_BYTES: u64 = 64;
+/// Waiting (`wait.rs`): `WAIT_CHANNELS` futex channels of one 32-bit word
+/// each, after the key-lock table. These bytes are only ever accessed as
+/// 32-bit words. Many channels keep writes to unrelated keys from finding a
+/// waiter's flag set on their channel.
+pub(crate) const WAIT_OFF: u64 = KEYLOCK_OFF + KEYLOCK_STRIPES * KEYLOCK_BYTES;
+#[cfg(not(loom))]
+pub(crate) const WAIT_CHANNELS: u64 = 1024;
+#[cfg(loom)]
+pub(crate) const WAIT_CHANNELS: u64 = 16;
+pub(crate) const WAIT_CHANNEL_BYTES: u64 = 4;
+/// First byte of the index: after the futex channels, page aligned.
+pub(crate) const INDEX_OFF: u64 = WAIT_OFF + WAIT_CHANNELS * WAIT_CHANNEL_BYTES;
 
 /// One bucket: overflow count, home lock, three slots of (ctrl, entry).
 pub(crate) const BUCKET_BYTES: u64 = 64;
@@ -98,9 +117,12 @@ pub(crate) const H_CHUNKS_CARVED: u64 = 192;
 /// Defragmentation lock word and epoch (mutable).
 pub(crate) const H_DEFRAG_LOCK: u64 = 256;
 pub(crate) const H_DEFRAG_EPOCH: u64 = 264;
-// 512..1024: reserved for the futex words of `wait_for` (64 words).
-// 1024..2048: reserved for the robust process-shared mutex behind `lock()`.
-// 2048..4096: reserved.
+/// The write gate of `check()`: a lock word (mutable; see `gate.rs`).
+pub(crate) const H_GATE: u64 = 320;
+/// The robust process-shared mutex behind `lock()` (64 bytes at 1024), only
+/// ever accessed by libc's pthread functions.
+pub(crate) const DICT_LOCK_OFF: u64 = 1024;
+// 512..1024 and 1088..4096: reserved.
 const _: () = assert!(INDEX_OFF % PAGE == 0);
 const _: () = assert!(B_SLOTS + SLOTS_PER_BUCKET * SLOT_BYTES == BUCKET_BYTES);
 

@@ -7,25 +7,51 @@ compile_error!("shmdict supports Linux only (it relies on /dev/shm, /proc and fu
 #[cfg(not(target_has_atomic = "64"))]
 compile_error!("shmdict needs 64-bit atomics");
 
+#[cfg(not(loom))]
+mod array;
 mod attach;
 mod block;
+mod check;
 mod dict;
 mod error;
+mod gate;
 mod index;
 mod layout;
+#[cfg(not(loom))]
+mod locks;
 mod lockword;
 mod name;
+#[cfg(not(loom))]
+mod prim;
 mod region;
+#[cfg(not(loom))]
+mod robust;
+#[cfg(not(loom))]
+mod rwlock;
+pub mod segments;
 mod seqlock;
 mod slab;
 mod sync;
 #[cfg(not(loom))]
 mod sys;
 mod typed;
+#[cfg(not(loom))]
+mod value;
+#[cfg(not(loom))]
+mod wait;
 
+#[cfg(not(loom))]
+pub use array::{Array, ArrayOptions, ChunkGuard, ReadGuard, WriteGuard};
+pub use check::CheckReport;
 pub use dict::{Options, ShmDict, Stats};
 pub use error::{Error, Result};
+#[cfg(not(loom))]
+pub use locks::{DictGuard, KeysGuard};
 pub use typed::Typed;
+#[cfg(not(loom))]
+pub use value::{Value, ValueOptions};
+#[cfg(not(loom))]
+pub use wait::Version;
 
 /// Entry points for the loom models in `tests/loom.rs`; not part of the API.
 ///
@@ -46,6 +72,44 @@ pub mod __loom {
     /// The home bucket of `key` in `dict`.
     pub fn home_bucket(dict: &crate::ShmDict, key: &[u8]) -> u64 {
         crate::layout::hash_key(key) & (dict.nbuckets() - 1)
+    }
+
+    /// Takes a block of `order` from `dict`'s arena and never publishes it:
+    /// what a process killed between allocating and publishing leaves.
+    pub fn leak_block(dict: &crate::ShmDict, order: u32) {
+        dict.slab()
+            .alloc(order, &dict.me)
+            .expect("not corrupt")
+            .expect("room");
+    }
+
+    /// Marks the slot holding `key` as WRITING by a handle that is not
+    /// attached (a dead writer), as a process killed mid-write leaves it.
+    pub fn forge_dead_writer(dict: &crate::ShmDict, key: &[u8]) {
+        use crate::layout::SLOTS_PER_BUCKET;
+        use crate::sync::Ordering;
+        let home = crate::layout::hash_key(key) & (dict.geo.nbuckets - 1);
+        let index = dict.index();
+        for s in 0..SLOTS_PER_BUCKET {
+            let (ctrl, entry) = index.slot(home, s);
+            if entry.load(Ordering::Relaxed) != 0 {
+                let c = ctrl.load(Ordering::Relaxed);
+                // Attach entry 3 is never claimed in the models: dead.
+                ctrl.store(c | 3 << 1 | 1, Ordering::Relaxed);
+                return;
+            }
+        }
+        panic!("key not in its home bucket");
+    }
+
+    /// Marks the insert lock of `key`'s home bucket as held by a handle that
+    /// is not attached (a dead inserter).
+    pub fn forge_dead_insert_lock(dict: &crate::ShmDict, key: &[u8]) {
+        use crate::sync::Ordering;
+        let home = crate::layout::hash_key(key) & (dict.geo.nbuckets - 1);
+        dict.index()
+            .bucket_word(home, crate::layout::B_LOCK)
+            .store(crate::lockword::HELD | 3, Ordering::Relaxed);
     }
 
     /// The bare slab allocator on a heap region.

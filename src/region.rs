@@ -11,6 +11,8 @@
 //! This module holds the one `unsafe` conversion of mapped bytes into atomics.
 
 use crate::sync::AtomicU64;
+#[cfg(not(loom))]
+use std::sync::atomic::AtomicU32;
 
 /// Who keeps the memory behind a [`Region`] alive.
 enum Backing {
@@ -105,6 +107,42 @@ impl Region {
         // bytes other than through atomics, so no non-atomic access races with
         // these. Other processes' accesses are atomic operations too.
         Some(unsafe { std::slice::from_raw_parts(self.base.add(first), n) })
+    }
+
+    /// The 32-bit word at byte offset `off`, if 4-aligned and in bounds: for
+    /// futex words, which the kernel reads as 32 bits. A futex word's 8-byte
+    /// neighbourhood must never be accessed through [`Region::word`]: the
+    /// layout keeps 32-bit words in areas of their own.
+    #[cfg(not(loom))]
+    #[inline]
+    pub(crate) fn word32(&self, off: u64) -> Option<&AtomicU32> {
+        if off % 4 != 0 || off.checked_add(4)? > self.len() {
+            return None;
+        }
+        let off = usize::try_from(off).ok()?;
+        // SAFETY: `off..off + 4` lies inside the region (checked above), which
+        // `_backing` keeps alive for the borrow's lifetime; `base` is 8-aligned
+        // and `off` 4-aligned, so the pointer is aligned for AtomicU32. These
+        // bytes are only ever accessed as AtomicU32, by us, other processes and
+        // the kernel's futex code, all atomically.
+        Some(unsafe { &*self.base.cast::<u8>().add(off).cast::<AtomicU32>() })
+    }
+
+    /// A raw pointer to `len` bytes at offset `off`, if 8-aligned and in
+    /// bounds: for the process-shared pthread mutexes (`robust.rs`), which
+    /// libc accesses with its own atomics. Those bytes are never accessed
+    /// through [`Region::word`].
+    #[cfg(not(loom))]
+    #[inline]
+    pub(crate) fn raw(&self, off: u64, len: u64) -> Option<*mut u8> {
+        if off % 8 != 0 || off.checked_add(len)? > self.len() {
+            return None;
+        }
+        let off = usize::try_from(off).ok()?;
+        // SAFETY: in bounds (checked above) of the allocation `base` points
+        // into, so `add` stays inside it. Creating the pointer is safe; its
+        // users state their own obligations.
+        Some(unsafe { self.base.cast::<u8>().add(off) }.cast_mut())
     }
 }
 

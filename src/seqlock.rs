@@ -40,9 +40,15 @@ fn owner(ctrl: u64) -> Token {
     Token((ctrl & !VERSION_MASK) >> OWNER_SHIFT)
 }
 
+/// The version field of a control word (40 bits).
+#[inline]
+pub(crate) fn version(ctrl: u64) -> u64 {
+    ctrl >> VERSION_SHIFT
+}
+
 /// The value after the slot holding `ctrl` is released: version + 1, no owner.
 #[inline]
-fn released(ctrl: u64) -> u64 {
+pub(crate) fn released(ctrl: u64) -> u64 {
     (ctrl & VERSION_MASK).wrapping_add(1 << VERSION_SHIFT)
 }
 

@@ -291,6 +291,33 @@ impl<'a> Slab<'a> {
             .collect()
     }
 
+    /// Calls `f(granule, order)` for every block on every free list. Stops
+    /// with an error at a link that is out of bounds or a list longer than
+    /// the arena could hold (a cycle). Exact only while no one allocates or
+    /// frees (`check()` runs it with the write gate closed).
+    pub(crate) fn for_each_free(&self, mut f: impl FnMut(u64, u32)) -> Result<(), Corrupt> {
+        let max_blocks = self.g.arena_bytes / GRANULE;
+        for o in 0..=self.g.chunk_order {
+            for shard in 0..FREE_SHARDS {
+                // Acquire: pairs with push's Release, so links are visible.
+                let mut cur = self.head(o, shard).load(Ordering::Acquire) & LINK_MASK;
+                let mut n = 0;
+                while cur != 0 {
+                    n += 1;
+                    if n > max_blocks {
+                        return Err(Corrupt("free list longer than the arena (a cycle)"));
+                    }
+                    let w = self
+                        .block(cur - 1, o)
+                        .ok_or(Corrupt("free-list entry out of bounds"))?;
+                    f(cur - 1, o);
+                    cur = w[0].load(Ordering::Relaxed) & LINK_MASK; // Relaxed: after the Acquire above.
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Chunks carved so far.
     pub(crate) fn chunks_carved(&self) -> u64 {
         self.r

@@ -87,4 +87,23 @@ impl<'a, T: Serialize + DeserializeOwned> Typed<'a, T> {
         })?;
         Ok(stored)
     }
+
+    /// The value of `key`, computing, storing and returning `f()` if absent:
+    /// shared memoization (see [`ShmDict::get_or_insert_with`]; `f` runs in
+    /// at most one process at a time for a key). If the stored bytes do not
+    /// decode as `T`, the result is `Error::Codec`.
+    #[cfg(not(loom))]
+    pub fn get_or_insert_with(&self, key: impl AsRef<[u8]>, f: impl FnOnce() -> T) -> Result<T> {
+        let mut computed = None;
+        let (bytes, ours) = self.dict.memoize(key.as_ref(), || {
+            let v = f();
+            let bytes = self.encode(&v)?;
+            computed = Some(v);
+            Ok(bytes)
+        })?;
+        match computed {
+            Some(v) if ours => Ok(v),
+            _ => self.decode(&bytes),
+        }
+    }
 }

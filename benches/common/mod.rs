@@ -116,6 +116,11 @@ impl Segment {
         }
     }
 
+    /// The segment's name, for another process to open.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
     pub(crate) fn dict(&self) -> &ShmDict {
         self.dict.as_ref().expect("open until dropped")
     }

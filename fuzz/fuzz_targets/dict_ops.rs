@@ -26,6 +26,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
+use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -38,7 +39,7 @@ const MAX_KEY: usize = 4096;
 /// Where the index starts in the current format (header 4 KiB + attach table
 /// 64 KiB + free-list table 8 KiB). Only used to aim faults; nothing depends
 /// on it being right.
-const INDEX_OFF_HINT: u64 = 4096 + 4096 * 16 + 32 * 4 * 64;
+const INDEX_OFF_HINT: u64 = 4096 + 4096 * 64 + 32 * 4 * 64 + 256 * 64 + 1024 * 4;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -87,6 +88,24 @@ enum Op {
     ClearThenBig,
     /// Overwrites bytes of the segment file.
     Fault(Fault),
+    /// `check()`: on an intact segment it must find nothing to repair (a
+    /// leaked block or a wrong counter would be a bug in an error path).
+    Check,
+    /// `lock()`, then `lock_keys` of two keys, an overwrite under them.
+    Locked {
+        a: u8,
+        b: u8,
+        value: Value,
+    },
+    /// `wait_for` with a zero timeout: the same as `get`.
+    WaitFor {
+        key: u8,
+    },
+    /// `get_or_insert_with`.
+    Memo {
+        key: u8,
+        value: Value,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -397,6 +416,47 @@ impl Run {
                 self.model.insert(k, v);
             }
             Op::Fault(f) => self.fault(f),
+            Op::Check => {
+                let r = self.dict.check().expect("check");
+                assert!(r.is_ok(), "check of an intact segment: {r}");
+                assert!(r.skipped.is_none(), "check skipped: {r}");
+                assert!(!r.repaired(), "check repaired an intact segment: {r}");
+                assert_eq!(r.keys as usize, self.model.len(), "check: keys");
+            }
+            Op::Locked { a, b, value } => {
+                let g = self.dict.lock().expect("lock");
+                assert!(!g.recovered(), "nobody died holding the lock");
+                let keys = self.dict.lock_keys(&[key(a), key(b)]).expect("lock_keys");
+                assert!(!keys.recovered(), "nobody died holding key locks");
+                let k = key(a);
+                let r = self.dict.insert(&k, value.bytes());
+                self.check_new_key_full(&k, &r);
+                match r {
+                    Ok(()) => {
+                        self.model.insert(k, value.bytes());
+                    }
+                    Err(Error::Full { .. }) => {}
+                    Err(e) => panic!("insert under locks: {e}"),
+                }
+            }
+            Op::WaitFor { key: k } => {
+                let k = key(k);
+                let got = self.dict.wait_for(&k, Duration::ZERO).expect("wait_for");
+                assert_eq!(got.as_ref(), self.model.get(&k), "wait_for");
+            }
+            Op::Memo { key: k, value } => {
+                let k = key(k);
+                let r = self.dict.get_or_insert_with(&k, || value.bytes());
+                match (r, self.model.get(&k)) {
+                    (Ok(got), Some(v)) => assert_eq!(&got, v, "memo of a present key"),
+                    (Ok(got), None) => {
+                        assert_eq!(got, value.bytes(), "memo computed");
+                        self.model.insert(k, got);
+                    }
+                    (Err(Error::Full { .. }), None) => {}
+                    (r, m) => panic!("memo: {r:?} with model {m:?}"),
+                }
+            }
         }
     }
 
@@ -451,6 +511,22 @@ impl Run {
                 let _ = self.dict.insert(key(7), vec![0xA5; self.arena_bytes / 8]);
             }
             Op::Fault(f) => self.fault(f),
+            Op::Check => {
+                let _ = self.dict.check();
+            }
+            Op::Locked { a, b, value } => {
+                if let Ok(_g) = self.dict.lock() {
+                    if let Ok(_k) = self.dict.lock_keys(&[key(a), key(b)]) {
+                        let _ = self.dict.insert(key(a), value.bytes());
+                    }
+                }
+            }
+            Op::WaitFor { key: k } => {
+                let _ = self.dict.wait_for(key(k), Duration::ZERO);
+            }
+            Op::Memo { key: k, value } => {
+                let _ = self.dict.get_or_insert_with(key(k), || value.bytes());
+            }
         }
     }
 

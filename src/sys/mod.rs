@@ -221,6 +221,15 @@ pub(crate) fn process_alive(pid: u32, start_ticks: u64, start_mask: u64) -> bool
     }
 }
 
+/// Whether a thread with kernel thread id `tid` exists (in this pid
+/// namespace). A signal-0 probe: `EPERM` means it exists.
+pub(crate) fn thread_exists(tid: u32) -> bool {
+    match rustix::process::Pid::from_raw(tid as i32) {
+        Some(p) => rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

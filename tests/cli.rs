@@ -1,0 +1,506 @@
+//! The `shmdict` command-line tool, run as a separate process against real
+//! segments.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use shmdict::segments;
+use shmdict::ShmDict;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shmdict");
+
+/// A unique segment name, removed when dropped.
+struct Seg(String);
+
+impl Seg {
+    fn new(tag: &str) -> Seg {
+        static N: AtomicU32 = AtomicU32::new(0);
+        Seg(format!(
+            "clitest-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+    fn s(&self) -> &str {
+        &self.0
+    }
+    fn path(&self) -> String {
+        format!("/dev/shm/{}", self.0)
+    }
+    /// Creates a small dictionary of this name.
+    fn dict(&self) -> ShmDict {
+        ShmDict::options()
+            .capacity(1024)
+            .arena_bytes(1 << 20)
+            .open(&self.0)
+            .unwrap()
+    }
+}
+
+impl Drop for Seg {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.path());
+    }
+}
+
+/// Kills a child process on every exit path.
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_with(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn run(args: &[&str]) -> Output {
+    run_with(args, b"")
+}
+
+/// Runs a command that must succeed; its stdout.
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail with `code`; its one-line error message.
+fn fails(args: &[&str], code: i32) -> String {
+    let out = run(args);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+    one_line_error(&out)
+}
+
+fn one_line_error(out: &Output) -> String {
+    let err = String::from_utf8(out.stderr.clone()).unwrap();
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("shmdict: "), "{err:?}");
+    assert!(!err.contains("panicked"), "{err:?}");
+    err
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ls_shows_a_segment() {
+    let seg = Seg::new("ls");
+    let d = seg.dict();
+    d.insert("a", "1").unwrap();
+    let text = ok(&["ls", "--prefix", seg.s()]);
+    let row = text.lines().find(|l| l.starts_with(seg.s())).expect(&text);
+    assert!(
+        row.contains("dictionary") && row.contains("1 live, 0 dead"),
+        "{row}"
+    );
+    let v = json(&ok(&["ls", "--json", "--prefix", seg.s()]));
+    let s = &v.as_array().unwrap()[0];
+    assert_eq!(s["name"], seg.s());
+    assert_eq!(s["kind"], "dictionary");
+    assert_eq!(s["len"], 1);
+    assert_eq!(s["capacity"], 1024);
+    assert_eq!(s["attached"]["live"], 1);
+    assert_eq!(s["supported"], true);
+    let version = segments::info(seg.s()).unwrap().version;
+    assert_eq!(s["version"], version);
+    assert!(s["error"].is_null());
+}
+
+#[test]
+fn stat_reports_occupancy() {
+    let seg = Seg::new("stat");
+    let d = seg.dict();
+    for i in 0..10 {
+        d.insert(format!("k{i}"), "v").unwrap();
+    }
+    let text = ok(&["stat", seg.s()]);
+    assert!(text.contains("10 of capacity 1024"), "{text}");
+    assert!(
+        text.contains("tombstones:   0 (none by design: removals empty their slot)"),
+        "{text}"
+    );
+    assert!(text.contains("attached:     1 live, 0 dead"), "{text}");
+    let v = json(&ok(&["stat", seg.s(), "--json"]));
+    assert_eq!(v["len"], 10);
+    assert_eq!(v["capacity"], 1024);
+    let in_use: u64 = v["size_classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["in_use"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_use, 10);
+}
+
+#[test]
+fn set_get_del_round_trip() {
+    let seg = Seg::new("sgd");
+    drop(seg.dict());
+    ok(&["set", seg.s(), "greeting", "hello"]);
+    assert_eq!(ok(&["get", seg.s(), "greeting"]), "hello\n");
+    assert_eq!(seg.dict().get("greeting").unwrap().unwrap(), b"hello");
+    // From stdin, as is.
+    let out = run_with(&["set", seg.s(), "multi"], b"two\nlines");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(seg.dict().get("multi").unwrap().unwrap(), b"two\nlines");
+    ok(&["del", seg.s(), "greeting"]);
+    let err = fails(&["get", seg.s(), "greeting"], 3);
+    assert!(err.contains(seg.s()) && err.contains("greeting"), "{err}");
+    fails(&["del", seg.s(), "greeting"], 3);
+    let v = json(&{
+        let out = run(&["get", seg.s(), "greeting", "--json"]);
+        assert_eq!(out.status.code(), Some(3));
+        String::from_utf8(out.stdout).unwrap()
+    });
+    assert!(v["value"].is_null());
+}
+
+#[test]
+fn binary_values_with_hex_and_base64() {
+    let seg = Seg::new("bin");
+    drop(seg.dict());
+    ok(&["set", seg.s(), "blob", "00ff7f", "--hex"]);
+    assert_eq!(ok(&["get", seg.s(), "blob", "--hex"]), "00ff7f\n");
+    assert_eq!(ok(&["get", seg.s(), "blob", "--base64"]), "AP9/\n");
+    assert_eq!(
+        run(&["get", seg.s(), "blob", "--raw"]).stdout,
+        [0, 0xff, 0x7f]
+    );
+    let v = json(&ok(&["get", seg.s(), "blob", "--json"]));
+    assert_eq!(v["key"], "blob");
+    assert_eq!(v["value_b64"], "AP9/");
+    let err = fails(&["get", seg.s(), "blob"], 1);
+    assert!(err.contains("--hex"), "{err}");
+    // Binary keys.
+    ok(&["set", seg.s(), "/wA=", "AQI=", "--key-base64", "--base64"]);
+    assert_eq!(
+        seg.dict().get([0xff, 0]).unwrap().unwrap(),
+        [1, 2],
+        "decoded key and value"
+    );
+    assert_eq!(
+        ok(&["get", seg.s(), "ff00", "--key-hex", "--hex"]),
+        "0102\n"
+    );
+    fails(&["set", seg.s(), "k", "xyz", "--hex"], 1);
+    // Usage errors are clap's: exit code 2.
+    assert_eq!(
+        run(&["get", seg.s(), "blob", "--hex", "--base64"])
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn keys_with_prefix_and_json() {
+    let seg = Seg::new("keys");
+    let d = seg.dict();
+    for k in ["job/1", "job/2", "user/1"] {
+        d.insert(k, "x").unwrap();
+    }
+    d.insert([b'j', 0xff], "x").unwrap();
+    assert_eq!(ok(&["keys", seg.s(), "--prefix", "job/"]), "job/1\njob/2\n");
+    let err = fails(&["keys", seg.s()], 1);
+    assert!(err.contains("--hex"), "{err}");
+    assert_eq!(
+        ok(&["keys", seg.s(), "--prefix", "6aff", "--hex"]),
+        "6aff\n"
+    );
+    let v = json(&ok(&["keys", seg.s(), "--json"]));
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 4);
+    assert!(arr.iter().any(|o| o["key_b64"] == "av8="), "{v}");
+    assert!(arr.iter().any(|o| o["key"] == "user/1"), "{v}");
+}
+
+#[test]
+fn dump_then_load_into_a_new_name() {
+    let src = Seg::new("dump-src");
+    let dst = Seg::new("dump-dst");
+    let d = src.dict();
+    let mut want = vec![
+        (b"text".to_vec(), b"value".to_vec()),
+        (vec![0, 1, 0xff], vec![0xfe; 300]),
+        (b"quote\"\n".to_vec(), vec![]),
+        ("ключ".as_bytes().to_vec(), b"\xc3\x28".to_vec()),
+    ];
+    for (k, v) in &want {
+        d.insert(k, v).unwrap();
+    }
+    let dump = run(&["dump", src.s()]);
+    assert!(dump.status.success(), "{dump:?}");
+    assert_eq!(
+        String::from_utf8(dump.stdout.clone())
+            .unwrap()
+            .lines()
+            .count(),
+        4
+    );
+    // Without --create the target must exist.
+    let out = run_with(&["load", dst.s()], &dump.stdout);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(one_line_error(&out).contains("--create"));
+    let out = run_with(
+        &["load", dst.s(), "--create", "--capacity", "100"],
+        &dump.stdout,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let copy = ShmDict::open(dst.s()).unwrap();
+    assert_eq!(copy.capacity(), 100);
+    let mut got: Vec<_> = copy
+        .keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| {
+            let v = copy.get(&k).unwrap().unwrap();
+            (k, v)
+        })
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn load_rejects_a_malformed_line_and_loads_nothing() {
+    let seg = Seg::new("badload");
+    let input = b"{\"key\":\"a\",\"value\":\"1\"}\n{\"key\":\"b\"}\n";
+    let out = run_with(&["load", seg.s(), "--create"], input);
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("line 2") && err.contains("nothing was loaded"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&seg.path()).exists(),
+        "nothing was created either"
+    );
+}
+
+#[test]
+fn bad_and_missing_names_are_one_line_errors() {
+    let err = fails(&["get", "bad/name", "k"], 1);
+    assert!(err.contains("bad/name"), "{err}");
+    let seg = Seg::new("missing");
+    for args in [
+        vec!["stat", seg.s()],
+        vec!["get", seg.s(), "k"],
+        vec!["keys", seg.s()],
+        vec!["dump", seg.s()],
+        vec!["check", seg.s()],
+        vec!["rm", seg.s()],
+        vec!["set", seg.s(), "k", "v"],
+    ] {
+        let err = fails(&args, 1);
+        assert!(
+            err.contains(&format!("no segment named \"{}\"", seg.s())),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        !std::path::Path::new(&seg.path()).exists(),
+        "inspecting never creates"
+    );
+}
+
+#[test]
+fn garbage_segments_give_clean_errors() {
+    // Random bytes.
+    let junk = Seg::new("junk");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..100_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(junk.path(), &bytes).unwrap();
+    // The magic and this build's version, then a header of zeros.
+    let version = {
+        let real = Seg::new("real");
+        drop(real.dict());
+        segments::info(real.s()).unwrap().version
+    };
+    let broken = Seg::new("broken");
+    let mut b = u64::from_le_bytes(*b"SHMDICT\0").to_le_bytes().to_vec();
+    b.extend_from_slice(&(version as u64 | 1 << 32).to_le_bytes());
+    b.resize(200_000, 0);
+    std::fs::write(broken.path(), &b).unwrap();
+    // The magic, then nothing.
+    let short = Seg::new("short");
+    std::fs::write(short.path(), &b[..16]).unwrap();
+    for seg in [&junk, &broken, &short] {
+        for args in [
+            vec!["stat", seg.s()],
+            vec!["get", seg.s(), "k"],
+            vec!["keys", seg.s()],
+            vec!["set", seg.s(), "k", "v"],
+            vec!["dump", seg.s()],
+            vec!["watch", seg.s(), "k"],
+            vec!["check", seg.s()],
+        ] {
+            let err = fails(&args, 1);
+            assert!(err.contains(seg.s()), "{args:?}: {err}");
+        }
+    }
+    let err = fails(&["stat", junk.s()], 1);
+    assert!(err.contains("not a shmdict segment"), "{err}");
+    // ls skips the junk and flags the damaged ones.
+    let prefix = format!("clitest-{}-", std::process::id());
+    let text = ok(&["ls", "--prefix", &prefix]);
+    assert!(!text.contains(junk.s()), "{text}");
+    for seg in [&broken, &short] {
+        let row = text.lines().find(|l| l.starts_with(seg.s())).expect(&text);
+        assert!(row.contains("DAMAGED"), "{row}");
+    }
+    // rm refuses a foreign file unless forced.
+    let err = fails(&["rm", junk.s()], 1);
+    assert!(err.contains("--force"), "{err}");
+    ok(&["rm", junk.s(), "--force"]);
+    ok(&["rm", broken.s()]);
+    assert!(!std::path::Path::new(&junk.path()).exists());
+    assert!(!std::path::Path::new(&broken.path()).exists());
+}
+
+#[test]
+fn check_reports_a_sound_dictionary() {
+    let seg = Seg::new("check");
+    let d = seg.dict();
+    d.insert("a", "1").unwrap();
+    let text = ok(&["check", seg.s()]);
+    assert!(text.contains(seg.s()) && text.contains("ok"), "{text}");
+}
+
+#[test]
+fn rm_removes_a_segment() {
+    let seg = Seg::new("rm");
+    drop(seg.dict());
+    ok(&["rm", seg.s()]);
+    assert!(!std::path::Path::new(&seg.path()).exists());
+    fails(&["rm", seg.s()], 1);
+}
+
+/// Starts `shmdict watch` on `seg` and waits until it has attached.
+fn attached_watcher(seg: &Seg) -> Kill {
+    let child = Command::new(BIN)
+        .args(["watch", seg.s(), "k"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let before = segments::info(seg.s()).unwrap().attached.unwrap().live;
+    let child = Kill(child);
+    wait_until("the watcher to attach", || {
+        segments::info(seg.s()).unwrap().attached.unwrap().live > before
+    });
+    child
+}
+
+#[test]
+fn gc_removes_segments_whose_processes_died() {
+    let crashed = Seg::new("gc-crashed");
+    let busy = Seg::new("gc-busy");
+    let idle = Seg::new("gc-idle");
+    drop(crashed.dict());
+    drop(idle.dict());
+    let _held = busy.dict();
+    for seg in [&crashed, &busy] {
+        let mut w = attached_watcher(seg);
+        w.0.kill().unwrap(); // SIGKILL: no chance to detach.
+        w.0.wait().unwrap();
+    }
+    let a = segments::info(crashed.s()).unwrap().attached.unwrap();
+    assert_eq!((a.live, a.dead), (0, 1));
+    // Only this test's segments: other tests may be running.
+    let prefix = format!("clitest-{}-gc-", std::process::id());
+    let out = ok(&["gc", "--dry-run", "--prefix", &prefix]);
+    assert_eq!(out, format!("{}\n", crashed.s()));
+    assert!(std::path::Path::new(&crashed.path()).exists());
+    let v = json(&ok(&["gc", "--prefix", &prefix, "--json"]));
+    assert_eq!(v, serde_json::json!([crashed.s()]));
+    assert!(!std::path::Path::new(&crashed.path()).exists());
+    assert!(std::path::Path::new(&busy.path()).exists());
+    assert!(std::path::Path::new(&idle.path()).exists());
+    assert_eq!(ok(&["gc", "--prefix", &prefix]), "");
+    assert_eq!(
+        ok(&["gc", "--prefix", &prefix, "--all-detached"]),
+        format!("{}\n", idle.s())
+    );
+    assert!(std::path::Path::new(&busy.path()).exists());
+}
+
+#[test]
+fn watch_prints_each_new_value() {
+    let seg = Seg::new("watch");
+    let d = seg.dict();
+    let mut child = Kill(
+        Command::new(BIN)
+            .args(["watch", seg.s(), "k"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    for v in ["first", "second"] {
+        d.insert("k", v).unwrap();
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("watch printed the value");
+        assert_eq!(line, v);
+    }
+    drop(child);
+}
+
+#[test]
+fn every_subcommand_help_has_an_example() {
+    for cmd in [
+        "ls", "stat", "get", "set", "del", "keys", "dump", "load", "watch", "rm", "gc", "check",
+    ] {
+        let text = ok(&[cmd, "--help"]);
+        assert!(text.contains("Example"), "{cmd}: {text}");
+    }
+}
