@@ -117,7 +117,7 @@ pub struct SegmentInfo {
     /// Processes attached; `None` if the attach table could not be read (an
     /// unsupported version, or a segment too short to hold one).
     pub attached: Option<Attached>,
-    /// Dictionaries: live keys.
+    /// Dictionaries: live keys. Arrays: elements (Values: 1).
     pub len: Option<u64>,
     /// Dictionaries: maximum live keys.
     pub capacity: Option<u64>,
@@ -459,6 +459,11 @@ fn probe(name: &str) -> Result<Option<Probe>> {
                 info.error.get_or_insert(m);
             }
         }
+    }
+    if matches!(info.kind, SegmentKind::Value | SegmentKind::Array) {
+        // The element count of Value and Array segments (a statistic only,
+        // shown as read).
+        info.len = Some(load(crate::prim::P_LEN));
     }
     Ok(Some(Probe {
         info,
