@@ -10,22 +10,17 @@
 //! guard. Anything that could hang runs under a watchdog ([`WATCHDOG`])
 //! that turns a hang into a failure. No trial asserts a maximum runtime.
 
-use std::io::Read;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Trial};
+mod common;
+
+use common::*;
 use shmdict::{Array, Error, ShmDict, Value};
 
-/// `argv[1]` of a child process.
-const CHILD_FLAG: &str = "--shmdict-child";
-/// How long anything that could hang may take before it is killed and the
-/// trial fails. Generous: it only turns a hang into a failure.
-const WATCHDOG: Duration = Duration::from_secs(120);
 /// Worker processes in the parallel trials.
 const WORKERS: u64 = 4;
 /// `fetch_add`s per worker.
@@ -34,16 +29,6 @@ const ADDS: u64 = 100_000;
 const FILL_LEN: usize = 1 << 21;
 
 fn main() {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some(CHILD_FLAG) {
-        let role = argv.get(2).expect("child role").clone();
-        child_main(&role, &argv[3..]);
-        return;
-    }
-    let mut args = Arguments::from_args();
-    if args.test_threads.is_none() {
-        args.test_threads = Some(1);
-    }
     let trials: Vec<(&str, fn())> = vec![
         (
             "value_fetch_add_from_many_processes_loses_nothing",
@@ -94,170 +79,7 @@ fn main() {
             guards_exclude_each_other,
         ),
     ];
-    let trials = trials
-        .into_iter()
-        .map(|(name, f)| {
-            Trial::test(name, move || {
-                f();
-                Ok(())
-            })
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
-}
-
-// ---------------------------------------------------------------------------
-// Guards and helpers
-// ---------------------------------------------------------------------------
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A unique segment name, unlinked when dropped (if it exists by then).
-struct Segment(String);
-
-impl Segment {
-    fn new(tag: &str) -> Segment {
-        Segment(format!(
-            "shmdict-test-prim-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ))
-    }
-    fn name(&self) -> &str {
-        &self.0
-    }
-    fn arg(&self) -> String {
-        self.0.clone()
-    }
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        // Any kind: unlink only removes the name.
-        let _ = Value::<u8>::unlink(&self.0);
-    }
-}
-
-/// A child process running a role of this binary. Killed (SIGKILL) and
-/// reaped on drop if it still runs. Its stderr is collected for messages.
-struct Proc {
-    label: String,
-    child: Child,
-    status: Option<ExitStatus>,
-    stderr: Option<thread::JoinHandle<String>>,
-}
-
-impl Proc {
-    fn spawn(label: impl Into<String>, role: &str, args: &[String]) -> Proc {
-        let label = label.into();
-        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .arg(CHILD_FLAG)
-            .arg(role)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {label}: {e}"));
-        let mut pipe = child.stderr.take().expect("piped stderr");
-        let stderr = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        });
-        Proc {
-            label,
-            child,
-            status: None,
-            stderr: Some(stderr),
-        }
-    }
-
-    fn poll(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status
-    }
-
-    /// SIGKILL and reap.
-    fn kill(&mut self) {
-        if self.poll().is_none() {
-            let _ = self.child.kill();
-            self.status = Some(self.child.wait().expect("wait"));
-        }
-    }
-
-    fn describe_failure(&mut self) -> String {
-        let status = self
-            .status
-            .map_or("still running".into(), |s| s.to_string());
-        let stderr = self
-            .stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        format!("{} failed ({status}); its stderr:\n{stderr}", self.label)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Waits for every child to exit successfully; fails (killing the others)
-/// as soon as one fails, or if any still runs after [`WATCHDOG`].
-fn wait_all(procs: &mut [Proc]) {
-    let deadline = Instant::now() + WATCHDOG;
-    loop {
-        let mut running = 0;
-        for i in 0..procs.len() {
-            match procs[i].poll() {
-                None => running += 1,
-                Some(s) if s.success() => {}
-                Some(_) => {
-                    for p in procs.iter_mut() {
-                        p.kill();
-                    }
-                    panic!("{}", procs[i].describe_failure());
-                }
-            }
-        }
-        if running == 0 {
-            return;
-        }
-        if Instant::now() > deadline {
-            for p in procs.iter_mut() {
-                p.kill();
-            }
-            panic!("watchdog: children still running after {WATCHDOG:?}; killed");
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Runs `f` on another thread and fails if it has not finished within
-/// [`WATCHDOG`].
-fn with_watchdog<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(WATCHDOG) {
-        Ok(v) => {
-            let _ = handle.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("sender dropped without sending"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("watchdog: {what} did not finish within {WATCHDOG:?} (hang?)")
-        }
-    }
+    common::run(trials, child_main);
 }
 
 /// Waits until `cond` holds, failing the trial after [`WATCHDOG`] or if a
