@@ -73,17 +73,20 @@ pub(crate) struct RobustMutex<'a> {
 
 /// The attribute-carrying 32-bit words of a freshly initialized mutex: the
 /// (offset, value) pairs that are non-zero. A mutex in a segment must match.
-fn template() -> &'static [(usize, u32)] {
-    static T: OnceLock<Vec<(usize, u32)>> = OnceLock::new();
-    T.get_or_init(|| {
+/// `Err` with libc's error number if even a local mutex cannot be made.
+fn template() -> Result<&'static [(usize, u32)], i32> {
+    static T: OnceLock<Result<Vec<(usize, u32)>, i32>> = OnceLock::new();
+    let t = T.get_or_init(|| {
         let mut m = MaybeUninit::<libc::pthread_mutex_t>::zeroed();
         // SAFETY: `m` is a zeroed, properly aligned local; `init_at` needs a
         // writable mutex-sized place and nothing else.
         let rc = unsafe { init_at(m.as_mut_ptr()) };
-        assert_eq!(rc, 0, "pthread_mutex_init on a local failed: {rc}");
+        if rc != 0 {
+            return Err(rc);
+        }
         let words = std::mem::size_of::<libc::pthread_mutex_t>() / 4;
         let base = m.as_ptr().cast::<u32>();
-        (0..words)
+        Ok((0..words)
             .filter_map(|i| {
                 // SAFETY: `i < size / 4` and the local is initialized (zeroed,
                 // then written by libc), 4-aligned; a plain read of our own
@@ -91,8 +94,9 @@ fn template() -> &'static [(usize, u32)] {
                 let v = unsafe { base.add(i).read() };
                 (v != 0).then_some((i * 4, v))
             })
-            .collect()
-    })
+            .collect())
+    });
+    t.as_deref().map_err(|&rc| rc)
 }
 
 /// Initializes a robust, process-shared, error-checking mutex at `m`.
@@ -170,7 +174,7 @@ impl<'a> RobustMutex<'a> {
 
     /// Checks that the bytes are a mutex of the kind we create.
     fn validate(&self) -> Result<(), LockError> {
-        for &(off, v) in template() {
+        for &(off, v) in template().map_err(LockError::Os)? {
             // Relaxed: attribute words are written once, before publication.
             if self.word(off).load(Ordering::Relaxed) != v {
                 return Err(LockError::Corrupt("a mutex's attributes are not shmdict's"));
