@@ -305,23 +305,14 @@ impl<T: Pod> Array<T> {
         }
         let (r, l) = (&self.seg.region, &self.seg.local);
         let (start, end) = (range.start as u64, range.end as u64);
-        let mut recovered = rwlock::acquire_shared(r, l, Mode::Chunk);
-        let slot = if start < end {
-            match rwlock::claim(r, l, start, end) {
-                Ok((slot, took_over)) => {
-                    recovered |= took_over;
-                    Some(slot)
-                }
-                Err(ClaimError::Full) => {
-                    rwlock::release_shared(r, l);
-                    return Err(Error::full(
-                        self.name(),
-                        "chunk claim table (64 chunk guards held at once)",
-                    ));
-                }
+        let (slot, recovered) = match rwlock::acquire_range(r, l, start, end) {
+            Ok(held) => held,
+            Err(ClaimError::Full) => {
+                return Err(Error::full(
+                    self.name(),
+                    "chunk claim table (64 chunk guards held at once)",
+                ))
             }
-        } else {
-            None
         };
         // SAFETY: we hold a shared hold in chunk mode and a claim of
         // `start..end` until the guard releases them, after the slice's last
@@ -487,10 +478,7 @@ impl<T> DerefMut for ChunkGuard<'_, T> {
 impl<T> Drop for ChunkGuard<'_, T> {
     fn drop(&mut self) {
         let (r, l) = (&self.array.seg.region, &self.array.seg.local);
-        if let Some(slot) = self.slot {
-            rwlock::release_claim(r, l, slot);
-        }
-        rwlock::release_shared(r, l);
+        rwlock::release_range(r, l, self.slot);
     }
 }
 

@@ -116,6 +116,12 @@ pub(crate) fn entry_off(index: u64) -> u64 {
     HEADER_BYTES + index * ATTACH_ENTRY_BYTES
 }
 
+/// Under loom every non-zero identity is alive except this one, which the
+/// models write into the attach entry of a handle whose process "was
+/// killed" (see `__loom` in `lib.rs`).
+#[cfg(loom)]
+pub(crate) const LOOM_DEAD_IDENTITY: u64 = u64::MAX;
+
 /// Whether the process named by an identity word still runs.
 pub(crate) fn identity_alive(ident: u64) -> bool {
     if ident == 0 {
@@ -123,7 +129,7 @@ pub(crate) fn identity_alive(ident: u64) -> bool {
     }
     #[cfg(loom)]
     {
-        true
+        ident != LOOM_DEAD_IDENTITY
     }
     #[cfg(not(loom))]
     {

@@ -49,9 +49,10 @@
 //! versions: two builds that name a type differently get
 //! `Error::Incompatible`, never a silent reinterpretation of the bytes.
 
+#[cfg(not(loom))]
 use std::sync::atomic::{
-    AtomicI16, AtomicI32, AtomicI64, AtomicI8, AtomicIsize, AtomicU16, AtomicU32, AtomicU64,
-    AtomicU8, AtomicUsize, Ordering,
+    AtomicI16, AtomicI32, AtomicI64, AtomicI8, AtomicIsize, AtomicU16, AtomicU32, AtomicU8,
+    AtomicUsize,
 };
 use std::sync::OnceLock;
 
@@ -63,8 +64,11 @@ use crate::layout::{
     self, ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, FORMAT_VERSION, HEADER_BYTES, H_HEADER_BYTES,
     H_MAGIC, H_TOTAL_BYTES, H_VERSION_KIND, MAGIC, PAGE,
 };
+use crate::name;
 use crate::region::Region;
-use crate::{name, sys};
+use crate::sync::{AtomicU64, Ordering};
+#[cfg(not(loom))]
+use crate::sys;
 
 /// Segment kinds (the numbers `layout::kind_name` knows).
 pub(crate) const KIND_VALUE: u32 = 2;
@@ -96,7 +100,11 @@ pub(crate) const P_TYPE_NAME: u64 = 1152;
 pub(crate) const TYPE_NAME_MAX: u64 = 896;
 /// The chunk claim table.
 pub(crate) const P_CLAIMS: u64 = 2048;
+#[cfg(not(loom))]
 pub(crate) const CLAIM_SLOTS: u64 = 64;
+/// Loom models use a few slots, to keep their state small.
+#[cfg(loom)]
+pub(crate) const CLAIM_SLOTS: u64 = 4;
 pub(crate) const CLAIM_BYTES: u64 = 32;
 /// Byte offset, inside an attach entry, of the handle's shared-hold count.
 pub(crate) const E_SHARED: u64 = 32;
@@ -321,6 +329,7 @@ pub(crate) fn word(r: &Region, off: u64) -> &AtomicU64 {
 }
 
 /// A 32-bit futex word of the header; see [`word`].
+#[cfg(not(loom))]
 #[inline]
 pub(crate) fn word32(r: &Region, off: u64) -> &AtomicU32 {
     r.word32(off)
@@ -385,6 +394,7 @@ impl Drop for Segment {
 }
 
 /// This process's identity word (pid and start time), read once.
+#[cfg(not(loom))]
 fn process_identity() -> u64 {
     static IDENT: OnceLock<u64> = OnceLock::new();
     *IDENT.get_or_init(|| {
@@ -393,8 +403,16 @@ fn process_identity() -> u64 {
     })
 }
 
+/// Under loom every handle belongs to one live "process" (see
+/// `attach::identity_alive`).
+#[cfg(loom)]
+fn process_identity() -> u64 {
+    1
+}
+
 /// Attaches to the segment `name` if it exists and matches `spec`, or
 /// creates it (header, then `init` on the data, then publication).
+#[cfg(not(loom))]
 pub(crate) fn open(
     name: &str,
     spec: &Spec,
@@ -448,6 +466,7 @@ pub(crate) fn open(
     ))
 }
 
+#[cfg(not(loom))]
 fn attach_file(name: &str, spec: &Spec, file: &std::fs::File, len: u64) -> Result<Segment> {
     if len < DATA_OFF {
         // Too short for our layout. Report a foreign kind as such if the
@@ -481,33 +500,41 @@ fn attach_file(name: &str, spec: &Spec, file: &std::fs::File, len: u64) -> Resul
     attach_region(name, region)
 }
 
-fn attach_region(name: &str, region: Region) -> Result<Segment> {
+pub(crate) fn attach_region(name: &str, region: Region) -> Result<Segment> {
     let ident = process_identity();
-    let (index, token) = attach::attach(&region, ident)
+    let local = attach_handle(&region, ident)
         .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
-    // A dead previous owner of the entry may have died holding shared
-    // holds. Release: a drainer that reads this count and then our identity
-    // sees the identity (see `rwlock::drain`).
-    word(&region, attach::entry_off(index) + E_SHARED).store(0, Ordering::Release);
-    // SeqCst: ordered before any shared hold of this handle, and read
-    // (SeqCst) by a drainer after it took the exclusive word: a drainer
-    // either scans this entry or we see its lock word held.
-    word(&region, P_HWM).fetch_max(index + 1, Ordering::SeqCst);
     Ok(Segment {
         name: name.to_owned(),
         region,
-        local: Local {
-            index,
-            x: Holder::new(token),
-            claim_lock: Holder::new(token),
-            shared: AtomicU64::new(0),
-            claimed: AtomicU64::new(0),
-        },
+        local,
         ident,
     })
 }
 
+/// Claims an attach entry of `r` for a new handle of the process `ident`
+/// and prepares it for shared holds; `None` if the table is full.
+pub(crate) fn attach_handle(r: &Region, ident: u64) -> Option<Local> {
+    let (index, token) = attach::attach(r, ident)?;
+    // A dead previous owner of the entry may have died holding shared
+    // holds. Release: a drainer that reads this count and then our identity
+    // sees the identity (see `rwlock::drain`).
+    word(r, attach::entry_off(index) + E_SHARED).store(0, Ordering::Release);
+    // SeqCst: ordered before any shared hold of this handle, and read
+    // (SeqCst) by a drainer after it took the exclusive word: a drainer
+    // either scans this entry or we see its lock word held.
+    word(r, P_HWM).fetch_max(index + 1, Ordering::SeqCst);
+    Some(Local {
+        index,
+        x: Holder::new(token),
+        claim_lock: Holder::new(token),
+        shared: AtomicU64::new(0),
+        claimed: AtomicU64::new(0),
+    })
+}
+
 /// Validates a name and removes it.
+#[cfg(not(loom))]
 pub(crate) fn unlink(name: &str) -> Result<()> {
     name::validate(name)?;
     sys::unlink(name)
@@ -522,10 +549,12 @@ pub(crate) fn unlink(name: &str) -> Result<()> {
 /// # Safety
 /// `Self` must have the size and alignment of `BYTES` bytes and be
 /// accessible through a shared reference from any thread (a std atomic).
+#[cfg(not(loom))]
 pub(crate) unsafe trait AtomicView: Sync {
     const BYTES: u64;
 }
 
+#[cfg(not(loom))]
 macro_rules! atomic_view {
     ($($a:ty),*) => {$(
         // SAFETY: a std atomic integer has the size and alignment of its
@@ -537,6 +566,7 @@ macro_rules! atomic_view {
         const _: () = assert!(std::mem::align_of::<$a>() == std::mem::size_of::<$a>());
     )*};
 }
+#[cfg(not(loom))]
 atomic_view!(
     AtomicU8,
     AtomicU16,
@@ -557,6 +587,7 @@ atomic_view!(
 /// accessed through atomics of this one width (the header records the
 /// element size, and a handle whose `T` has another size is refused at
 /// open), by every process.
+#[cfg(not(loom))]
 #[inline]
 pub(crate) fn data_atomic<A: AtomicView>(r: &Region) -> &A {
     let ptr = r
@@ -578,6 +609,7 @@ pub(crate) fn data_atomic<A: AtomicView>(r: &Region) -> &A {
 /// write these bytes, and nothing may access them as atomics: the caller
 /// holds the array's lock in a mode that excludes every writer of them
 /// (`rwlock.rs`), and every process follows the same protocol.
+#[cfg(not(loom))]
 #[inline]
 pub(crate) unsafe fn elems<T: Pod>(r: &Region, total: u64, start: u64, len: u64) -> Option<&[T]> {
     let (ptr, len) = elems_ptr::<T>(r, total, start, len)?;
@@ -596,6 +628,7 @@ pub(crate) unsafe fn elems<T: Pod>(r: &Region, total: u64, start: u64, len: u64)
 /// (`rwlock.rs`: the exclusive lock, or a chunk claim), and every process
 /// follows the same protocol. Two borrows of the same range must never be
 /// live at once.
+#[cfg(not(loom))]
 #[inline]
 #[allow(clippy::mut_from_ref)] // Exclusivity comes from the lock, as for a Mutex.
 pub(crate) unsafe fn elems_mut<T: Pod>(
@@ -611,6 +644,7 @@ pub(crate) unsafe fn elems_mut<T: Pod>(
 }
 
 /// A pointer to element `start` and the element count, bounds-checked.
+#[cfg(not(loom))]
 #[inline]
 fn elems_ptr<T: Pod>(r: &Region, total: u64, start: u64, len: u64) -> Option<(*mut T, usize)> {
     let size = std::mem::size_of::<T>() as u64;
@@ -631,7 +665,7 @@ fn elems_ptr<T: Pod>(r: &Region, total: u64, start: u64, len: u64) -> Option<(*m
     Some((ptr, len))
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -48,19 +48,29 @@
 //! A thread must not request a lock mode that conflicts with a guard it
 //! holds itself on the same segment (for example `get` while holding
 //! `write()`): like `std::sync::RwLock`, that waits for itself forever.
+//!
+//! **Loom models** (`tests/loom.rs`, through `__loom::ArrayLock` in
+//! `lib.rs`) run this code on a heap region of loom atomics. Only waiting
+//! differs there: `wait_until` polls and yields instead of spinning and
+//! sleeping on the futex, and `wake` is just its fence, so the sleepers'
+//! handshake (and the fence of `release_shared` that serves it) is not
+//! modelled; everything else, orderings included, is the code above.
 
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+#[cfg(not(loom))]
 use std::time::{Duration, Instant};
 
 use crate::attach::{self, Token, TOKEN_BITS};
 use crate::layout::ATTACH_ENTRIES;
 use crate::lockword::{self, HELD};
 use crate::prim::{
-    word, word32, Local, CLAIM_BYTES, CLAIM_SLOTS, E_SHARED, P_CLAIMS, P_CLAIM_LOCK, P_FUTEX_SEQ,
-    P_FUTEX_SLEEPERS, P_HWM, P_LOCK, P_MODE,
+    word, Local, CLAIM_BYTES, CLAIM_SLOTS, E_SHARED, P_CLAIMS, P_CLAIM_LOCK, P_HWM, P_LOCK, P_MODE,
 };
+#[cfg(not(loom))]
+use crate::prim::{word32, P_FUTEX_SEQ, P_FUTEX_SLEEPERS};
 use crate::region::Region;
+#[cfg(not(loom))]
 use crate::robust::{futex_wait, futex_wake_all};
+use crate::sync::{fence, AtomicU64, Ordering};
 
 /// Shared-hold modes (values of `P_MODE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,9 +82,12 @@ pub(crate) enum Mode {
 }
 
 /// Polls before the first sleep.
+#[cfg(not(loom))]
 const SPINS: u32 = 64;
 /// Sleep bounds between liveness checks.
+#[cfg(not(loom))]
 const FIRST_SLEEP: Duration = Duration::from_millis(10);
+#[cfg(not(loom))]
 const MAX_SLEEP: Duration = Duration::from_millis(100);
 
 const TOKEN_MASK: u64 = (1 << TOKEN_BITS) - 1;
@@ -82,6 +95,7 @@ const TOKEN_MASK: u64 = (1 << TOKEN_BITS) - 1;
 /// Waits until `ready` returns true. `ready(check)` is asked with
 /// `check == true` when it should also look for dead holders (the first time
 /// after the spinning phase, then after every sleep that was not woken).
+#[cfg(not(loom))]
 fn wait_until(r: &Region, mut ready: impl FnMut(bool) -> bool) {
     for i in 0..SPINS {
         if ready(false) {
@@ -124,7 +138,26 @@ fn wait_until(r: &Region, mut ready: impl FnMut(bool) -> bool) {
     sleepers.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// Under loom: polls `ready`, yielding to the model scheduler in between.
+/// Every poll after the first also looks for dead holders: loom does not
+/// model time, so a liveness check may come at any point of a wait, which
+/// is what this explores. There is no sleeping, so the futex words and the
+/// sleepers' Dekker handshake with `wake` are not modelled.
+#[cfg(loom)]
+fn wait_until(_r: &Region, mut ready: impl FnMut(bool) -> bool) {
+    if ready(false) {
+        return;
+    }
+    loop {
+        crate::sync::yield_now();
+        if ready(true) {
+            return;
+        }
+    }
+}
+
 /// Wakes sleepers after a release (if any sleep).
+#[cfg(not(loom))]
 fn wake(r: &Region) {
     let seq = word32(r, P_FUTEX_SEQ);
     // Pairs with the fence in `wait_until`: see there.
@@ -135,6 +168,14 @@ fn wake(r: &Region) {
         seq.fetch_add(1, Ordering::Release);
         futex_wake_all(seq);
     }
+}
+
+/// Under loom nobody sleeps: only the fence of [`wake`] remains (it orders
+/// the release before later loads of the releasing thread, as on the real
+/// path).
+#[cfg(loom)]
+fn wake(_r: &Region) {
+    fence(Ordering::SeqCst);
 }
 
 /// Takes the exclusive lock word for this handle, waiting for a live holder
@@ -384,6 +425,37 @@ fn try_claim(
     };
     lockword::unlock(lock, &l.claim_lock);
     result
+}
+
+/// Takes a shared hold in chunk mode and claims elements `start..end` (an
+/// empty range claims nothing): what a chunk guard holds. Returns the claim
+/// slot (`None` for an empty range) and whether a dead holder was found. On
+/// `Full` nothing is held.
+pub(crate) fn acquire_range(
+    r: &Region,
+    l: &Local,
+    start: u64,
+    end: u64,
+) -> Result<(Option<u64>, bool), ClaimError> {
+    let recovered = acquire_shared(r, l, Mode::Chunk);
+    if start >= end {
+        return Ok((None, recovered));
+    }
+    match claim(r, l, start, end) {
+        Ok((slot, took_over)) => Ok((Some(slot), recovered | took_over)),
+        Err(e) => {
+            release_shared(r, l);
+            Err(e)
+        }
+    }
+}
+
+/// Releases [`acquire_range`].
+pub(crate) fn release_range(r: &Region, l: &Local, slot: Option<u64>) {
+    if let Some(slot) = slot {
+        release_claim(r, l, slot);
+    }
+    release_shared(r, l);
 }
 
 /// Releases a claim made by [`claim`].

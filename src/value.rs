@@ -39,13 +39,17 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU8};
 
 use bytemuck::Pod;
 
 use crate::error::Result;
-use crate::prim::{self, data_atomic, word, Create, Segment, Spec, DATA_OFF, KIND_VALUE, P_SEQ};
+#[cfg(not(loom))]
+use crate::prim::data_atomic;
+use crate::prim::{self, word, Create, Segment, Spec, DATA_OFF, KIND_VALUE, P_SEQ};
 use crate::rwlock;
+use crate::sync::{fence, AtomicU64, Ordering};
 
 /// Header value of `P_REPR`: the value is one atomic word.
 const REPR_WORD: u64 = 1;
@@ -136,6 +140,7 @@ impl<T: Pod> ValueOptions<T> {
     ///
     /// Creation is race-free: processes opening the same new name at once
     /// all end up on one segment, holding the `init` of one of them.
+    #[cfg(not(loom))]
     pub fn open(self, name: &str, init: T) -> Result<Value<T>> {
         let size = std::mem::size_of::<T>() as u64;
         let buffered = !matches!(size, 0 | 1 | 2 | 4 | 8);
@@ -169,6 +174,7 @@ impl<T: Pod> ValueOptions<T> {
 impl<T: Pod> Value<T> {
     /// Attaches to the value `name`, or creates it holding `init` (`init` is
     /// used only on creation). Default mode `0o600`.
+    #[cfg(not(loom))]
     pub fn open(name: &str, init: T) -> Result<Value<T>> {
         Value::options().open(name, init)
     }
@@ -184,8 +190,35 @@ impl<T: Pod> Value<T> {
     /// Removes the name `name`. Processes already attached keep working on
     /// the segment; it is freed when the last one detaches.
     /// `Error::NotFound` if there is no such name.
+    #[cfg(not(loom))]
     pub fn unlink(name: &str) -> Result<()> {
         prim::unlink(name)
+    }
+
+    /// A double-buffered value holding `init` on a heap region (loom
+    /// models), with one handle, which threads of the model share.
+    #[cfg(loom)]
+    pub(crate) fn on_heap(init: T) -> Value<T> {
+        let size = std::mem::size_of::<T>() as u64;
+        assert!(
+            !matches!(size, 0 | 1 | 2 | 4 | 8),
+            "loom models only the double buffer"
+        );
+        let data_bytes = size.next_multiple_of(8) * 2;
+        let region = crate::region::Region::heap((DATA_OFF + data_bytes) as usize);
+        // Relaxed: as in `open`; the model's threads are spawned after this.
+        write_slot(&region, 0, &init, Ordering::Relaxed);
+        Value {
+            seg: prim::attach_region("heap", region).expect("attach"),
+            buffered: true,
+            _t: PhantomData,
+        }
+    }
+
+    /// The segment (loom models forge what a killed writer leaves there).
+    #[cfg(loom)]
+    pub(crate) fn segment(&self) -> &Segment {
+        &self.seg
     }
 
     /// The segment's name.
@@ -312,7 +345,7 @@ impl<T: Pod> Value<T> {
             if seq.load(Ordering::Relaxed) == s {
                 return (v, s);
             }
-            std::hint::spin_loop();
+            crate::sync::spin_hint();
         }
     }
 
@@ -395,7 +428,31 @@ fn from_bits<T: Pod>(bits: u64) -> T {
 // SeqCst (all operations on the atomic word): a Value is "synchronized by
 // default": its operations form one total order with each other and with
 // the SeqCst operations of other values, as multiprocessing's do.
+//
+// Loom models only the double buffer: these are stubs there (the atomics of
+// 1, 2 and 4 bytes have no loom counterpart on a region of 64-bit words).
 
+#[cfg(loom)]
+fn load_bits(_: &crate::region::Region, _: u64) -> u64 {
+    unreachable!("loom models only double-buffered values")
+}
+
+#[cfg(loom)]
+fn store_bits(_: &crate::region::Region, _: u64, _: u64, _: Ordering) {
+    unreachable!("loom models only double-buffered values")
+}
+
+#[cfg(loom)]
+fn swap_bits(_: &crate::region::Region, _: u64, _: u64) -> u64 {
+    unreachable!("loom models only double-buffered values")
+}
+
+#[cfg(loom)]
+fn cas_bits(_: &crate::region::Region, _: u64, _: u64, _: u64) -> Result<u64, u64> {
+    unreachable!("loom models only double-buffered values")
+}
+
+#[cfg(not(loom))]
 fn load_bits(r: &crate::region::Region, size: u64) -> u64 {
     let o = Ordering::SeqCst;
     match size {
@@ -407,6 +464,7 @@ fn load_bits(r: &crate::region::Region, size: u64) -> u64 {
     }
 }
 
+#[cfg(not(loom))]
 fn store_bits(r: &crate::region::Region, size: u64, bits: u64, o: Ordering) {
     match size {
         1 => data_atomic::<AtomicU8>(r).store(bits as u8, o),
@@ -417,6 +475,7 @@ fn store_bits(r: &crate::region::Region, size: u64, bits: u64, o: Ordering) {
     }
 }
 
+#[cfg(not(loom))]
 fn swap_bits(r: &crate::region::Region, size: u64, bits: u64) -> u64 {
     let o = Ordering::SeqCst;
     match size {
@@ -428,6 +487,7 @@ fn swap_bits(r: &crate::region::Region, size: u64, bits: u64) -> u64 {
     }
 }
 
+#[cfg(not(loom))]
 fn cas_bits(r: &crate::region::Region, size: u64, cur: u64, new: u64) -> Result<u64, u64> {
     let (s, f) = (Ordering::SeqCst, Ordering::SeqCst);
     match size {
@@ -483,6 +543,7 @@ fn write_slot<T: Pod>(r: &crate::region::Region, slot: u64, v: &T, o: Ordering) 
 
 // --- Integer operations ---
 
+#[cfg(not(loom))]
 macro_rules! int_ops {
     ($($t:ty => $a:ty),* $(,)?) => {$(
         impl Value<$t> {
@@ -543,6 +604,7 @@ macro_rules! int_ops {
     )*};
 }
 
+#[cfg(not(loom))]
 int_ops!(
     u8 => AtomicU8,
     u16 => AtomicU16,
@@ -556,7 +618,7 @@ int_ops!(
     isize => std::sync::atomic::AtomicIsize,
 );
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -299,3 +299,293 @@ fn check_reclaims_leaks_but_never_a_block_in_flight() {
         assert_eq!(d.get("k").unwrap(), Some(vec![2u8; 40]));
     });
 }
+
+// ---------------------------------------------------------------------------
+// The robust lock of Array segments (`rwlock.rs`) and the double buffer of
+// large Values (`value.rs`). The elements of `ArrayLock` are loom cells:
+// loom fails a model if two accesses to an element, one of them a write,
+// are not ordered by the lock (see `shmdict::__loom::ArrayLock`).
+// ---------------------------------------------------------------------------
+
+use shmdict::__loom::{ArrayLock, Hold};
+
+/// Exclusive vs shared (Dekker between the shared holder's count and the
+/// exclusive side's lock word): a writer of two handles' worth of elements
+/// and a reader on another handle never overlap; the reader sees both
+/// elements of one write.
+#[test]
+fn array_writer_and_reader_never_overlap() {
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(2, 2));
+        let w = {
+            let a = a.clone();
+            thread::spawn(move || {
+                for v in 1..=2 {
+                    let g = a.write(0);
+                    g.set(0, v);
+                    g.set(1, v);
+                    assert!(!g.recovered());
+                }
+            })
+        };
+        let g = a.read(1);
+        let (x, y) = (g.get(0), g.get(1));
+        assert_eq!(x, y, "torn read");
+        assert!(x <= 2);
+        assert!(!g.recovered());
+        drop(g);
+        w.join().unwrap();
+    });
+}
+
+/// As above, with the writer and the reader threads of one handle: the
+/// drain trusts the handle's process-local count for its own entry.
+#[test]
+fn array_writer_and_reader_of_one_handle_never_overlap() {
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(2, 1));
+        let w = {
+            let a = a.clone();
+            thread::spawn(move || {
+                let g = a.write(0);
+                g.set(0, 1);
+                g.set(1, 1);
+            })
+        };
+        let g = a.read(0);
+        assert_eq!(g.get(0), g.get(1), "torn read");
+        drop(g);
+        w.join().unwrap();
+    });
+}
+
+/// Read mode vs chunk mode: a reader of the whole array and a chunk holder
+/// never overlap (each acquisition that changes the mode drains the other).
+#[test]
+fn array_read_mode_and_chunk_mode_never_overlap() {
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(2, 2));
+        let c = {
+            let a = a.clone();
+            thread::spawn(move || {
+                let g = a.range_mut(0, 0..2).expect("a claim slot");
+                g.set(0, 1);
+                g.set(1, 1);
+            })
+        };
+        let g = a.read(1);
+        assert_eq!(g.get(0), g.get(1), "torn read");
+        drop(g);
+        c.join().unwrap();
+    });
+}
+
+/// Chunk holders of disjoint ranges hold their guards at the same time:
+/// each waits, while holding its guard, for the other to hold its own (a
+/// model in which either had to wait for the other would never end).
+#[test]
+fn array_disjoint_chunks_proceed_together() {
+    use loom::sync::atomic::{AtomicBool, Ordering};
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(2, 2));
+        let held = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let worker = |a: &ArrayLock, held: &[AtomicBool; 2], me: usize| {
+            let g = a.range_mut(me, me..me + 1).expect("a claim slot");
+            g.set(me, 1);
+            held[me].store(true, Ordering::SeqCst);
+            while !held[1 - me].load(Ordering::SeqCst) {
+                thread::yield_now();
+            }
+            assert_eq!(g.get(me), 1);
+        };
+        let t = {
+            let (a, held) = (a.clone(), held.clone());
+            thread::spawn(move || worker(&a, &held, 1))
+        };
+        worker(&a, &held, 0);
+        t.join().unwrap();
+    });
+}
+
+/// Overlapping claims are never granted together: the second waits for the
+/// first's release, and then sees its writes.
+#[test]
+fn array_overlapping_chunks_are_serialized() {
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(3, 2));
+        let worker = |a: &ArrayLock, h: usize, range: std::ops::Range<usize>| {
+            let g = a.range_mut(h, range).expect("a claim slot");
+            let seen = g.get(1);
+            g.set(1, seen + 1);
+        };
+        let t = {
+            let a = a.clone();
+            thread::spawn(move || worker(&a, 1, 1..3))
+        };
+        worker(&a, 0, 0..2);
+        t.join().unwrap();
+        assert_eq!(a.read(0).get(1), 2, "an increment was lost");
+    });
+}
+
+/// A writer killed holding the exclusive lock word: a live writer and a
+/// live reader both get through; exactly one of them took the word over.
+#[test]
+fn array_dead_writers_lock_is_taken_over_once() {
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(2, 2));
+        a.kill_holder(Hold::Write);
+        let w = {
+            let a = a.clone();
+            thread::spawn(move || {
+                let g = a.write(0);
+                g.set(0, 1);
+                g.set(1, 1);
+                g.recovered()
+            })
+        };
+        let g = a.read(1);
+        assert_eq!(g.get(0), g.get(1), "torn read");
+        let mine = g.recovered();
+        drop(g);
+        let theirs = w.join().unwrap();
+        assert!(mine ^ theirs, "recovered: reader {mine}, writer {theirs}");
+        assert!(!a.write(0).recovered(), "recovered twice");
+    });
+}
+
+/// A reader killed holding a shared hold: its count is found dead (and its
+/// attach entry freed) by exactly one of the acquisitions that drain, a
+/// writer and a chunk holder (which drains to switch to chunk mode).
+#[test]
+fn array_dead_readers_count_is_recovered_once() {
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(2, 2));
+        a.kill_holder(Hold::Read);
+        let w = {
+            let a = a.clone();
+            thread::spawn(move || {
+                let g = a.write(0);
+                g.set(0, g.get(0) + 1);
+                g.recovered()
+            })
+        };
+        let g = a.range_mut(1, 0..1).expect("a claim slot");
+        g.set(0, g.get(0) + 1);
+        let mine = g.recovered();
+        drop(g);
+        let theirs = w.join().unwrap();
+        assert!(mine ^ theirs, "recovered: chunk {mine}, writer {theirs}");
+        let g = a.write(0);
+        assert!(!g.recovered(), "recovered twice");
+        assert_eq!(g.get(0), 2);
+    });
+}
+
+/// A chunk holder killed holding a claim: two live chunk holders of
+/// disjoint ranges that both overlap the dead claim both get through, and
+/// exactly one of them cleared it. The dead handle's shared count is then
+/// found by the next writer.
+#[test]
+fn array_dead_chunk_claim_is_taken_over_once() {
+    loom::model(|| {
+        let a = Arc::new(ArrayLock::new(2, 2));
+        a.kill_holder(Hold::Chunk(0..2));
+        let worker = |a: &ArrayLock, h: usize| {
+            let g = a.range_mut(h, h..h + 1).expect("a claim slot");
+            g.set(h, 1);
+            g.recovered()
+        };
+        let t = {
+            let a = a.clone();
+            thread::spawn(move || worker(&a, 1))
+        };
+        let mine = worker(&a, 0);
+        let theirs = t.join().unwrap();
+        assert!(mine ^ theirs, "recovered: {mine} and {theirs}");
+        let g = a.write(0);
+        assert!(g.recovered(), "the dead chunk holder's count");
+        assert_eq!((g.get(0), g.get(1)), (1, 1));
+        drop(g);
+        assert!(!a.write(0).recovered(), "recovered twice");
+    });
+}
+
+/// The double buffer of a large `Value`: a reader racing with two stores
+/// sees one complete value (the second store rewrites the slot the reader
+/// may be copying).
+#[test]
+fn value_reader_sees_one_complete_value() {
+    loom::model(|| {
+        let v = Arc::new(shmdict::__loom::value(0));
+        let w = {
+            let v = v.clone();
+            thread::spawn(move || {
+                v.store([1; 3]);
+                v.store([2; 3]);
+            })
+        };
+        let got = v.load();
+        assert!(got == [0; 3] || got == [1; 3] || got == [2; 3], "{got:?}");
+        w.join().unwrap();
+        assert_eq!(v.load(), [2; 3]);
+    });
+}
+
+/// As above with the two stores made by two threads (two writers, so the
+/// second one's slot writes are ordered after the first publication only by
+/// the lock word and the fences of `publish`).
+#[test]
+fn value_reader_racing_two_writers_sees_one_complete_value() {
+    loom::model(|| {
+        let v = Arc::new(shmdict::__loom::value(0));
+        let writers: Vec<_> = (1..=2)
+            .map(|x| {
+                let v = v.clone();
+                thread::spawn(move || v.store([x; 3]))
+            })
+            .collect();
+        let got = v.load();
+        assert!(got == [0; 3] || got == [1; 3] || got == [2; 3], "{got:?}");
+        for w in writers {
+            w.join().unwrap();
+        }
+        let last = v.load();
+        assert!(last == [1; 3] || last == [2; 3], "{last:?}");
+    });
+}
+
+/// `update` of a large `Value` (copy, compute unlocked, publish under the
+/// lock word if unchanged) from two threads: both increments land.
+#[test]
+fn value_updates_lose_nothing() {
+    loom::model(|| {
+        let v = Arc::new(shmdict::__loom::value(0));
+        let t = {
+            let v = v.clone();
+            thread::spawn(move || v.update(|x| x.map(|w| w + 1)))
+        };
+        v.update(|x| x.map(|w| w + 1));
+        t.join().unwrap();
+        assert_eq!(v.load(), [2; 3]);
+    });
+}
+
+/// A writer killed in the middle of a store leaves the lock word held and
+/// the spare slot half-written: readers never see that garbage, and the
+/// next writers take the lock over.
+#[test]
+fn value_dead_writer_neither_blocks_nor_misleads() {
+    loom::model(|| {
+        let v = Arc::new(shmdict::__loom::value(0));
+        shmdict::__loom::kill_value_writer(&v, 0xdead);
+        let w = {
+            let v = v.clone();
+            thread::spawn(move || v.store([1; 3]))
+        };
+        let got = v.load();
+        assert!(got == [0; 3] || got == [1; 3], "{got:?}");
+        w.join().unwrap();
+        assert_eq!(v.load(), [1; 3]);
+    });
+}
