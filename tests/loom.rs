@@ -1,10 +1,17 @@
 //! Loom models of shmdict's concurrency protocols.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release
-//! --test loom`. Under `cfg(loom)` the real index, seqlock and slab code runs on
-//! a heap buffer of loom atomics (see `src/region.rs`), and loom explores the
-//! interleavings of the threads below, including the weak-memory outcomes of
-//! the Relaxed/Acquire/Release orderings the code uses.
+//! --test loom`. Under `cfg(loom)` the real index, seqlock, slab, write-gate,
+//! Array-lock and Value code runs on a heap buffer of loom atomics (see
+//! `src/region.rs`), and loom explores the interleavings of the threads below,
+//! including the weak-memory outcomes of the orderings the code uses.
+//!
+//! Models: the dictionary's seqlock and copy-on-write publication, slot claim,
+//! read-modify-write, overflow counts, free lists, carving and
+//! defragmentation; recovery from dead writers, dead inserters and leaked
+//! blocks (`check()` against a live writer); the Array lock (exclusive vs
+//! shared, read vs chunk mode, claims) and its recovery from dead holders; the
+//! double buffer of large `Value`s and its recovery from a dead writer.
 #![cfg(loom)]
 
 use loom::sync::Arc;
