@@ -107,6 +107,23 @@ pub(crate) fn holder_dead(r: &Region, me: &Holder, t: Token) -> bool {
     }
 }
 
+/// This process's identity word (pid and start time), read once.
+#[cfg(not(loom))]
+pub(crate) fn process_identity() -> u64 {
+    static IDENT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *IDENT.get_or_init(|| {
+        let (pid, start) = crate::sys::self_identity();
+        identity_word(pid, start)
+    })
+}
+
+/// Under loom every handle belongs to one live "process" (see
+/// [`identity_alive`]).
+#[cfg(loom)]
+pub(crate) fn process_identity() -> u64 {
+    1
+}
+
 /// The identity word of an attach entry.
 pub(crate) fn identity_word(pid: u32, start_ticks: u64) -> u64 {
     (pid as u64 & PID_MASK) | (start_ticks & START_MASK) << PID_BITS

@@ -235,7 +235,7 @@ impl ShmDict {
     }
 
     fn attach_region(name: &str, region: Region, geo: Geometry) -> Result<ShmDict> {
-        let ident = process_identity();
+        let ident = attach::process_identity();
         let (attach_index, token) = attach::attach(&region, ident)
             .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
         Ok(ShmDict {
@@ -589,20 +589,6 @@ impl ShmDict {
     }
 }
 
-#[cfg(not(loom))]
-fn process_identity() -> u64 {
-    use std::sync::OnceLock;
-    static IDENT: OnceLock<u64> = OnceLock::new();
-    *IDENT.get_or_init(|| {
-        let (pid, start) = sys::self_identity();
-        attach::identity_word(pid, start)
-    })
-}
-
-#[cfg(loom)]
-fn process_identity() -> u64 {
-    1
-}
 
 impl Drop for ShmDict {
     fn drop(&mut self) {

@@ -54,7 +54,6 @@ use std::sync::atomic::{
     AtomicI16, AtomicI32, AtomicI64, AtomicI8, AtomicIsize, AtomicU16, AtomicU32, AtomicU8,
     AtomicUsize,
 };
-use std::sync::OnceLock;
 
 use bytemuck::Pod;
 
@@ -393,22 +392,6 @@ impl Drop for Segment {
     }
 }
 
-/// This process's identity word (pid and start time), read once.
-#[cfg(not(loom))]
-fn process_identity() -> u64 {
-    static IDENT: OnceLock<u64> = OnceLock::new();
-    *IDENT.get_or_init(|| {
-        let (pid, start) = sys::self_identity();
-        attach::identity_word(pid, start)
-    })
-}
-
-/// Under loom every handle belongs to one live "process" (see
-/// `attach::identity_alive`).
-#[cfg(loom)]
-fn process_identity() -> u64 {
-    1
-}
 
 /// Attaches to the segment `name` if it exists and matches `spec`, or
 /// creates it (header, then `init` on the data, then publication).
@@ -501,7 +484,7 @@ fn attach_file(name: &str, spec: &Spec, file: &std::fs::File, len: u64) -> Resul
 }
 
 pub(crate) fn attach_region(name: &str, region: Region) -> Result<Segment> {
-    let ident = process_identity();
+    let ident = attach::process_identity();
     let local = attach_handle(&region, ident)
         .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
     Ok(Segment {
