@@ -107,14 +107,24 @@ pub(crate) fn holder_dead(r: &Region, me: &Holder, t: Token) -> bool {
     }
 }
 
-/// This process's identity word (pid and start time), read once.
+/// This process's identity word (pid and start time), read once per
+/// process: the cache is keyed by the pid, so a child forked after the first
+/// call reads its own identity instead of inheriting its parent's (which
+/// would make what it holds look alive for as long as the parent lives).
 #[cfg(not(loom))]
 pub(crate) fn process_identity() -> u64 {
-    static IDENT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *IDENT.get_or_init(|| {
-        let (pid, start) = crate::sys::self_identity();
-        identity_word(pid, start)
-    })
+    static IDENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let pid = std::process::id();
+    // Relaxed: a per-process cache of an immutable fact; a value cached by
+    // another process (before a fork) is recognized by its pid.
+    let cached = IDENT.load(std::sync::atomic::Ordering::Relaxed);
+    if cached != 0 && cached & PID_MASK == pid as u64 & PID_MASK {
+        return cached;
+    }
+    let (pid, start) = crate::sys::self_identity();
+    let w = identity_word(pid, start);
+    IDENT.store(w, std::sync::atomic::Ordering::Relaxed); // Relaxed: as above.
+    w
 }
 
 /// Under loom every handle belongs to one live "process" (see

@@ -29,6 +29,8 @@ mod rwlock;
 pub mod segments;
 mod seqlock;
 mod slab;
+#[cfg(not(loom))]
+pub mod space;
 mod sync;
 #[cfg(not(loom))]
 mod sys;

@@ -1,0 +1,912 @@
+//! A Linda tuple space on a shared dictionary: `out`, blocking `take`
+//! (Linda's `in`) and `read` (`rd`), their non-blocking forms (`inp`,
+//! `rdp`), and `eval` workers, shared by unrelated processes that open the
+//! same name.
+//!
+//! ```
+//! use std::time::Duration;
+//! use shmdict::space::{FieldKind, Space};
+//! use shmdict::{pattern, tuple};
+//!
+//! let name = format!("doc-space-{}", std::process::id());
+//! # struct Unlink<'a>(&'a str);
+//! # impl Drop for Unlink<'_> { fn drop(&mut self) { let _ = Space::unlink(self.0); } }
+//! # let _cleanup = Unlink(&name);
+//! let space = Space::open(&name)?; // any process opening `name` shares it
+//! space.out(tuple!("sum", 0))?;
+//!
+//! // A worker process (a fork of this one) adds up 4-tuples of integers.
+//! let mut worker = space.eval(|ts| {
+//!     let any4 = pattern!(FieldKind::I64, FieldKind::I64, FieldKind::I64, FieldKind::I64);
+//!     // Leave when no 4-tuple comes for a while (a real worker would loop on).
+//!     while let Some(t) = ts.take(&any4, Duration::from_millis(500)).unwrap() {
+//!         let n: i64 = t.fields().iter().filter_map(|f| f.as_i64()).sum();
+//!         let sum = ts.take(&pattern!("sum", _), Duration::MAX).unwrap().unwrap();
+//!         ts.out(tuple!("sum", sum.i64(1).unwrap() + n)).unwrap();
+//!     }
+//! })?;
+//! space.out(tuple!(1, 2, 3, 4))?;
+//! space.out(tuple!(4, 5, 6, 7))?;
+//! assert!(worker.join()?.success());
+//!
+//! // `read` leaves the tuple in the space; `take` removes it.
+//! let sum = space.read(&pattern!("sum", FieldKind::I64), Duration::from_secs(5))?;
+//! assert_eq!(sum, Some(tuple!("sum", 32)));
+//! assert_eq!(space.len()?, 1);
+//! assert!(space.try_take(&pattern!("sum", _))?.is_some());
+//! assert_eq!(space.take(&pattern!("sum", _), Duration::from_millis(10))?, None);
+//!
+//! // A worker that panics posts an error tuple instead of dying silently.
+//! let mut bad = space.eval(|_| panic!("no such file"))?;
+//! assert!(!bad.join()?.success());
+//! let err = space.try_take(&pattern!("error", FieldKind::Str))?.unwrap();
+//! assert!(err.str(1).unwrap().contains("no such file"));
+//! # Ok::<(), shmdict::Error>(())
+//! ```
+//!
+//! # Tuples and patterns
+//!
+//! A [`Tuple`] is a list of up to [`MAX_ARITY`] [`Field`]s: integers,
+//! floats, strings, bytes, booleans, and any serde value as opaque postcard
+//! bytes ([`Field::opaque`]). A [`Pattern`] has one [`Match`] per field:
+//! any value, an exact value, a [`FieldKind`], or a predicate closure that
+//! runs in the caller's process. A pattern matches tuples of its own arity
+//! only. The [`tuple!`](crate::tuple) and [`pattern!`](crate::pattern)
+//! macros build both.
+//!
+//! # Key scheme
+//!
+//! A space is an ordinary [`ShmDict`] whose keys start with `ts1/`
+//! (the `1` is this format's version); it inherits the dictionary's crash
+//! safety, bounds checks and futex waiting. Other keys may live in the same
+//! dictionary.
+//!
+//! | key                      | value                                              |
+//! |--------------------------|----------------------------------------------------|
+//! | `ts1/b/<arity>/<bucket>` | the tuples of that arity whose first field hashes to `bucket` (0..64), oldest first (format in `bucket.rs`) |
+//! | `ts1/arities`            | 32-byte bitmap of the arities ever posted           |
+//! | `ts1/inbox/<name>`       | the last tuple moved into inbox `name` by [`Space::take_into`]: its 16-byte id, then the tuple |
+//!
+//! A stored tuple is its arity (one byte), then each field as a kind tag
+//! (one byte: `I64` 0, `F64` 1, `Str` 2, `Bytes` 3, `Bool` 4, `Opaque` 5)
+//! and its value: integers and floats as 8 bytes little-endian (floats by
+//! their bits), booleans as one byte, strings and byte strings as a 32-bit
+//! little-endian length and the bytes.
+//!
+//! `bucket` is `xxh3(kind tag, value) mod 64` of the first field (0 for the
+//! empty tuple). Every write is one atomic `update` of one bucket key, so
+//! the bucket is the unit of consistency, and there is no global hot key:
+//! posting to different buckets never touches the same key, and no shared
+//! counter hands out ids (an id is the poster's pid and start time plus a
+//! per-process sequence number).
+//!
+//! # Indexing
+//!
+//! A pattern whose first field is an exact value reads one bucket; any
+//! other pattern reads the 64 buckets of its arity (skipped entirely if the
+//! arity was never posted). No pattern reads tuples of another arity. Within
+//! a bucket, tuples are matched in the order they were posted (a search
+//! stops at the first match), so a bucket used as a queue is FIFO. A
+//! bucket's value is copied whole on every change, so an operation costs a
+//! few copies of its bucket: this suits coordination (thousands of tuples
+//! per first field), not bulk data. Keep large payloads in the dictionary
+//! and pass keys in tuples.
+//!
+//! # Taking, exactly once
+//!
+//! [`take`](Space::take) is, per candidate bucket (in bucket order), a
+//! single atomic `update` whose closure picks the first available matching
+//! tuple of the bucket's *current* value and removes it; when nothing
+//! matches, nothing is written. That update is the linearization point: two
+//! takers can never remove the same tuple (the loser's update re-runs on
+//! the value without it and picks another or none), and a concurrent `out`
+//! is never lost (it is an update of the same key, so one of the two
+//! re-runs on the other's result). A taker SIGKILLed at any instruction
+//! before that update commits leaves the tuple in the space; one killed
+//! after it has *taken* the tuple: that take completed, even though its
+//! caller never saw the tuple.
+//!
+//! [`take_into`](Space::take_into) closes that last gap for callers that
+//! must not lose a tuple: the tuple is moved into a named *inbox* key, so
+//! it is always in the space or in the inbox, never neither, whatever
+//! instruction the taker is killed at. It takes three steps:
+//!
+//! 1. *claim*: an update marks the first matching available entry as
+//!    claimed by this process (pid and start time) for inbox `name`;
+//! 2. *record*: the entry's id and tuple are written to `ts1/inbox/<name>`;
+//! 3. *remove*: an update removes the claimed entry.
+//!
+//! Claimed entries are invisible to other takes and reads. Whoever next
+//! updates the bucket and finds a claim whose process is dead resolves it
+//! inside the same atomic update: if the claim's inbox holds the entry's
+//! id, the move had completed up to step 2 and the entry is dropped;
+//! otherwise the claim is rolled back and the tuple is available again
+//! (and waiters are woken). A live claimant is never overruled: liveness is
+//! the pid *and* its start time, so a reused pid is not mistaken for it
+//! (and a stopped claimant, e.g. under SIGSTOP, keeps its tuple hidden
+//! until it continues or dies).
+//!
+//! # Waiting
+//!
+//! A blocked `take` or `read` sleeps on one of the dictionary's 128 futex
+//! channels (see "Waiting" in `docs/design.md`), chosen by a wake-up hash:
+//! of (arity, first field) for a pattern with an exact first field, of the
+//! arity alone otherwise. `out` wakes both channels of its tuple. So a
+//! blocked take is woken only by tuples of its arity (and first field, if
+//! fixed), except for the remaining false sharing of 128 channels among all
+//! (arity, first field) pairs and the dictionary's own keys (every write of
+//! a bucket key also notifies that key's channel): an unrelated write on
+//! the same channel costs one spurious wake-up and re-check. Waiters on the
+//! same (arity, first field) are all woken by a tuple there; one takes it
+//! and the others sleep again.
+//! Timeouts are honoured; [`Duration::MAX`] waits forever.
+//!
+//! # `eval`
+//!
+//! See [`Space::eval`]: workers are `fork`s of a single-threaded caller.
+
+mod bucket;
+mod eval;
+mod tuple;
+
+use crate::sync::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::dict::Op;
+use crate::error::{Error, Result};
+use crate::layout::hash_key;
+use crate::ShmDict;
+use bucket::{Entry, Id};
+
+pub use eval::{Worker, OPEN_FAILED_EXIT_CODE, PANIC_EXIT_CODE};
+pub use tuple::{Field, FieldKind, Match, Pattern, Tuple};
+
+/// The largest arity a tuple or pattern may have.
+pub const MAX_ARITY: usize = 255;
+/// Index buckets per arity (part of the format).
+const BUCKETS: u64 = 64;
+const ARITIES_KEY: &[u8] = b"ts1/arities";
+const INBOX_PREFIX: &[u8] = b"ts1/inbox/";
+/// Longest inbox name (the bucket format stores its length in 16 bits).
+pub const MAX_INBOX_NAME: usize = 1024;
+
+/// A named tuple space in shared memory. See the [module docs](self).
+///
+/// `Space` is `Send + Sync`: share `&Space` between threads.
+pub struct Space {
+    dict: ShmDict,
+    /// Arities this handle has seen registered (a cache of `ts1/arities`).
+    arities: [AtomicU64; 4],
+    /// Counters behind [`Space::stats`].
+    scans: AtomicU64,
+    examined: AtomicU64,
+    recovered: AtomicU64,
+}
+
+/// Diagnostic counters of one [`Space`] handle: see [`Space::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SpaceStats {
+    /// Searches for a match: each `try_*` call is one, and a blocked call
+    /// searches once more after every wake-up. A blocked `take` that is not
+    /// woken by unrelated tuples searches only a few times.
+    pub scans: u64,
+    /// Stored tuples decoded and compared with a pattern. Shows the index at
+    /// work: a search looks only at tuples of its pattern's arity and, if
+    /// the first field is exact, of that field's bucket.
+    pub examined: u64,
+    /// Claims of killed [`take_into`](Space::take_into) callers resolved
+    /// (rolled back, or completed from the inbox).
+    pub recovered_claims: u64,
+}
+
+/// What one bucket update does besides resolving dead claims.
+#[derive(Clone, Copy)]
+enum Want<'a> {
+    /// Remove the first available match.
+    Take(&'a Pattern),
+    /// Claim the first available match for this inbox.
+    Claim(&'a Pattern, &'a [u8]),
+    /// Remove our claimed entry.
+    Finish(Id),
+    /// Undo our claim.
+    Unclaim(Id),
+    /// Only resolve dead claims.
+    Recover,
+}
+
+/// The outcome of a bucket edit.
+enum Step {
+    Keep,
+    Set(Vec<u8>),
+    Remove,
+}
+
+/// Liveness of claimants, cached for one operation.
+#[derive(Default)]
+struct Liveness(HashMap<u64, bool>);
+
+impl Liveness {
+    fn alive(&mut self, ident: u64) -> bool {
+        *self
+            .0
+            .entry(ident)
+            .or_insert_with(|| crate::attach::identity_alive(ident))
+    }
+}
+
+/// This process's identity word (pid and start time), cached; recomputed
+/// after a `fork` (the pid is in the low bits).
+fn my_ident() -> u64 {
+    static IDENT: AtomicU64 = AtomicU64::new(0);
+    const PID_MASK: u64 = (1 << 23) - 1;
+    let pid = std::process::id();
+    // Relaxed: a cache of a value every thread of this process computes
+    // identically; a stale one (another pid) is detected below.
+    let cached = IDENT.load(Ordering::Relaxed);
+    if cached != 0 && cached & PID_MASK == pid as u64 & PID_MASK {
+        return cached;
+    }
+    let (pid, start) = crate::sys::self_identity();
+    let ident = crate::attach::identity_word(pid, start);
+    IDENT.store(ident, Ordering::Relaxed); // Relaxed: see above.
+    ident
+}
+
+/// A fresh tuple id.
+fn next_id() -> Id {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    // Relaxed: only uniqueness matters, which fetch_add gives.
+    Id(my_ident(), SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+fn bucket_key(arity: usize, bucket: u64) -> Vec<u8> {
+    format!("ts1/b/{arity}/{bucket}").into_bytes()
+}
+
+/// Hash of a first field (0 for the empty tuple).
+fn first_hash(first: Option<&Field>) -> u64 {
+    first.map_or(0, |f| hash_key(&f.index_bytes()))
+}
+
+/// Wake-up hash of the waiters on one (arity, first field).
+fn wake_first(arity: usize, h1: u64) -> u64 {
+    hash_key(format!("ts1/w/{arity}/{h1:016x}").as_bytes())
+}
+
+/// Wake-up hash of the waiters on any tuple of an arity.
+fn wake_arity(arity: usize) -> u64 {
+    hash_key(format!("ts1/w/{arity}").as_bytes())
+}
+
+fn inbox_key(name: &str) -> Vec<u8> {
+    [INBOX_PREFIX, name.as_bytes()].concat()
+}
+
+impl Space {
+    /// Attaches to the space `name`, creating its dictionary with default
+    /// sizing if it does not exist. The name rules are the dictionary's.
+    pub fn open(name: &str) -> Result<Space> {
+        ShmDict::open(name).map(Space::from_dict)
+    }
+
+    /// A space on an open dictionary (for example one created with
+    /// [`ShmDict::options`] to choose its size). The space uses the keys
+    /// starting with `ts1/`; the others are left alone.
+    pub fn from_dict(dict: ShmDict) -> Space {
+        Space {
+            dict,
+            arities: Default::default(),
+            scans: AtomicU64::new(0),
+            examined: AtomicU64::new(0),
+            recovered: AtomicU64::new(0),
+        }
+    }
+
+    /// Removes the name `name` (see [`ShmDict::unlink`]).
+    pub fn unlink(name: &str) -> Result<()> {
+        ShmDict::unlink(name)
+    }
+
+    /// The space's name.
+    pub fn name(&self) -> &str {
+        self.dict.name()
+    }
+
+    /// The dictionary the space lives in.
+    pub fn dict(&self) -> &ShmDict {
+        &self.dict
+    }
+
+    fn corrupt(&self, why: impl Into<String>) -> Error {
+        Error::corrupt(self.name(), why)
+    }
+
+    fn invalid(&self, why: String) -> Error {
+        Error::InvalidArgument {
+            segment: self.name().to_owned(),
+            reason: why,
+        }
+    }
+
+    fn check_arity(&self, arity: usize) -> Result<()> {
+        if arity > MAX_ARITY {
+            return Err(self.invalid(format!(
+                "a tuple or pattern has {arity} fields; at most {MAX_ARITY} are supported"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether tuples of `arity` were ever posted (`ts1/arities`).
+    fn arity_known(&self, arity: usize) -> Result<bool> {
+        let (word, bit) = (arity / 64, 1u64 << (arity % 64));
+        // Relaxed: a process-local cache of a bit that is never cleared.
+        if self.arities[word].load(Ordering::Relaxed) & bit != 0 {
+            return Ok(true);
+        }
+        let map = self.dict.get(ARITIES_KEY)?.unwrap_or_default();
+        self.absorb_arities(&map);
+        Ok(self.arities[word].load(Ordering::Relaxed) & bit != 0)
+    }
+
+    fn absorb_arities(&self, map: &[u8]) {
+        for (i, chunk) in map.chunks_exact(8).take(4).enumerate() {
+            let w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+            self.arities[i].fetch_or(w, Ordering::Relaxed); // Relaxed: a cache.
+        }
+    }
+
+    /// Records `arity` in `ts1/arities` before the first tuple of that arity
+    /// is posted, so wildcard scans never miss a posted tuple.
+    fn register_arity(&self, arity: usize) -> Result<()> {
+        if self.arity_known(arity)? {
+            return Ok(());
+        }
+        let stored = self.dict.update(ARITIES_KEY, |old| {
+            let mut map = old.map_or_else(|| vec![0; 32], <[u8]>::to_vec);
+            map.resize(32, 0);
+            map[arity / 8] |= 1 << (arity % 8);
+            Some(map)
+        })?;
+        self.absorb_arities(&stored.unwrap_or_default());
+        Ok(())
+    }
+
+    /// Atomic read-modify-write of `key` whose `f` may decline to write
+    /// (`Step::Keep`). Returns whether it wrote.
+    fn edit(&self, key: &[u8], mut f: impl FnMut(Option<&[u8]>) -> Result<Step>) -> Result<bool> {
+        let mut kept = false;
+        let r = self.dict.read_modify_write(key, |old| {
+            kept = false;
+            match f(old)? {
+                Step::Set(v) => Ok(Op::Set(v)),
+                Step::Remove => Ok(Op::Remove),
+                Step::Keep => {
+                    // An error from the closure aborts the update with
+                    // nothing written; `kept` tells it from a real error.
+                    kept = true;
+                    Err(Error::InvalidArgument {
+                        segment: String::new(),
+                        reason: "no change".into(),
+                    })
+                }
+            }
+        });
+        match r {
+            Ok(_) => Ok(true),
+            Err(_) if kept => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether inbox `name` records the entry `id` (a claim that completed
+    /// its record step).
+    fn inbox_holds(&self, name: &[u8], id: Id) -> Result<bool> {
+        let key = [INBOX_PREFIX, name].concat();
+        Ok(self
+            .dict
+            .get(key)?
+            .is_some_and(|v| Id::from_bytes(&v) == Some(id)))
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Tuple> {
+        Tuple::decode_stored(bytes).ok_or_else(|| self.corrupt("a stored tuple does not decode"))
+    }
+
+    /// Builds the new value of a bucket for `want`, resolving claims of dead
+    /// processes on the way. `picked` receives the entry taken or claimed.
+    ///
+    /// Entries are visited oldest first and the visit stops once `want` is
+    /// done: the rest of the value is copied as it is, so taking from the
+    /// front of a long bucket parses one entry. Dead claims behind that
+    /// point are resolved by a later visit that reaches them (every search
+    /// that finds nothing visits the whole bucket).
+    fn edit_bucket(
+        &self,
+        cur: Option<&[u8]>,
+        want: Want<'_>,
+        live: &mut Liveness,
+        picked: &mut Option<(Id, Tuple)>,
+        resolved: &mut u64,
+    ) -> Result<Step> {
+        *picked = None;
+        *resolved = 0;
+        let Some(cur) = cur else {
+            return Ok(Step::Keep);
+        };
+        let me = my_ident();
+        // The new value is `out` followed by `cur[copied..]`.
+        let mut out = Vec::new();
+        let mut copied = 0;
+        let mut changed = false;
+        for e in bucket::entries(cur) {
+            let e = e.map_err(|m| self.corrupt(m))?;
+            let mut new: Option<Entry<'_>> = Some(e);
+            let mut done = false;
+            if e.claim != 0 && e.claim != me && !live.alive(e.claim) {
+                *resolved += 1;
+                if !e.inbox.is_empty() && self.inbox_holds(e.inbox, e.id)? {
+                    new = None; // the move completed: the tuple is in the inbox
+                } else {
+                    new = Some(Entry {
+                        claim: 0,
+                        inbox: &[],
+                        ..e
+                    });
+                }
+            }
+            if let Some(n) = new {
+                match want {
+                    Want::Take(p) | Want::Claim(p, _) if n.claim == 0 => {
+                        let t = self.decode(n.tuple)?;
+                        self.examined.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
+                        if p.matches(&t) {
+                            *picked = Some((n.id, t));
+                            done = true;
+                            new = match want {
+                                Want::Claim(_, inbox) => Some(Entry {
+                                    claim: me,
+                                    inbox,
+                                    ..n
+                                }),
+                                _ => None,
+                            };
+                        }
+                    }
+                    Want::Finish(id) if n.id == id && n.claim == me => {
+                        *picked = Some((n.id, self.decode(n.tuple)?));
+                        done = true;
+                        new = None;
+                    }
+                    Want::Unclaim(id) if n.id == id && n.claim == me => {
+                        done = true;
+                        new = Some(Entry {
+                            claim: 0,
+                            inbox: &[],
+                            ..n
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            let unchanged = matches!(new, Some(n) if n.claim == e.claim && n.inbox == e.inbox);
+            if !unchanged {
+                changed = true;
+                out.extend_from_slice(&cur[copied..e.start]);
+                if let Some(n) = new {
+                    bucket::push_entry(&mut out, &n);
+                }
+                copied = e.end;
+            }
+            if done {
+                break;
+            }
+        }
+        if !changed {
+            return Ok(Step::Keep);
+        }
+        out.extend_from_slice(&cur[copied..]);
+        Ok(if out.is_empty() {
+            Step::Remove
+        } else {
+            Step::Set(out)
+        })
+    }
+
+    /// Runs one bucket update; returns the picked entry.
+    fn update_bucket(&self, key: &[u8], want: Want<'_>) -> Result<Option<(Id, Tuple)>> {
+        let mut live = Liveness::default();
+        let mut picked = None;
+        let mut resolved = 0;
+        let wrote = self.edit(key, |cur| {
+            self.edit_bucket(cur, want, &mut live, &mut picked, &mut resolved)
+        })?;
+        if !wrote {
+            return Ok(None);
+        }
+        if resolved > 0 {
+            // Relaxed: a statistic.
+            self.recovered.fetch_add(resolved, Ordering::Relaxed);
+            // Rolled-back claims made tuples available again.
+            self.wake_bucket_waiters(key)?;
+        }
+        Ok(picked)
+    }
+
+    /// Wakes every waiter that a tuple in bucket `key` could concern.
+    fn wake_bucket_waiters(&self, key: &[u8]) -> Result<()> {
+        let mut buf = Vec::new();
+        if !self.dict.get_into(key, &mut buf)? {
+            return Ok(());
+        }
+        for e in bucket::entries(&buf) {
+            let e = e.map_err(|m| self.corrupt(m))?;
+            if e.claim == 0 {
+                let t = self.decode(e.tuple)?;
+                self.notify(t.len(), first_hash(t.get(0)));
+            }
+        }
+        Ok(())
+    }
+
+    fn notify(&self, arity: usize, h1: u64) {
+        crate::wait::notify(&self.dict.region, wake_first(arity, h1));
+        crate::wait::notify(&self.dict.region, wake_arity(arity));
+    }
+
+    /// The buckets a pattern must look at.
+    fn buckets_of(&self, p: &Pattern) -> Result<std::ops::Range<u64>> {
+        self.check_arity(p.arity())?;
+        Ok(match p.exact_first() {
+            Some(first) => {
+                let b = first_hash(first) % BUCKETS;
+                b..b + 1
+            }
+            None if self.arity_known(p.arity())? => 0..BUCKETS,
+            None => 0..0,
+        })
+    }
+
+    fn wake_hash_of(p: &Pattern) -> u64 {
+        match p.exact_first() {
+            Some(first) => wake_first(p.arity(), first_hash(first)),
+            None => wake_arity(p.arity()),
+        }
+    }
+
+    /// Posts a tuple (Linda's `out`). Wakes the processes blocked on its
+    /// arity and first field.
+    ///
+    /// `InvalidArgument` for more than [`MAX_ARITY`] fields; `Full` if the
+    /// dictionary has no room (nothing already in the space is lost).
+    pub fn out(&self, t: Tuple) -> Result<()> {
+        self.check_arity(t.len())?;
+        if t.max_field_len() > u32::MAX as usize / 2 {
+            return Err(self.invalid("a tuple field of 2 GiB or more".into()));
+        }
+        let bytes = t.encode();
+        if bytes.len() > u32::MAX as usize {
+            return Err(self.invalid(format!("a tuple of {} bytes is too large", bytes.len())));
+        }
+        self.register_arity(t.len())?;
+        let h1 = first_hash(t.get(0));
+        let mut entry = Vec::new();
+        bucket::push(&mut entry, next_id(), 0, &[], &bytes);
+        self.dict.update(bucket_key(t.len(), h1 % BUCKETS), |old| {
+            let mut v = Vec::with_capacity(old.map_or(0, <[u8]>::len) + entry.len());
+            v.extend_from_slice(old.unwrap_or_default());
+            v.extend_from_slice(&entry);
+            Some(v)
+        })?;
+        self.notify(t.len(), h1);
+        Ok(())
+    }
+
+    /// One attempt at `want` over the pattern's buckets.
+    fn try_once(&self, p: &Pattern, claim_inbox: Option<&[u8]>) -> Result<Option<(Id, Tuple)>> {
+        self.scans.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
+        let buckets = self.buckets_of(p)?;
+        let wildcard = buckets.end - buckets.start > 1;
+        for b in buckets {
+            let key = bucket_key(p.arity(), b);
+            // Most of a wildcard's 64 buckets are usually absent: a read
+            // (no write gate, no fence) skips them.
+            if wildcard && !self.dict.contains_key(&key)? {
+                continue;
+            }
+            let want = match claim_inbox {
+                Some(inbox) => Want::Claim(p, inbox),
+                None => Want::Take(p),
+            };
+            if let Some(found) = self.update_bucket(&key, want)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One attempt at a read.
+    fn try_read_once(&self, p: &Pattern) -> Result<Option<Tuple>> {
+        self.scans.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
+        let mut buf = Vec::new();
+        let me = my_ident();
+        let mut live = Liveness::default();
+        for b in self.buckets_of(p)? {
+            let key = bucket_key(p.arity(), b);
+            for round in 0..2 {
+                if !self.dict.get_into(&key, &mut buf)? {
+                    break;
+                }
+                let mut dead_claims = false;
+                for e in bucket::entries(&buf) {
+                    let e = e.map_err(|m| self.corrupt(m))?;
+                    if e.claim != 0 {
+                        dead_claims |= e.claim != me && !live.alive(e.claim);
+                        continue;
+                    }
+                    let t = self.decode(e.tuple)?;
+                    self.examined.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
+                    if p.matches(&t) {
+                        return Ok(Some(t));
+                    }
+                }
+                if !dead_claims || round == 1 {
+                    break;
+                }
+                // A dead claim may hide a match: resolve it, then look again.
+                self.update_bucket(&key, Want::Recover)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sleeps on the pattern's wake-up channel until `op` finds something
+    /// or `timeout` passes.
+    fn blocking<T>(
+        &self,
+        p: &Pattern,
+        timeout: Duration,
+        op: impl FnMut() -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        self.check_arity(p.arity())?;
+        let deadline = Instant::now().checked_add(timeout);
+        crate::wait::wait_until(&self.dict.region, Space::wake_hash_of(p), deadline, op)
+    }
+
+    /// Removes and returns a tuple matching `p` (Linda's `in`), waiting up to
+    /// `timeout` for one to be posted; `None` on timeout. Sleeps on a futex
+    /// while waiting ([`Duration::MAX`]: no limit).
+    ///
+    /// Each tuple is taken by exactly one `take`. If several match, the
+    /// oldest of one bucket is taken.
+    pub fn take(&self, p: &Pattern, timeout: Duration) -> Result<Option<Tuple>> {
+        self.blocking(p, timeout, || Ok(self.try_once(p, None)?.map(|(_, t)| t)))
+    }
+
+    /// Removes and returns a tuple matching `p` if there is one now (Linda's
+    /// `inp`).
+    pub fn try_take(&self, p: &Pattern) -> Result<Option<Tuple>> {
+        Ok(self.try_once(p, None)?.map(|(_, t)| t))
+    }
+
+    /// Returns a copy of a tuple matching `p`, leaving it in the space
+    /// (Linda's `rd`), waiting up to `timeout` for one; `None` on timeout.
+    pub fn read(&self, p: &Pattern, timeout: Duration) -> Result<Option<Tuple>> {
+        self.blocking(p, timeout, || self.try_read_once(p))
+    }
+
+    /// Returns a copy of a tuple matching `p` if there is one now (Linda's
+    /// `rdp`).
+    pub fn try_read(&self, p: &Pattern) -> Result<Option<Tuple>> {
+        self.try_read_once(p)
+    }
+
+    /// Like [`take`](Space::take), but the tuple is moved into the inbox
+    /// `inbox` (a key of the space) before it leaves the space, so that it
+    /// is never lost, even if this process is killed at any instruction:
+    /// afterwards it is either still in the space or in the inbox (see the
+    /// module docs for the protocol). Read the inbox with
+    /// [`inbox`](Space::inbox); a supervisor that finds a worker dead can
+    /// re-post what its inbox holds.
+    ///
+    /// An inbox holds the last tuple moved into it. Use one inbox per
+    /// thread at a time (a worker's own name, say): two concurrent
+    /// `take_into`s to one inbox can overwrite each other's record.
+    pub fn take_into(&self, p: &Pattern, timeout: Duration, inbox: &str) -> Result<Option<Tuple>> {
+        if inbox.is_empty() || inbox.len() > MAX_INBOX_NAME {
+            return Err(self.invalid(format!(
+                "an inbox name has 1 to {MAX_INBOX_NAME} bytes, not {}",
+                inbox.len()
+            )));
+        }
+        let Some((id, t)) =
+            self.blocking(p, timeout, || self.try_once(p, Some(inbox.as_bytes())))?
+        else {
+            return Ok(None);
+        };
+        let key = bucket_key(p.arity(), first_hash(t.get(0)) % BUCKETS);
+        let mut record = id.to_bytes().to_vec();
+        record.extend_from_slice(&t.encode());
+        if let Err(e) = self.dict.insert(inbox_key(inbox), record) {
+            // Give the tuple back; if that fails too, our death will.
+            if self.update_bucket(&key, Want::Unclaim(id)).is_ok() {
+                self.notify(t.len(), first_hash(t.get(0)));
+            }
+            return Err(e);
+        }
+        match self.update_bucket(&key, Want::Finish(id))? {
+            Some(_) => Ok(Some(t)),
+            None => Err(self.corrupt("a claimed tuple vanished from its bucket")),
+        }
+    }
+
+    /// The tuple that the last [`take_into`](Space::take_into) to `inbox`
+    /// moved there, if any.
+    pub fn inbox(&self, inbox: &str) -> Result<Option<Tuple>> {
+        match self.dict.get(inbox_key(inbox))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(self.decode(v.get(16..).unwrap_or_default())?)),
+        }
+    }
+
+    /// Empties `inbox` and returns what it held. Resolves first a claim
+    /// that a dead taker left for this inbox, so the tuple cannot be both
+    /// re-posted by the caller and rolled back into the space.
+    pub fn clear_inbox(&self, inbox: &str) -> Result<Option<Tuple>> {
+        let Some(t) = self.inbox(inbox)? else {
+            return Ok(None);
+        };
+        if t.len() <= MAX_ARITY {
+            let key = bucket_key(t.len(), first_hash(t.get(0)) % BUCKETS);
+            self.update_bucket(&key, Want::Recover)?;
+        }
+        self.dict.remove(inbox_key(inbox))?;
+        Ok(Some(t))
+    }
+
+    /// The number of tuples in the space (including any a `take_into` is
+    /// moving out at this moment). Reads every bucket of every arity posted
+    /// so far: for monitoring and tests, not hot loops.
+    pub fn len(&self) -> Result<usize> {
+        let map = self.dict.get(ARITIES_KEY)?.unwrap_or_default();
+        let mut n = 0;
+        let mut buf = Vec::new();
+        for arity in 0..=MAX_ARITY {
+            if map.get(arity / 8).is_none_or(|b| b & 1 << (arity % 8) == 0) {
+                continue;
+            }
+            for b in 0..BUCKETS {
+                if self.dict.get_into(bucket_key(arity, b), &mut buf)? {
+                    for e in bucket::entries(&buf) {
+                        e.map_err(|m| self.corrupt(m))?;
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether the space holds no tuples.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// This handle's diagnostic counters.
+    pub fn stats(&self) -> SpaceStats {
+        // Relaxed: statistics.
+        SpaceStats {
+            scans: self.scans.load(Ordering::Relaxed),
+            examined: self.examined.load(Ordering::Relaxed),
+            recovered_claims: self.recovered.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl fmt::Debug for Space {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Space").field("name", &self.name()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An identity word naming no running process: this process's pid with
+    /// another start time (a reused pid is not the original).
+    fn dead_ident() -> u64 {
+        let (pid, start) = crate::sys::self_identity();
+        crate::attach::identity_word(pid, start + 1)
+    }
+
+    fn space() -> Space {
+        Space::from_dict(ShmDict::on_heap(64, 1 << 20))
+    }
+
+    #[test]
+    fn space_and_patterns_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Space>();
+        check::<Pattern>();
+        check::<Tuple>();
+    }
+
+    #[test]
+    fn dead_claims_roll_back_or_complete_from_the_inbox() {
+        let s = space();
+        let (t1, t2) = (crate::tuple!("j", 1), crate::tuple!("j", 2));
+        let key = bucket_key(2, first_hash(t1.get(0)) % BUCKETS);
+        let mut v = Vec::new();
+        // Killed after recording into its inbox: the move completed.
+        bucket::push(&mut v, Id(1, 1), dead_ident(), b"ib", &t1.encode());
+        // Killed before recording: the claim is rolled back.
+        bucket::push(&mut v, Id(1, 2), dead_ident(), b"ib2", &t2.encode());
+        s.register_arity(2).unwrap();
+        s.dict.insert(&key, &v).unwrap();
+        let mut record = Id(1, 1).to_bytes().to_vec();
+        record.extend_from_slice(&t1.encode());
+        s.dict.insert(inbox_key("ib"), record).unwrap();
+        assert_eq!(s.len().unwrap(), 2);
+
+        assert_eq!(
+            s.try_read(&crate::pattern!("j", _)).unwrap(),
+            Some(t2.clone())
+        );
+        assert_eq!(s.stats().recovered_claims, 2);
+        assert_eq!(s.len().unwrap(), 1);
+        assert_eq!(s.try_take(&crate::pattern!("j", _)).unwrap(), Some(t2));
+        assert!(s.is_empty().unwrap());
+        assert_eq!(s.inbox("ib").unwrap(), Some(t1.clone()));
+        assert_eq!(s.clear_inbox("ib").unwrap(), Some(t1));
+        assert_eq!(s.inbox("ib").unwrap(), None);
+    }
+
+    #[test]
+    fn live_claims_are_skipped_and_take_into_completes() {
+        let s = space();
+        let t = crate::tuple!("j", 1);
+        let key = bucket_key(2, first_hash(t.get(0)) % BUCKETS);
+        let mut v = Vec::new();
+        bucket::push(&mut v, Id(1, 1), my_ident(), b"ib", &t.encode());
+        s.register_arity(2).unwrap();
+        s.dict.insert(&key, &v).unwrap();
+        // A live claimant (another thread of ours) is never overruled.
+        assert_eq!(s.try_take(&crate::pattern!("j", _)).unwrap(), None);
+        assert_eq!(s.try_read(&crate::pattern!(_, _)).unwrap(), None);
+        assert_eq!(s.len().unwrap(), 1);
+        s.dict.remove(&key).unwrap();
+
+        s.out(t.clone()).unwrap();
+        let got = s
+            .take_into(&crate::pattern!("j", _), Duration::ZERO, "me")
+            .unwrap();
+        assert_eq!(got, Some(t.clone()));
+        assert_eq!(s.inbox("me").unwrap(), Some(t));
+        assert!(s.is_empty().unwrap());
+        assert_eq!(s.stats().recovered_claims, 0);
+    }
+
+    #[test]
+    fn a_corrupt_bucket_is_an_error_not_a_panic() {
+        let s = space();
+        s.register_arity(2).unwrap();
+        let key = bucket_key(2, first_hash(Some(&Field::from("j"))) % BUCKETS);
+        // Truncated entries, a huge length, a well-formed entry whose tuple
+        // does not decode.
+        for (junk, entries_ok) in [
+            (&b"x"[..], false),
+            (&[0xff; 40][..], false),
+            (&[0; 30][..], true),
+        ] {
+            s.dict.insert(&key, junk).unwrap();
+            let r = s.try_take(&crate::pattern!("j", _));
+            assert!(matches!(r, Err(Error::Corrupt { .. })), "{junk:?}: {r:?}");
+            assert!(s.try_read(&crate::pattern!(_, _)).is_err());
+            assert_eq!(s.len().is_ok(), entries_ok);
+        }
+    }
+}
