@@ -128,12 +128,12 @@
 //!
 //! # Waiting
 //!
-//! A blocked `take` or `read` sleeps on one of the dictionary's 128 futex
+//! A blocked `take` or `read` sleeps on one of the dictionary's 1024 futex
 //! channels (see "Waiting" in `docs/design.md`), chosen by a wake-up hash:
 //! of (arity, first field) for a pattern with an exact first field, of the
 //! arity alone otherwise. `out` wakes both channels of its tuple. So a
 //! blocked take is woken only by tuples of its arity (and first field, if
-//! fixed), except for the remaining false sharing of 128 channels among all
+//! fixed), except for the remaining false sharing of 1024 channels among all
 //! (arity, first field) pairs and the dictionary's own keys (every write of
 //! a bucket key also notifies that key's channel): an unrelated write on
 //! the same channel costs one spurious wake-up and re-check. Waiters on the
