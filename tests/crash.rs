@@ -103,22 +103,6 @@ fn main() {
     common::run(trials, child_main);
 }
 
-/// Waits (polling, with a watchdog) until `key` is present in `d`, failing
-/// early if `p` exits. Polls rather than using `wait_for`, so the trials of
-/// `wait_for` do not depend on it to set themselves up.
-fn await_key(d: &ShmDict, key: &str, p: &mut Proc) {
-    let deadline = Instant::now() + WATCHDOG;
-    while !d.contains_key(key).expect("contains_key") {
-        p.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "watchdog: {} never wrote {key}",
-            p.label
-        );
-        thread::sleep(Duration::from_micros(200));
-    }
-}
-
 /// A clock's reading in nanoseconds. `CLOCK_MONOTONIC` is comparable across
 /// processes of one boot (unlike `std::time::Instant`'s opaque values).
 fn clock_ns(clock: libc::clockid_t) -> u64 {

@@ -26,32 +26,17 @@
 //! watchdog; no test asserts a maximum duration.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Trial};
+mod common;
+
+use common::*;
 use shmdict::space::{Field, FieldKind, Match, Space, Tuple, Worker, PANIC_EXIT_CODE};
 use shmdict::{pattern, tuple, Error, ShmDict};
 
-const CHILD_FLAG: &str = "--shmdict-child";
-/// Turns a hang into a failure; never reached by a run that works.
-const WATCHDOG: Duration = Duration::from_secs(120);
-
 fn main() {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some(CHILD_FLAG) {
-        let role = argv.get(2).expect("child role").clone();
-        child_main(&role, &argv[3..]);
-        return;
-    }
-    let mut args = Arguments::from_args();
-    if args.test_threads.is_none() {
-        args.test_threads = Some(1);
-    }
     let trials: Vec<(&str, fn())> = vec![
         (
             "patterns_select_by_value_kind_predicate_and_arity",
@@ -83,45 +68,12 @@ fn main() {
         ),
         ("eval_workers_run_and_report_panics", eval_workers),
     ];
-    let trials = trials
-        .into_iter()
-        .map(|(name, f)| {
-            Trial::test(name, move || {
-                f();
-                Ok(())
-            })
-        })
-        .collect();
-    libtest_mimic::run(&args, trials).exit();
+    common::run(trials, child_main);
 }
 
 // ---------------------------------------------------------------------------
 // Guards and helpers
 // ---------------------------------------------------------------------------
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A unique segment name, unlinked when dropped.
-struct Segment(String);
-
-impl Segment {
-    fn new(tag: &str) -> Segment {
-        Segment(format!(
-            "shmdict-test-space-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ))
-    }
-    fn name(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for Segment {
-    fn drop(&mut self) {
-        let _ = ShmDict::unlink(&self.0);
-    }
-}
 
 fn create_space(seg: &Segment) -> Space {
     let dict = ShmDict::options()
@@ -140,166 +92,6 @@ fn create_ctl(seg: &Segment) -> ShmDict {
         .create_new(true)
         .open(seg.name())
         .unwrap_or_else(|e| panic!("create {}: {e}", seg.name()))
-}
-
-/// A child process running a role of this binary; SIGKILLed and reaped on
-/// drop if it still runs.
-struct Proc {
-    label: String,
-    child: Child,
-    status: Option<ExitStatus>,
-    stderr: Option<thread::JoinHandle<String>>,
-}
-
-impl Proc {
-    fn spawn(label: impl Into<String>, role: &str, args: &[&str]) -> Proc {
-        let label = label.into();
-        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .arg(CHILD_FLAG)
-            .arg(role)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {label}: {e}"));
-        let mut pipe = child.stderr.take().expect("piped stderr");
-        let stderr = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        });
-        Proc {
-            label,
-            child,
-            status: None,
-            stderr: Some(stderr),
-        }
-    }
-
-    fn poll(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("try_wait");
-        }
-        self.status
-    }
-
-    fn assert_running(&mut self) {
-        if self.poll().is_some() {
-            panic!("{}", self.describe_failure());
-        }
-    }
-
-    fn kill(&mut self) {
-        if self.poll().is_none() {
-            let _ = self.child.kill();
-            self.status = Some(self.child.wait().expect("wait"));
-        }
-    }
-
-    fn describe_failure(&mut self) -> String {
-        let status = self
-            .status
-            .map_or("still running".into(), |s| s.to_string());
-        let stderr = self
-            .stderr
-            .take()
-            .map(|h| h.join().unwrap_or_default())
-            .unwrap_or_default();
-        format!("{} failed ({status}); its stderr:\n{stderr}", self.label)
-    }
-
-    /// Waits (with the watchdog) for a successful exit.
-    fn wait_ok(&mut self) {
-        wait_all(std::slice::from_mut(self));
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Waits for every child to exit successfully; fails (killing the others)
-/// as soon as one fails, or if any still runs after the watchdog.
-fn wait_all(procs: &mut [Proc]) {
-    let deadline = Instant::now() + WATCHDOG;
-    loop {
-        let mut running = 0;
-        for i in 0..procs.len() {
-            match procs[i].poll() {
-                None => running += 1,
-                Some(s) if s.success() => {}
-                Some(_) => {
-                    for p in procs.iter_mut() {
-                        p.kill();
-                    }
-                    panic!("{}", procs[i].describe_failure());
-                }
-            }
-        }
-        if running == 0 {
-            return;
-        }
-        if Instant::now() > deadline {
-            for p in procs.iter_mut() {
-                p.kill();
-            }
-            panic!("watchdog: children still running after {WATCHDOG:?}; killed");
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Runs `f` on another thread; fails if it does not finish within the
-/// watchdog.
-fn with_watchdog<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(WATCHDOG) {
-        Ok(v) => {
-            let _ = handle.join();
-            v
-        }
-        Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
-            Err(panic) => std::panic::resume_unwind(panic),
-            Ok(()) => unreachable!("sender dropped without sending"),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("watchdog: {what} did not finish within {WATCHDOG:?}")
-        }
-    }
-}
-
-/// Polls (with the watchdog) until `key` is in `ctl`, failing early if `p`
-/// exits.
-fn await_key(ctl: &ShmDict, key: &str, p: &mut Proc) {
-    let deadline = Instant::now() + WATCHDOG;
-    while !ctl.contains_key(key).expect("contains_key") {
-        p.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "watchdog: {} never wrote {key}",
-            p.label
-        );
-        thread::sleep(Duration::from_micros(200));
-    }
-}
-
-/// Deterministic pseudo-random numbers (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
 }
 
 fn u64_at(ctl: &ShmDict, key: &str) -> u64 {

@@ -84,7 +84,11 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
-    pub(crate) fn spawn(label: impl Into<String>, role: &str, args: &[String]) -> Proc {
+    pub(crate) fn spawn<S: AsRef<std::ffi::OsStr>>(
+        label: impl Into<String>,
+        role: &str,
+        args: &[S],
+    ) -> Proc {
         let label = label.into();
         let mut child = Command::new(std::env::current_exe().expect("current_exe"))
             .arg(CHILD_FLAG)
@@ -115,6 +119,11 @@ impl Proc {
             self.status = self.child.try_wait().expect("try_wait");
         }
         self.status
+    }
+
+    /// Waits for this child to exit successfully (see [`wait_all`]).
+    pub(crate) fn wait_ok(&mut self) {
+        wait_all(std::slice::from_mut(self));
     }
 
     /// Panics with the child's stderr if it has exited (it should not have).
@@ -362,4 +371,20 @@ pub(crate) fn signal(p: &Proc, sig: i32) {
     // not yet reaped child, so it names no other process.
     let rc = unsafe { libc::kill(pid, sig) };
     assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// Waits (polling, with a watchdog) until `key` is present in `d`, failing
+/// early if `p` exits. Polls rather than using `wait_for`, so the trials of
+/// `wait_for` do not depend on it to set themselves up.
+pub(crate) fn await_key(d: &ShmDict, key: &str, p: &mut Proc) {
+    let deadline = Instant::now() + WATCHDOG;
+    while !d.contains_key(key).expect("contains_key") {
+        p.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: {} never wrote {key}",
+            p.label
+        );
+        thread::sleep(Duration::from_micros(200));
+    }
 }
