@@ -589,7 +589,6 @@ impl ShmDict {
     }
 }
 
-
 impl Drop for ShmDict {
     fn drop(&mut self) {
         attach::detach(&self.region, self.attach_index, self.ident);

@@ -21,6 +21,8 @@ mod layout;
 mod locks;
 mod lockword;
 mod name;
+#[cfg(not(loom))]
+pub mod pool;
 mod prim;
 mod region;
 #[cfg(not(loom))]

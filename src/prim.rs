@@ -392,7 +392,6 @@ impl Drop for Segment {
     }
 }
 
-
 /// Attaches to the segment `name` if it exists and matches `spec`, or
 /// creates it (header, then `init` on the data, then publication).
 #[cfg(not(loom))]
