@@ -43,6 +43,7 @@ pub struct ShmDict {
 pub struct Options {
     capacity: Option<usize>,
     arena_bytes: Option<usize>,
+    create: bool,
     create_new: bool,
     mode: u32,
 }
@@ -81,6 +82,7 @@ impl Default for Options {
         Options {
             capacity: None,
             arena_bytes: None,
+            create: true,
             create_new: false,
             mode: 0o600,
         }
@@ -100,6 +102,15 @@ impl Options {
     /// committed only when first written. Ignored when attaching.
     pub fn arena_bytes(mut self, bytes: usize) -> Options {
         self.arena_bytes = Some(bytes);
+        self
+    }
+
+    /// Whether a missing segment is created (default `true`). With `false`,
+    /// `open` only attaches: `Error::NotFound` if there is no segment of that
+    /// name (for workers that must not start on an empty dictionary after
+    /// the name was removed).
+    pub fn create(mut self, yes: bool) -> Options {
+        self.create = yes;
         self
     }
 
@@ -130,10 +141,16 @@ impl Options {
                 reason: format!("mode {:#o} has bits outside 0o7777", self.mode),
             });
         }
+        if self.create_new && !self.create {
+            return Err(Error::InvalidArgument {
+                segment: name.to_owned(),
+                reason: "create_new(true) contradicts create(false)".into(),
+            });
+        }
         if !self.create_new {
             match sys::open_existing(name) {
                 Ok((file, len)) => return ShmDict::attach_file(name, &file, len),
-                Err(Error::NotFound { .. }) => {}
+                Err(Error::NotFound { .. }) if self.create => {}
                 Err(e) => return Err(e),
             }
         }

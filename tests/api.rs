@@ -299,6 +299,29 @@ fn create_new_on_an_existing_name_is_already_exists() {
 }
 
 #[test]
+fn create_false_only_attaches() {
+    let seg = Segment::new("attach-only");
+    let r = ShmDict::options().create(false).open(seg.name());
+    assert!(
+        matches!(r, Err(Error::NotFound { .. })),
+        "attach-only open of a missing name: {r:?}"
+    );
+    assert!(!seg.path().exists(), "nothing was created");
+    let d = create(&seg, 8, 1 << 16);
+    d.insert("a", "1").unwrap();
+    let again = ShmDict::options().create(false).open(seg.name()).unwrap();
+    assert_eq!(again.get("a").unwrap().as_deref(), Some(&b"1"[..]));
+    let r = ShmDict::options()
+        .create(false)
+        .create_new(true)
+        .open(seg.name());
+    assert!(
+        matches!(r, Err(Error::InvalidArgument { .. })),
+        "contradictory options: {r:?}"
+    );
+}
+
+#[test]
 fn unlink_of_a_missing_name_is_not_found() {
     let name = unique("missing");
     assert!(matches!(

@@ -390,19 +390,17 @@ fn existing(name: &str) -> Result<SegmentInfo, Failure> {
     })
 }
 
-/// Attaches to an existing dictionary; never creates one.
-// TODO(lead): with an attach-only `Options::create(false)` the window
-// between the check and the open (where a removed name would be created
-// anew) would close.
+/// Attaches to an existing dictionary; never creates one (even if the name
+/// is removed between the check and the open).
 fn open_existing(name: &str) -> Result<ShmDict, Failure> {
     existing(name)?;
-    Ok(ShmDict::open(name)?)
+    Ok(ShmDict::options().create(false).open(name)?)
 }
 
 /// Attaches to a dictionary, creating it only with --create.
 fn open_for_writing(name: &str, c: &CreateArgs) -> Result<ShmDict, Failure> {
     match existing(name) {
-        Ok(_) => Ok(ShmDict::open(name)?),
+        Ok(_) => Ok(ShmDict::options().create(false).open(name)?),
         Err(_) if c.create => {
             let mut o = ShmDict::options();
             if let Some(n) = c.capacity {
