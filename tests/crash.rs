@@ -168,17 +168,12 @@ fn child_main(role: &str, args: &[String]) {
 // ---------------------------------------------------------------------------
 
 const KILL_ROUNDS: u64 = 40;
-const KILL_KEYS: u8 = 16;
 const KILL_MAX_OPS: u64 = 50_000_000;
 /// Accounts `acct-0..acct-7`; their sum is [`TOTAL`] for every locker.
 const ACCTS: u64 = 8;
 const TOTAL: u64 = ACCTS * 1000;
 /// Journal of a transfer made under `lock()`.
 const DICT_JOURNAL: &str = "journal";
-
-fn kill_key(k: u8) -> String {
-    format!("kill-{k}")
-}
 
 fn acct(i: u64) -> String {
     format!("acct-{i}")
@@ -491,42 +486,6 @@ fn recover_transfers(d: &ShmDict, round: u64, stats: &mut KillStats) {
     let kg = d.lock_keys(&all_accts()).expect("lock_keys again");
     assert!(!kg.recovered(), "round {round}: key locks recovered twice");
     assert_eq!(acct_sum(d), TOTAL);
-}
-
-/// Every key can be written again: this waits for (and must recover) any
-/// slot or lock word the dead worker held.
-fn write_everything(d: &ShmDict, round: u64) {
-    let seq = (round + 1) << 48;
-    for k in 0..KILL_KEYS {
-        let key = kill_key(k);
-        let v1 = checked_value(k, seq + k as u64);
-        d.insert(&key, &v1).expect("insert after kill");
-        let v2 = checked_value(k, seq + 1000 + k as u64);
-        let stored = d
-            .update(&key, |old| {
-                assert_eq!(
-                    old,
-                    Some(v1.as_slice()),
-                    "round {round}: update sees insert"
-                );
-                Some(v2.clone())
-            })
-            .expect("update after kill");
-        assert_eq!(stored, Some(v2.clone()));
-        assert!(d.remove(&key).expect("remove after kill"));
-        assert!(!d.contains_key(&key).unwrap());
-        d.insert(&key, &v2).expect("re-insert after kill");
-        assert_eq!(d.get(&key).unwrap(), Some(v2));
-    }
-    let ctr = u64_of(&d.update("ctr", incr).expect("update").unwrap());
-    d.insert("ctr-seen", ctr.to_le_bytes()).expect("insert");
-    for i in 0..64 {
-        d.insert(format!("fresh-{round}-{i}"), [i as u8; 100])
-            .expect("insert new key after kill");
-    }
-    for i in 0..64 {
-        assert!(d.remove(format!("fresh-{round}-{i}")).expect("remove"));
-    }
 }
 
 fn after_kill(d: &ShmDict, round: u64, mut stats: KillStats) -> KillStats {

@@ -388,3 +388,50 @@ pub(crate) fn await_key(d: &ShmDict, key: &str, p: &mut Proc) {
         thread::sleep(Duration::from_micros(200));
     }
 }
+
+// --- The keys of the SIGKILL scenarios ---
+
+/// Keys `kill-0..kill-15` hold self-checking values in the kill scenarios.
+pub(crate) const KILL_KEYS: u8 = 16;
+
+pub(crate) fn kill_key(k: u8) -> String {
+    format!("kill-{k}")
+}
+
+/// After a kill: every key can be written again (this waits for, and must
+/// recover, any slot or lock word the dead process held); new keys can be
+/// inserted and removed. Returns the counter "ctr" after one more increment.
+pub(crate) fn write_everything(d: &ShmDict, round: u64) -> u64 {
+    let seq = (round + 1) << 48;
+    for k in 0..KILL_KEYS {
+        let key = kill_key(k);
+        let v1 = checked_value(k, seq + k as u64);
+        d.insert(&key, &v1).expect("insert after kill");
+        let v2 = checked_value(k, seq + 1000 + k as u64);
+        let stored = d
+            .update(&key, |old| {
+                assert_eq!(
+                    old,
+                    Some(v1.as_slice()),
+                    "round {round}: update sees insert"
+                );
+                Some(v2.clone())
+            })
+            .expect("update after kill");
+        assert_eq!(stored, Some(v2.clone()));
+        assert!(d.remove(&key).expect("remove after kill"));
+        assert!(!d.contains_key(&key).unwrap());
+        d.insert(&key, &v2).expect("re-insert after kill");
+        assert_eq!(d.get(&key).unwrap(), Some(v2));
+    }
+    let ctr = u64_of(&d.update("ctr", incr).expect("update").unwrap());
+    d.insert("ctr-seen", ctr.to_le_bytes()).expect("insert");
+    for i in 0..64 {
+        d.insert(format!("fresh-{round}-{i}"), [i as u8; 100])
+            .expect("insert new key after kill");
+    }
+    for i in 0..64 {
+        assert!(d.remove(format!("fresh-{round}-{i}")).expect("remove"));
+    }
+    ctr
+}
