@@ -148,6 +148,8 @@ impl Options {
             });
         }
         if !self.create_new {
+            // Attach first: the options' geometry is ignored (and not even
+            // validated) when the segment exists.
             match sys::open_existing(name) {
                 Ok((file, len)) => return ShmDict::attach_file(name, &file, len),
                 Err(Error::NotFound { .. }) if self.create => {}
@@ -155,10 +157,12 @@ impl Options {
             }
         }
         let geo = self.geometry(name)?;
-        // A name can be unlinked between our failed create and our open; a
-        // few rounds settle any such race.
-        for _ in 0..16 {
-            let created = sys::create_segment(name, self.mode, geo.total_bytes, |r| {
+        sys::create_or_attach(
+            name,
+            self.mode,
+            geo.total_bytes,
+            self.create_new,
+            |r| {
                 crate::locks::init(r).map_err(|rc| {
                     Error::io(
                         name,
@@ -168,26 +172,10 @@ impl Options {
                 })?;
                 geo.write_header(r)
                     .ok_or_else(|| Error::corrupt(name, "new segment too small for its header"))
-            })?;
-            if let Some((_file, region)) = created {
-                return ShmDict::attach_region(name, region, geo);
-            }
-            if self.create_new {
-                return Err(Error::AlreadyExists {
-                    segment: name.to_owned(),
-                });
-            }
-            match sys::open_existing(name) {
-                Ok((file, len)) => return ShmDict::attach_file(name, &file, len),
-                Err(Error::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::io(
-            name,
-            "open",
-            std::io::Error::other("the name was created and removed repeatedly by other processes"),
-        ))
+            },
+            |region| ShmDict::attach_region(name, region, geo),
+            |file, len| ShmDict::attach_file(name, file, len),
+        )
     }
 
     #[cfg(not(loom))]

@@ -408,17 +408,12 @@ pub(crate) fn open(
             reason: format!("mode {:#o} has bits outside 0o7777", opts.mode),
         });
     }
-    if !opts.create_new {
-        match sys::open_existing(name) {
-            Ok((file, len)) => return attach_file(name, spec, &file, len),
-            Err(Error::NotFound { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    // A name can be unlinked between our failed create and our open; a few
-    // rounds settle any such race.
-    for _ in 0..16 {
-        let created = sys::create_segment(name, opts.mode, spec.total_bytes(), |r| {
+    sys::create_or_attach(
+        name,
+        opts.mode,
+        spec.total_bytes(),
+        opts.create_new,
+        |r| {
             if r.len() < spec.total_bytes() {
                 return Err(Error::corrupt(name, "new segment shorter than its layout"));
             }
@@ -426,26 +421,10 @@ pub(crate) fn open(
             init(r);
             spec.write_header(r);
             Ok(())
-        })?;
-        if let Some((_file, region)) = created {
-            return attach_region(name, region);
-        }
-        if opts.create_new {
-            return Err(Error::AlreadyExists {
-                segment: name.to_owned(),
-            });
-        }
-        match sys::open_existing(name) {
-            Ok((file, len)) => return attach_file(name, spec, &file, len),
-            Err(Error::NotFound { .. }) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Error::io(
-        name,
-        "open",
-        std::io::Error::other("the name was created and removed repeatedly by other processes"),
-    ))
+        },
+        |region| attach_region(name, region),
+        |file, len| attach_file(name, spec, file, len),
+    )
 }
 
 #[cfg(not(loom))]

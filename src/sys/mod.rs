@@ -108,6 +108,52 @@ pub(crate) fn create_segment(
     result
 }
 
+/// Opens the segment `name`, creating it first if it does not exist (or,
+/// with `create_new`, only creating it: `AlreadyExists` if it exists).
+///
+/// A new segment is `len` bytes with permission bits `mode`, initialized by
+/// `init` before publication (see [`create_segment`]) and handed to
+/// `created`; an existing one is handed to `existing` with its size. A name
+/// can be removed between a failed creation and the open that follows; a few
+/// rounds settle any such race.
+pub(crate) fn create_or_attach<T>(
+    name: &str,
+    mode: u32,
+    len: u64,
+    create_new: bool,
+    init: impl Fn(&Region) -> Result<()>,
+    created: impl FnOnce(Region) -> Result<T>,
+    existing: impl FnOnce(&File, u64) -> Result<T>,
+) -> Result<T> {
+    if !create_new {
+        match open_existing(name) {
+            Ok((file, size)) => return existing(&file, size),
+            Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for _ in 0..16 {
+        if let Some((_file, region)) = create_segment(name, mode, len, &init)? {
+            return created(region);
+        }
+        if create_new {
+            return Err(Error::AlreadyExists {
+                segment: name.to_owned(),
+            });
+        }
+        match open_existing(name) {
+            Ok((file, size)) => return existing(&file, size),
+            Err(Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::io(
+        name,
+        "open",
+        io::Error::other("the name was created and removed repeatedly by other processes"),
+    ))
+}
+
 /// An unnamed file in /dev/shm, or one with a private temporary name.
 fn create_unnamed(name: &str) -> Result<(OwnedFd, Option<String>)> {
     // Create with no permissions: fchmod sets `mode` exactly afterwards, so the
