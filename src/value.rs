@@ -249,6 +249,8 @@ impl<T: Pod> Value<T> {
         if self.buffered {
             self.locked(|| self.publish(&v));
         } else {
+            // SeqCst: every operation on a small Value is sequentially
+            // consistent, like a std atomic used with SeqCst throughout.
             store_bits(&self.seg.region, Self::SIZE, to_bits(&v), Ordering::SeqCst);
         }
     }
@@ -454,6 +456,7 @@ fn cas_bits(_: &crate::region::Region, _: u64, _: u64, _: u64) -> Result<u64, u6
 
 #[cfg(not(loom))]
 fn load_bits(r: &crate::region::Region, size: u64) -> u64 {
+    // SeqCst: as in `Value::store`.
     let o = Ordering::SeqCst;
     match size {
         1 => data_atomic::<AtomicU8>(r).load(o) as u64,
@@ -477,6 +480,7 @@ fn store_bits(r: &crate::region::Region, size: u64, bits: u64, o: Ordering) {
 
 #[cfg(not(loom))]
 fn swap_bits(r: &crate::region::Region, size: u64, bits: u64) -> u64 {
+    // SeqCst: as in `Value::store`.
     let o = Ordering::SeqCst;
     match size {
         1 => data_atomic::<AtomicU8>(r).swap(bits as u8, o) as u64,
