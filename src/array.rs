@@ -33,7 +33,8 @@ use std::ops::{Deref, DerefMut, Range};
 use bytemuck::Pod;
 
 use crate::error::{Error, Result};
-use crate::prim::{self, Create, Segment, Spec, KIND_ARRAY};
+use crate::owner::Registration;
+use crate::prim::{self, Create, Local, Segment, Spec, KIND_ARRAY};
 use crate::rwlock::{self, ClaimError, Mode};
 
 /// Header value of `P_REPR` for arrays.
@@ -222,7 +223,8 @@ impl<T: Pod> Array<T> {
     /// Shared access to all elements, without copying: waits while a
     /// writer or chunk holder is active, then shares with other readers.
     pub fn read(&self) -> ReadGuard<'_, T> {
-        let (r, l) = (&self.seg.region, &self.seg.local);
+        let reg = self.seg.enter();
+        let (r, l) = (&self.seg.region, &reg.local);
         let recovered = rwlock::acquire_shared(r, l, Mode::Read);
         // SAFETY: we hold a shared hold in read mode until the guard drops
         // it, after the slice's last use (the guard owns both and hands out
@@ -233,6 +235,7 @@ impl<T: Pod> Array<T> {
         let data = unsafe { prim::elems::<T>(r, self.len, 0, self.len) };
         ReadGuard {
             array: self,
+            reg,
             data: data.unwrap_or(&[]),
             recovered,
         }
@@ -241,7 +244,8 @@ impl<T: Pod> Array<T> {
     /// Exclusive access to all elements, without copying: waits until no
     /// other guard is held anywhere.
     pub fn write(&self) -> WriteGuard<'_, T> {
-        let (r, l) = (&self.seg.region, &self.seg.local);
+        let reg = self.seg.enter();
+        let (r, l) = (&self.seg.region, &reg.local);
         let recovered = rwlock::acquire_exclusive(r, l);
         // SAFETY: we hold the exclusive lock until the guard releases it,
         // after the slice's last use. While it is held no other shared or
@@ -250,6 +254,7 @@ impl<T: Pod> Array<T> {
         let data = unsafe { prim::elems_mut::<T>(r, self.len, 0, self.len) };
         WriteGuard {
             array: self,
+            reg,
             data: data.unwrap_or(&mut []),
             recovered,
         }
@@ -303,7 +308,8 @@ impl<T: Pod> Array<T> {
                 ),
             });
         }
-        let (r, l) = (&self.seg.region, &self.seg.local);
+        let reg = self.seg.enter();
+        let (r, l) = (&self.seg.region, &reg.local);
         let (start, end) = (range.start as u64, range.end as u64);
         let (slot, recovered) = match rwlock::acquire_range(r, l, start, end) {
             Ok(held) => held,
@@ -324,6 +330,7 @@ impl<T: Pod> Array<T> {
         let data = unsafe { prim::elems_mut::<T>(r, self.len, start, end - start) };
         Ok(ChunkGuard {
             array: self,
+            reg,
             data: data.unwrap_or(&mut []),
             start: range.start,
             slot,
@@ -346,6 +353,9 @@ impl<T> fmt::Debug for Array<T> {
 /// points into the shared mapping. Releases the shared lock when dropped.
 pub struct ReadGuard<'a, T> {
     array: &'a Array<T>,
+    /// The registration the lock was taken under: a copy of the guard
+    /// inherited through `fork` releases nothing (see `owner.rs`).
+    reg: &'a Registration<Local>,
     data: &'a [T],
     recovered: bool,
 }
@@ -368,7 +378,9 @@ impl<T> Deref for ReadGuard<'_, T> {
 
 impl<T> Drop for ReadGuard<'_, T> {
     fn drop(&mut self) {
-        rwlock::release_shared(&self.array.seg.region, &self.array.seg.local);
+        if self.reg.is_ours() {
+            rwlock::release_shared(&self.array.seg.region, &self.reg.local);
+        }
     }
 }
 
@@ -386,6 +398,9 @@ impl<T> fmt::Debug for ReadGuard<'_, T> {
 /// which points into the shared mapping. Releases the lock when dropped.
 pub struct WriteGuard<'a, T> {
     array: &'a Array<T>,
+    /// The registration the lock was taken under: a copy of the guard
+    /// inherited through `fork` releases nothing (see `owner.rs`).
+    reg: &'a Registration<Local>,
     data: &'a mut [T],
     recovered: bool,
 }
@@ -416,7 +431,9 @@ impl<T> DerefMut for WriteGuard<'_, T> {
 
 impl<T> Drop for WriteGuard<'_, T> {
     fn drop(&mut self) {
-        rwlock::release_exclusive(&self.array.seg.region, &self.array.seg.local);
+        if self.reg.is_ours() {
+            rwlock::release_exclusive(&self.array.seg.region, &self.reg.local);
+        }
     }
 }
 
@@ -435,6 +452,9 @@ impl<T> fmt::Debug for WriteGuard<'_, T> {
 /// from 0. Releases the claim and the shared lock when dropped.
 pub struct ChunkGuard<'a, T> {
     array: &'a Array<T>,
+    /// The registration the lock was taken under: a copy of the guard
+    /// inherited through `fork` releases nothing (see `owner.rs`).
+    reg: &'a Registration<Local>,
     data: &'a mut [T],
     start: usize,
     slot: Option<u64>,
@@ -477,8 +497,9 @@ impl<T> DerefMut for ChunkGuard<'_, T> {
 
 impl<T> Drop for ChunkGuard<'_, T> {
     fn drop(&mut self) {
-        let (r, l) = (&self.array.seg.region, &self.array.seg.local);
-        rwlock::release_range(r, l, self.slot);
+        if self.reg.is_ours() {
+            rwlock::release_range(&self.array.seg.region, &self.reg.local, self.slot);
+        }
     }
 }
 

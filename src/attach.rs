@@ -14,10 +14,34 @@
 //! | 0    | 23..64 | its start time in clock ticks after boot, truncated |
 //! | 1    | 0..64  | generation, incremented on every claim              |
 //! | 2    | 0..64  | write operations of this handle in flight (`gate`)  |
-//! | 3..8 |        | reserved (zero)                                     |
+//! | 3    | 0..64  | inode of the process's pid namespace (0: unknown)   |
+//! | 4..8 |        | per kind of segment (zero when claimed)             |
 //!
 //! A token is `index | (generation mod 2^11) << 12`: 23 bits. A token whose
 //! generation no longer matches its entry belongs to a handle that is gone.
+//!
+//! # Who is alive: facts the kernel keeps
+//!
+//! The owner of entry `i` holds an exclusive OFD lock on byte `1 + i` of the
+//! segment file through its handle's own open file description
+//! (`sys/ofd.rs`), taken *before* it writes the entry and released after it
+//! clears it. The kernel releases the lock when the owner's description is
+//! closed, so when its process dies, in whatever pid namespace, with
+//! whatever /proc visibility. So:
+//!
+//! - claiming entry `i` *is* taking that lock (never waiting): whoever gets
+//!   it owns the entry, and whatever the entry still says belongs to a dead
+//!   or departed owner;
+//! - an entry is alive while another description holds its byte; free means
+//!   dead. The pid and start time are only a second opinion that can declare
+//!   death, never life: when they *prove* the owner exited (same pid
+//!   namespace, and `kill(pid, 0)` says no such process or the pid was
+//!   reused; see `sys::process_gone`), the entry is dead even if its lock is
+//!   still held (a forked child that could not be given its own
+//!   description still holds the parent's). "Cannot tell" is never "dead".
+//!
+//! Regions without a file (heap regions in unit tests) use the second
+//! opinion alone; loom models use [`LOOM_DEAD_IDENTITY`].
 
 use crate::layout::{ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, HEADER_BYTES};
 use crate::region::Region;
@@ -25,6 +49,8 @@ use crate::sync::{AtomicU64, Ordering};
 
 /// Byte offset, inside an entry, of the count of write operations in flight.
 pub(crate) const E_ACTIVE: u64 = 16;
+/// Byte offset, inside an entry, of the owner's pid namespace inode.
+pub(crate) const E_PIDNS: u64 = 24;
 
 const PID_BITS: u32 = 23;
 const PID_MASK: u64 = (1 << PID_BITS) - 1;
@@ -63,14 +89,58 @@ impl Token {
 #[derive(Debug)]
 pub(crate) struct Holder {
     pub(crate) token: Token,
+    /// How this handle asks the kernel about other entries.
+    pub(crate) lock_fd: LockFd,
     /// Process-local, never in the segment.
     holds: AtomicU64,
 }
 
+/// A handle's view of the entries' OFD locks: its own open file description
+/// of the segment (none for heap regions and loom models) and its own entry,
+/// which it never asks about (the kernel does not report a description's own
+/// locks to it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LockFd {
+    #[cfg(not(loom))]
+    fd: Option<std::os::fd::RawFd>,
+    own: u64,
+}
+
+impl LockFd {
+    /// No file: liveness from the pid check alone (heap regions, loom).
+    pub(crate) const NONE: LockFd = LockFd {
+        #[cfg(not(loom))]
+        fd: None,
+        own: u64::MAX,
+    };
+
+    /// The descriptor `fd` of a handle whose entry is `own` (`u64::MAX`: none).
+    ///
+    /// The descriptor must stay open for as long as this value is used.
+    #[cfg(not(loom))]
+    pub(crate) fn new(fd: std::os::fd::RawFd, own: u64) -> LockFd {
+        LockFd { fd: Some(fd), own }
+    }
+
+    #[cfg(not(loom))]
+    fn borrowed(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        // SAFETY: `new`'s caller keeps the descriptor open while this value
+        // is used (a handle keeps its file for as long as its holders live).
+        self.fd
+            .map(|fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+    }
+}
+
 impl Holder {
+    #[cfg(any(test, loom))]
     pub(crate) fn new(token: Token) -> Holder {
+        Holder::with_lock_fd(token, LockFd::NONE)
+    }
+
+    pub(crate) fn with_lock_fd(token: Token, lock_fd: LockFd) -> Holder {
         Holder {
             token,
+            lock_fd,
             holds: AtomicU64::new(0),
         }
     }
@@ -103,7 +173,7 @@ pub(crate) fn holder_dead(r: &Region, me: &Holder, t: Token) -> bool {
         // Acquire: pairs with `begin_hold`/`end_hold`.
         me.holds.load(Ordering::Acquire) == 0
     } else {
-        !token_alive(r, t)
+        !token_alive(r, me.lock_fd, t)
     }
 }
 
@@ -149,53 +219,131 @@ pub(crate) fn entry_off(index: u64) -> u64 {
 #[cfg(loom)]
 pub(crate) const LOOM_DEAD_IDENTITY: u64 = u64::MAX;
 
-/// Whether the process named by an identity word still runs.
-pub(crate) fn identity_alive(ident: u64) -> bool {
+/// Whether the process named by an identity word may still run: `false`
+/// only if it provably exited (see `sys::process_gone`; `ns` is the pid
+/// namespace its entry records). For regions without a file.
+pub(crate) fn identity_alive(ident: u64, ns: u64) -> bool {
     if ident == 0 {
         return false;
     }
     #[cfg(loom)]
     {
+        let _ = ns;
         ident != LOOM_DEAD_IDENTITY
     }
     #[cfg(not(loom))]
     {
-        crate::sys::process_alive((ident & PID_MASK) as u32, ident >> PID_BITS, START_MASK)
+        !crate::sys::process_gone((ident & PID_MASK) as u32, ident >> PID_BITS, START_MASK, ns)
     }
 }
 
-/// Claims a free entry for a handle of the process `ident`. If the table is
-/// full, entries of dead processes are reclaimed first. `None` if every entry
-/// belongs to a live process.
-pub(crate) fn attach(r: &Region, ident: u64) -> Option<(u64, Token)> {
+/// Whether entry `index` belongs to a live handle (see the module doc): its
+/// byte is locked by another open file description and its process did not
+/// provably exit. The asker's own entry is alive.
+pub(crate) fn entry_alive(r: &Region, fd: LockFd, index: u64) -> bool {
+    let off = entry_off(index);
+    let Some(w) = r.word(off) else { return false };
+    // Acquire: pairs with the claim in `attach`.
+    let ident = w.load(Ordering::Acquire);
+    if ident == 0 {
+        return false;
+    }
+    if index == fd.own {
+        return true;
+    }
+    // Relaxed: written with the claim, before the identity's Release.
+    let ns = r
+        .word(off + E_PIDNS)
+        .map_or(0, |w| w.load(Ordering::Relaxed));
+    #[cfg(not(loom))]
+    if let Some(f) = fd.borrowed() {
+        return match crate::sys::ofd::held_by_other(f, crate::sys::ofd::entry_byte(index)) {
+            Ok(false) => false,
+            // Held, or the kernel would not say: alive unless proven gone.
+            Ok(true) | Err(_) => identity_alive(ident, ns),
+        };
+    }
+    identity_alive(ident, ns)
+}
+
+/// Claims a free entry for a handle of the process `ident` whose open file
+/// description of the segment is `fd` (see the module doc). Entries of dead
+/// processes are reclaimed. `None` if every entry belongs to a live handle.
+pub(crate) fn attach(r: &Region, fd: LockFd, ident: u64) -> Option<(u64, Token)> {
+    #[cfg(not(loom))]
+    let ns = crate::sys::pid_namespace();
+    #[cfg(loom)]
+    let ns = 1;
     for reclaim_dead in [false, true] {
         for i in 0..ATTACH_ENTRIES {
             let w = r.word(entry_off(i))?;
-            let cur = w.load(Ordering::Relaxed); // Relaxed: a hint; the CAS decides.
-            let claimable = cur == 0 || (reclaim_dead && !identity_alive(cur));
-            // AcqRel: pairs with the Release of `detach` and of other claims, so
-            // the generation read below is the latest.
-            if claimable
-                && w.compare_exchange(cur, ident, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            {
-                // AcqRel: the generation counter orders claims of this entry.
-                let gen = r.word(entry_off(i) + 8)?.fetch_add(1, Ordering::AcqRel) + 1;
-                // A dead previous owner may have died inside write operations.
-                // Relaxed: published by our first gate entry (SeqCst).
-                r.word(entry_off(i) + E_ACTIVE)?.store(0, Ordering::Relaxed);
-                return Some((i, Token::new(i, gen)));
+            let cur = w.load(Ordering::Relaxed); // Relaxed: a hint; the claim decides.
+            if cur != 0 && !reclaim_dead {
+                continue;
             }
+            if !claim(r, fd, w, i, cur) {
+                continue;
+            }
+            // Relaxed: published by the Release store of the identity below.
+            r.word(entry_off(i) + E_PIDNS)?.store(ns, Ordering::Relaxed);
+            // A dead previous owner may have died inside write operations.
+            // Relaxed: published by our first gate entry (SeqCst).
+            r.word(entry_off(i) + E_ACTIVE)?.store(0, Ordering::Relaxed);
+            // Release: the entry's other words (above) happen before the
+            // identity that askers read with Acquire.
+            w.store(ident, Ordering::Release);
+            // AcqRel: the generation counter orders claims of this entry; a
+            // token checker reads it with Acquire.
+            let gen = r.word(entry_off(i) + 8)?.fetch_add(1, Ordering::AcqRel) + 1;
+            return Some((i, Token::new(i, gen)));
         }
     }
     None
 }
 
-/// Releases the entry claimed by [`attach`].
-pub(crate) fn detach(r: &Region, index: u64, ident: u64) {
+/// Takes entry `i` (whose word was `cur`) for a new owner: its OFD lock, or
+/// without a file a CAS of the word from a free or dead value.
+fn claim(r: &Region, fd: LockFd, w: &AtomicU64, i: u64, cur: u64) -> bool {
+    #[cfg(loom)]
+    let _ = fd;
+    #[cfg(not(loom))]
+    if let Some(f) = fd.borrowed() {
+        return crate::sys::ofd::try_lock(f, crate::sys::ofd::entry_byte(i), true).unwrap_or(false);
+    }
+    let ns = r
+        .word(entry_off(i) + E_PIDNS)
+        .map_or(0, |w| w.load(Ordering::Relaxed)); // Relaxed: a hint.
+    let claimable = cur == 0 || !identity_alive(cur, ns);
+    // AcqRel: pairs with the Release of `detach` and of other claims. The
+    // value stored is a placeholder until `attach` stores the identity: any
+    // non-zero value keeps other claimers off.
+    claimable
+        && w.compare_exchange(cur, u64::MAX - 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// Releases the entry claimed by [`attach`]: clears the identity (a CAS, so
+/// an entry reclaimed meanwhile, when we were wrongly thought dead, stays
+/// intact), then the entry's OFD lock.
+pub(crate) fn detach(r: &Region, fd: LockFd, index: u64, ident: u64) {
     if let Some(w) = r.word(entry_off(index)) {
-        // Release: pairs with the AcqRel claim of the next owner. The CAS keeps
-        // an entry that was reclaimed meanwhile (we were thought dead) intact.
+        // Release: pairs with the Acquire of the next owner's claim.
+        let _ = w.compare_exchange(ident, 0, Ordering::Release, Ordering::Relaxed);
+    }
+    #[cfg(not(loom))]
+    if let Some(f) = fd.borrowed() {
+        let _ = crate::sys::ofd::unlock(f, crate::sys::ofd::entry_byte(index));
+    }
+    #[cfg(loom)]
+    let _ = fd;
+}
+
+/// Clears the identity of entry `index` if it still names the dead `ident`
+/// (an asker that found the owner dead; the next owner's claim does not
+/// depend on it).
+pub(crate) fn clear_dead(r: &Region, index: u64, ident: u64) {
+    if let Some(w) = r.word(entry_off(index)) {
+        // Release: as in `detach`. Fails harmlessly if a new owner claimed it.
         let _ = w.compare_exchange(ident, 0, Ordering::Release, Ordering::Relaxed);
     }
 }
@@ -203,25 +351,43 @@ pub(crate) fn detach(r: &Region, index: u64, ident: u64) {
 /// Whether the handle named by `token` is still attached and its process
 /// still runs. Tokens that name no valid entry count as dead (they can only
 /// come from a corrupted segment), so their holds are taken over.
-pub(crate) fn token_alive(r: &Region, token: Token) -> bool {
+pub(crate) fn token_alive(r: &Region, fd: LockFd, token: Token) -> bool {
     if token.index() >= ATTACH_ENTRIES {
         return false;
     }
-    let off = entry_off(token.index());
-    let (Some(ident), Some(gen)) = (r.word(off), r.word(off + 8)) else {
+    let Some(gen) = r.word(entry_off(token.index()) + 8) else {
         return false;
     };
-    // Acquire: pairs with the claim in `attach`.
-    let gen = gen.load(Ordering::Acquire);
-    if gen & GEN_MASK != token.generation() {
+    // Acquire: pairs with the generation's AcqRel increment in `attach`.
+    if gen.load(Ordering::Acquire) & GEN_MASK != token.generation() {
         return false;
     }
-    identity_alive(ident.load(Ordering::Acquire))
+    entry_alive(r, fd, token.index())
+}
+
+/// Whether every live entry records our own pid namespace, so that a
+/// thread id that does not exist here exists nowhere (see `robust.rs`).
+#[cfg(not(loom))]
+pub(crate) fn peers_share_pid_ns(r: &Region, fd: LockFd) -> bool {
+    let ours = crate::sys::pid_namespace();
+    if ours == 0 {
+        return false;
+    }
+    (0..ATTACH_ENTRIES).all(|i| {
+        let off = entry_off(i);
+        // Relaxed: the caller read the futex word first; a holder's claim
+        // happened before it took the mutex (see `robust.rs`).
+        let ns = r
+            .word(off + E_PIDNS)
+            .map_or(0, |w| w.load(Ordering::Relaxed));
+        let free = r.word(off).is_none_or(|w| w.load(Ordering::Acquire) == 0);
+        free || ns == ours || !entry_alive(r, fd, i)
+    })
 }
 
 /// Number of entries whose process is alive, and the dead ones.
 #[cfg_attr(loom, allow(dead_code))]
-pub(crate) fn census(r: &Region) -> (u64, u64) {
+pub(crate) fn census(r: &Region, fd: LockFd) -> (u64, u64) {
     let (mut live, mut dead) = (0, 0);
     for i in 0..ATTACH_ENTRIES {
         let Some(w) = r.word(entry_off(i)) else { break };
@@ -229,7 +395,7 @@ pub(crate) fn census(r: &Region) -> (u64, u64) {
         if ident == 0 {
             continue;
         }
-        if identity_alive(ident) {
+        if entry_alive(r, fd, i) {
             live += 1;
         } else {
             dead += 1;
@@ -242,36 +408,116 @@ pub(crate) fn census(r: &Region) -> (u64, u64) {
 mod tests {
     use super::*;
     use crate::layout::INDEX_OFF;
+    use std::os::fd::AsRawFd;
+
+    fn me() -> u64 {
+        let (pid, start) = crate::sys::self_identity();
+        identity_word(pid, start)
+    }
 
     #[test]
     fn claim_release_and_generations() {
         let r = Region::heap(INDEX_OFF as usize);
-        let (pid, start) = crate::sys::self_identity();
-        let me = identity_word(pid, start);
-        let (i, t) = attach(&r, me).unwrap();
-        let (j, u) = attach(&r, me).unwrap();
+        let fd = LockFd::NONE;
+        let (i, t) = attach(&r, fd, me()).unwrap();
+        let (j, u) = attach(&r, fd, me()).unwrap();
         assert_ne!(i, j);
-        assert!(token_alive(&r, t) && token_alive(&r, u));
-        detach(&r, i, me);
-        assert!(!token_alive(&r, t), "a released entry's token is dead");
-        let (k, v) = attach(&r, me).unwrap();
+        assert!(token_alive(&r, fd, t) && token_alive(&r, fd, u));
+        detach(&r, fd, i, me());
+        assert!(!token_alive(&r, fd, t), "a released entry's token is dead");
+        let (k, v) = attach(&r, fd, me()).unwrap();
         assert_eq!(k, i, "the free entry is reused");
         assert_ne!(v, t, "with a new generation");
-        assert!(!token_alive(&r, t) && token_alive(&r, v));
-        assert_eq!(census(&r), (2, 0));
+        assert!(!token_alive(&r, fd, t) && token_alive(&r, fd, v));
+        assert_eq!(census(&r, fd), (2, 0));
     }
 
     #[test]
     fn dead_entries_are_reclaimed_when_full() {
         let r = Region::heap(INDEX_OFF as usize);
         let dead = identity_word(pid_of_exited_child(), 12345);
+        let ns = crate::sys::pid_namespace();
         for i in 0..ATTACH_ENTRIES {
             r.word(entry_off(i)).unwrap().store(dead, Ordering::Relaxed);
+            r.word(entry_off(i) + E_PIDNS)
+                .unwrap()
+                .store(ns, Ordering::Relaxed);
         }
-        assert_eq!(census(&r), (0, ATTACH_ENTRIES));
-        let (pid, start) = crate::sys::self_identity();
-        let (_, t) = attach(&r, identity_word(pid, start)).unwrap();
-        assert!(token_alive(&r, t));
+        assert_eq!(census(&r, LockFd::NONE), (0, ATTACH_ENTRIES));
+        let (_, t) = attach(&r, LockFd::NONE, me()).unwrap();
+        assert!(token_alive(&r, LockFd::NONE, t));
+    }
+
+    #[test]
+    fn without_proof_of_death_an_entry_stays_alive() {
+        // A pid from another (or an unknown) pid namespace proves nothing.
+        let r = Region::heap(INDEX_OFF as usize);
+        let gone = identity_word(pid_of_exited_child(), 12345);
+        r.word(entry_off(0)).unwrap().store(gone, Ordering::Relaxed);
+        r.word(entry_off(0) + E_PIDNS)
+            .unwrap()
+            .store(7, Ordering::Relaxed);
+        assert!(entry_alive(&r, LockFd::NONE, 0));
+        assert_eq!(census(&r, LockFd::NONE), (1, 0));
+    }
+
+    /// The kernel's lock decides: an entry whose description is closed is
+    /// dead even though its process (this one) lives; one whose description
+    /// is open is alive even though its identity names an exited process in
+    /// another pid namespace.
+    #[test]
+    fn ofd_locks_decide_liveness() {
+        let path = std::env::temp_dir().join(format!("shmdict-attach-{}", std::process::id()));
+        let a = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        let reopen = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/self/fd/{}", a.as_raw_fd()))
+                .unwrap()
+        };
+        let (b, c) = (reopen(), reopen());
+        let r = Region::heap(INDEX_OFF as usize);
+        let (i, t) = attach(&r, LockFd::new(a.as_raw_fd(), u64::MAX), me()).unwrap();
+        let fa = LockFd::new(a.as_raw_fd(), i);
+        let fb = LockFd::new(b.as_raw_fd(), u64::MAX);
+        let (j, _) = attach(&r, LockFd::new(c.as_raw_fd(), u64::MAX), me()).unwrap();
+        assert_ne!(i, j, "the entry's lock keeps other claimers off");
+        assert!(token_alive(&r, fb, t) && token_alive(&r, fa, t));
+        // Another namespace's dead pid in the entry: the lock still says alive.
+        let gone = identity_word(pid_of_exited_child(), 1);
+        r.word(entry_off(i)).unwrap().store(gone, Ordering::Relaxed);
+        r.word(entry_off(i) + E_PIDNS)
+            .unwrap()
+            .store(7, Ordering::Relaxed);
+        assert!(token_alive(&r, fb, t));
+        // The same pid in our namespace is proof of death, lock or not (a
+        // child that kept its parent's description).
+        let ns = crate::sys::pid_namespace();
+        r.word(entry_off(i) + E_PIDNS)
+            .unwrap()
+            .store(ns, Ordering::Relaxed);
+        assert!(!token_alive(&r, fb, t));
+        // Our live identity, but the description closed: dead.
+        r.word(entry_off(i)).unwrap().store(me(), Ordering::Relaxed);
+        assert!(token_alive(&r, fb, t));
+        drop(a);
+        assert!(!token_alive(&r, fb, t), "closing the description is death");
+        assert_eq!(census(&r, fb), (1, 1));
+        use std::os::fd::AsFd;
+        let byte = crate::sys::ofd::entry_byte(i);
+        assert!(
+            crate::sys::ofd::try_lock(b.as_fd(), byte, true).unwrap(),
+            "a dead entry can be claimed"
+        );
+        drop(c);
     }
 
     fn pid_of_exited_child() -> u32 {

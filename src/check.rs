@@ -193,13 +193,9 @@ impl ShmDict {
     ///
     /// `Ok` even when corruption is found: see [`CheckReport::is_ok`].
     pub fn check(&self) -> Result<CheckReport> {
-        let live = |i: u64| {
-            self.region
-                .word(attach::entry_off(i))
-                .is_some_and(|w| attach::identity_alive(w.load(Ordering::Relaxed)))
-            // Relaxed: a liveness hint.
-        };
-        let closed = gate::close(&self.region, &self.me, live, WRITER_WAIT_STEPS);
+        let reg = self.registration()?;
+        let live = |i: u64| attach::entry_alive(&self.region, reg.lock_fd, i);
+        let closed = gate::close(&self.region, &reg.local, live, WRITER_WAIT_STEPS);
         let skipped = match &closed {
             Ok(_) => None,
             Err(Busy::OtherChecker) => Some("another process is checking the segment".to_owned()),
@@ -215,7 +211,8 @@ impl ShmDict {
 
     /// The scan behind `check`; repairs only if `repair` (the gate is closed).
     fn scan(&self, repair: bool) -> CheckReport {
-        let (handles_live, handles_dead) = attach::census(&self.region);
+        let (handles_live, handles_dead) =
+            attach::census(&self.region, self.me.registered().lock_fd);
         let mut rep = CheckReport {
             segment: self.name.clone(),
             handles_live,

@@ -9,6 +9,7 @@ use crate::index::{Index, Loc, NewKey};
 #[cfg(not(loom))]
 use crate::layout::HeaderError;
 use crate::layout::{self, hash_key, Entry, Geometry, GRANULE};
+use crate::owner::Owner;
 use crate::region::Region;
 use crate::slab::{Corrupt, Slab};
 use crate::typed::Typed;
@@ -26,16 +27,16 @@ use crate::{name, sys};
 /// stay until [`ShmDict::unlink`] removes the name and the last process
 /// detaches.
 ///
-/// After `fork`, open the dictionary again in the child rather than using a
-/// handle inherited from the parent: locks a handle holds name the process
-/// that opened it.
+/// A handle inherited through `fork` works in the child as if the child had
+/// opened it: the child's first write registers it under the child's own
+/// identity, and dropping it in either process leaves the other's alone.
 pub struct ShmDict {
     pub(crate) name: String,
     pub(crate) region: Region,
     pub(crate) geo: Geometry,
-    pub(crate) me: Holder,
-    pub(crate) attach_index: u64,
-    ident: u64,
+    /// This handle's attach entries; `&self.me` is the current process's
+    /// [`Holder`] (see `owner.rs`).
+    pub(crate) me: Owner<Holder>,
 }
 
 /// How to open or create a dictionary: see [`ShmDict::options`].
@@ -151,7 +152,7 @@ impl Options {
             // Attach first: the options' geometry is ignored (and not even
             // validated) when the segment exists.
             match sys::open_existing(name) {
-                Ok((file, len)) => return ShmDict::attach_file(name, &file, len),
+                Ok((file, len)) => return ShmDict::attach_file(name, file, len),
                 Err(Error::NotFound { .. }) if self.create => {}
                 Err(e) => return Err(e),
             }
@@ -173,7 +174,7 @@ impl Options {
                 geo.write_header(r)
                     .ok_or_else(|| Error::corrupt(name, "new segment too small for its header"))
             },
-            |region| ShmDict::attach_region(name, region, geo),
+            |file, region| ShmDict::attach_region(name, region, geo, Some(file)),
             |file, len| ShmDict::attach_file(name, file, len),
         )
     }
@@ -221,7 +222,7 @@ impl ShmDict {
     }
 
     #[cfg(not(loom))]
-    fn attach_file(name: &str, file: &std::fs::File, len: u64) -> Result<ShmDict> {
+    fn attach_file(name: &str, file: std::fs::File, len: u64) -> Result<ShmDict> {
         if len < layout::HEADER_BYTES {
             return Err(Error::corrupt(
                 name,
@@ -231,25 +232,33 @@ impl ShmDict {
                 ),
             ));
         }
-        let region = sys::map(name, file, len)?;
+        let region = sys::map(name, &file, len)?;
         let geo = Geometry::read_header(&region, len).map_err(|e| match e {
             HeaderError::Corrupt(m) => Error::corrupt(name, m),
             HeaderError::Incompatible(m) => Error::incompatible(name, m),
         })?;
-        ShmDict::attach_region(name, region, geo)
+        ShmDict::attach_region(name, region, geo, Some(file))
     }
 
-    fn attach_region(name: &str, region: Region, geo: Geometry) -> Result<ShmDict> {
-        let ident = attach::process_identity();
-        let (attach_index, token) = attach::attach(&region, ident)
-            .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
+    fn attach_region(
+        name: &str,
+        region: Region,
+        geo: Geometry,
+        #[cfg(not(loom))] file: Option<std::fs::File>,
+        #[cfg(loom)] _file: Option<()>,
+    ) -> Result<ShmDict> {
+        let me = Owner::new(
+            &region,
+            #[cfg(not(loom))]
+            file,
+            |_, _, token, lock_fd| Holder::with_lock_fd(token, lock_fd),
+        )
+        .ok_or_else(|| attach_table_full(name))?;
         Ok(ShmDict {
             name: name.to_owned(),
             region,
             geo,
-            me: Holder::new(token),
-            attach_index,
-            ident,
+            me,
         })
     }
 
@@ -261,7 +270,7 @@ impl ShmDict {
         #[cfg(not(loom))]
         crate::locks::init(&region).expect("mutexes");
         geo.write_header(&region).expect("header fits");
-        ShmDict::attach_region("heap", region, geo).expect("attach")
+        ShmDict::attach_region("heap", region, geo, None).expect("attach")
     }
 
     /// Buckets in the index (loom models place keys by home bucket).
@@ -270,10 +279,20 @@ impl ShmDict {
         self.geo.nbuckets
     }
 
-    /// Enters the write gate (see `gate.rs`) for one write operation.
+    /// Enters the write gate (see `gate.rs`) for one write operation, under
+    /// this process's own registration (claimed now in a forked child).
     #[inline]
-    fn enter_write(&self) -> crate::gate::InFlight<'_> {
-        crate::gate::enter(&self.region, self.attach_index, &self.me)
+    fn enter_write(&self) -> Result<crate::gate::InFlight<'_>> {
+        let reg = self.registration()?;
+        Ok(crate::gate::enter(&self.region, reg.index, &reg.local))
+    }
+
+    /// This process's registration of the handle: see `owner.rs`.
+    #[inline]
+    pub(crate) fn registration(&self) -> Result<&crate::owner::Registration<Holder>> {
+        self.me
+            .current(&self.region)
+            .ok_or_else(|| attach_table_full(&self.name))
     }
 
     /// Wakes processes waiting on keys of this hash's channel (`wait.rs`).
@@ -342,7 +361,7 @@ impl ShmDict {
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
         let (key, value) = (key.as_ref(), value.as_ref());
         let hash = hash_key(key);
-        let _op = self.enter_write();
+        let _op = self.enter_write()?;
         let new = self.prepare(key, hash, value, &mut None)?;
         let index = self.index();
         let result = loop {
@@ -395,7 +414,7 @@ impl ShmDict {
         let key = key.as_ref();
         let hash = hash_key(key);
         let index = self.index();
-        let _op = self.enter_write();
+        let _op = self.enter_write()?;
         loop {
             match index.find(key, hash, None).map_err(|c| self.corrupt(c))? {
                 None => return Ok(false),
@@ -439,7 +458,7 @@ impl ShmDict {
     ) -> Result<Option<Vec<u8>>> {
         let hash = hash_key(key);
         let index = self.index();
-        let _op = self.enter_write();
+        let _op = self.enter_write()?;
         let mut current = Vec::new();
         // A block prepared in an earlier round that lost a race, kept for reuse.
         let mut spare: Option<Entry> = None;
@@ -589,14 +608,18 @@ impl ShmDict {
             arena_bytes: self.geo.arena_bytes as usize,
             arena_untouched_bytes: ((self.geo.nchunks() - slab.chunks_carved()) * chunk) as usize,
             free_blocks: slab.free_counts(),
-            attached: attach::census(&self.region),
+            attached: attach::census(&self.region, self.me.registered().lock_fd),
         }
     }
 }
 
+fn attach_table_full(name: &str) -> Error {
+    Error::full(name, "attach table (4096 live handles)")
+}
+
 impl Drop for ShmDict {
     fn drop(&mut self) {
-        attach::detach(&self.region, self.attach_index, self.ident);
+        self.me.detach(&self.region);
     }
 }
 

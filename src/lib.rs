@@ -21,6 +21,7 @@ mod layout;
 mod locks;
 mod lockword;
 mod name;
+mod owner;
 #[cfg(not(loom))]
 pub mod pool;
 mod prim;

@@ -188,7 +188,7 @@ impl ShmDict {
         }
         let mutex = self.mutex(DICT_LOCK_OFF)?;
         let recovered = mutex
-            .lock(None)
+            .lock(None, &|| self.peers_share_pid_ns())
             .map_err(|e| self.lock_error("dictionary lock", e))?;
         Ok(DictGuard {
             dict: self,
@@ -249,10 +249,18 @@ impl ShmDict {
         }
         for s in stripes {
             let m = self.mutex(KEYLOCK_OFF + s * KEYLOCK_BYTES)?;
-            guard.recovered |= m.lock(None).map_err(|e| self.lock_error("key lock", e))?;
+            guard.recovered |= m
+                .lock(None, &|| self.peers_share_pid_ns())
+                .map_err(|e| self.lock_error("key lock", e))?;
             guard.held.push(m);
         }
         Ok(guard)
+    }
+
+    /// Whether every live handle of this segment is in our pid namespace
+    /// (see `robust.rs`: only then is a missing owner thread proof).
+    fn peers_share_pid_ns(&self) -> bool {
+        crate::attach::peers_share_pid_ns(&self.region, self.me.registered().lock_fd)
     }
 
     /// Returns the value of `key`, computing and inserting it with `f` if

@@ -57,13 +57,14 @@ use std::sync::atomic::{
 
 use bytemuck::Pod;
 
-use crate::attach::{self, Holder};
+use crate::attach::{self, Holder, LockFd, Token};
 use crate::error::{Error, Result};
 use crate::layout::{
     self, ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, FORMAT_VERSION, HEADER_BYTES, H_HEADER_BYTES,
     H_MAGIC, H_TOTAL_BYTES, H_VERSION_KIND, MAGIC, PAGE,
 };
 use crate::name;
+use crate::owner::{Owner, Registration};
 use crate::region::Region;
 use crate::sync::{AtomicU64, Ordering};
 #[cfg(not(loom))]
@@ -356,8 +357,9 @@ impl Default for Create {
 pub(crate) struct Segment {
     pub(crate) name: String,
     pub(crate) region: Region,
-    pub(crate) local: Local,
-    ident: u64,
+    /// This handle's attach entries; `&self.local` is the current process's
+    /// [`Local`] (see `owner.rs`).
+    pub(crate) local: Owner<Local>,
 }
 
 /// A handle's process-local lock state (never in the segment).
@@ -386,9 +388,21 @@ impl std::fmt::Debug for Segment {
     }
 }
 
+impl Segment {
+    /// The registration this process acts under, claimed first in a forked
+    /// child that has not used the handle yet (see `owner.rs`). If the
+    /// attach table is full then, the inherited one (as before fork-aware
+    /// handles: what it takes then looks like the parent's).
+    pub(crate) fn enter(&self) -> &Registration<Local> {
+        self.local
+            .current(&self.region)
+            .unwrap_or_else(|| self.local.home())
+    }
+}
+
 impl Drop for Segment {
     fn drop(&mut self) {
-        attach::detach(&self.region, self.local.index, self.ident);
+        self.local.detach(&self.region);
     }
 }
 
@@ -422,18 +436,18 @@ pub(crate) fn open(
             spec.write_header(r);
             Ok(())
         },
-        |region| attach_region(name, region),
+        |file, region| attach_region(name, region, Some(file)),
         |file, len| attach_file(name, spec, file, len),
     )
 }
 
 #[cfg(not(loom))]
-fn attach_file(name: &str, spec: &Spec, file: &std::fs::File, len: u64) -> Result<Segment> {
+fn attach_file(name: &str, spec: &Spec, file: std::fs::File, len: u64) -> Result<Segment> {
     if len < DATA_OFF {
         // Too short for our layout. Report a foreign kind as such if the
         // header prefix is readable.
         if len >= HEADER_BYTES {
-            let region = sys::map(name, file, HEADER_BYTES)?;
+            let region = sys::map(name, &file, HEADER_BYTES)?;
             let vk = word(&region, H_VERSION_KIND).load(Ordering::Relaxed); // Relaxed: immutable.
             if word(&region, H_MAGIC).load(Ordering::Relaxed) == MAGIC
                 && (vk >> 32) as u32 != spec.kind
@@ -456,27 +470,34 @@ fn attach_file(name: &str, spec: &Spec, file: &std::fs::File, len: u64) -> Resul
             ),
         ));
     }
-    let region = sys::map(name, file, len)?;
+    let region = sys::map(name, &file, len)?;
     spec.check_header(name, &region, len)?;
-    attach_region(name, region)
+    attach_region(name, region, Some(file))
 }
 
-pub(crate) fn attach_region(name: &str, region: Region) -> Result<Segment> {
-    let ident = attach::process_identity();
-    let local = attach_handle(&region, ident)
-        .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
+pub(crate) fn attach_region(
+    name: &str,
+    region: Region,
+    #[cfg(not(loom))] file: Option<std::fs::File>,
+    #[cfg(loom)] _file: Option<()>,
+) -> Result<Segment> {
+    let local = Owner::new(
+        &region,
+        #[cfg(not(loom))]
+        file,
+        make_local,
+    )
+    .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
     Ok(Segment {
         name: name.to_owned(),
         region,
         local,
-        ident,
     })
 }
 
-/// Claims an attach entry of `r` for a new handle of the process `ident`
-/// and prepares it for shared holds; `None` if the table is full.
-pub(crate) fn attach_handle(r: &Region, ident: u64) -> Option<Local> {
-    let (index, token) = attach::attach(r, ident)?;
+/// Prepares the attach entry `index` just claimed (with `token`) for shared
+/// holds, and the handle's process-local lock state.
+pub(crate) fn make_local(r: &Region, index: u64, token: Token, lock_fd: LockFd) -> Local {
     // A dead previous owner of the entry may have died holding shared
     // holds. Release: a drainer that reads this count and then our identity
     // sees the identity (see `rwlock::drain`).
@@ -485,13 +506,21 @@ pub(crate) fn attach_handle(r: &Region, ident: u64) -> Option<Local> {
     // (SeqCst) by a drainer after it took the exclusive word: a drainer
     // either scans this entry or we see its lock word held.
     word(r, P_HWM).fetch_max(index + 1, Ordering::SeqCst);
-    Some(Local {
+    Local {
         index,
-        x: Holder::new(token),
-        claim_lock: Holder::new(token),
+        x: Holder::with_lock_fd(token, lock_fd),
+        claim_lock: Holder::with_lock_fd(token, lock_fd),
         shared: AtomicU64::new(0),
         claimed: AtomicU64::new(0),
-    })
+    }
+}
+
+/// Claims an entry for a handle of the process `ident`, without a file
+/// (loom models).
+#[cfg(loom)]
+pub(crate) fn attach_handle(r: &Region, ident: u64) -> Option<Local> {
+    let (index, token) = attach::attach(r, LockFd::NONE, ident)?;
+    Some(make_local(r, index, token, LockFd::NONE))
 }
 
 /// Validates a name and removes it.

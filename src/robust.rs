@@ -16,15 +16,25 @@
 //! attribute words are compared with those of a freshly initialized mutex
 //! (a mutex of another type could make libc misbehave), and a lock attempt
 //! waits in bounded slices; after each slice, if the futex word names a
-//! thread that does not exist (only a corrupted segment does that: the
-//! kernel marks a dead owner's mutex itself), the mutex is marked as if its
-//! owner had died, so the next attempt recovers it instead of waiting
+//! thread that provably does not exist (only a corrupted segment does that:
+//! the kernel marks a dead owner's mutex itself), the mutex is marked as if
+//! its owner had died, so the next attempt recovers it instead of waiting
 //! forever.
+//!
+//! "Provably" matters: a thread id means something only in its own pid
+//! namespace. Processes in other namespaces (containers sharing /dev/shm)
+//! may hold the mutex, and their thread ids name nothing, or another
+//! thread, here. So the owner's absence counts only when every live handle
+//! of the segment is in our pid namespace (the caller's `peers_share_ns`,
+//! asked *after* reading the futex word: a holder attached before it took
+//! the mutex). Otherwise a corrupted futex word is waited on, as a live
+//! holder would be: "cannot tell" is never "dead".
 //!
 //! The futex helpers wrap `FUTEX_WAIT`/`FUTEX_WAKE` on shared (not
 //! process-private) futex words.
 //!
-//! This is one of the two modules with `unsafe` code (with `region.rs`).
+//! `unsafe` here is limited to the pthread calls and the view of the
+//! mutex's 32-bit words.
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -186,7 +196,14 @@ impl<'a> RobustMutex<'a> {
     /// Locks, waiting while a live thread holds the mutex, until `deadline`
     /// (`None`: no limit). `Ok(true)` if the previous holder died and this
     /// acquisition recovered the mutex.
-    pub(crate) fn lock(&self, deadline: Option<Instant>) -> Result<bool, LockError> {
+    ///
+    /// `peers_share_ns` says whether every live handle of the segment is in
+    /// this process's pid namespace (see the module doc).
+    pub(crate) fn lock(
+        &self,
+        deadline: Option<Instant>,
+        peers_share_ns: &dyn Fn() -> bool,
+    ) -> Result<bool, LockError> {
         self.validate()?;
         loop {
             let slice_end = match deadline {
@@ -215,7 +232,7 @@ impl<'a> RobustMutex<'a> {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(LockError::Timeout);
                     }
-                    self.mark_if_owner_missing();
+                    self.mark_if_owner_missing(peers_share_ns);
                 }
                 libc::EDEADLK => return Err(LockError::Deadlock),
                 libc::ENOTRECOVERABLE => return Err(LockError::NotRecoverable),
@@ -224,9 +241,10 @@ impl<'a> RobustMutex<'a> {
         }
     }
 
-    /// If the lock word names a thread that does not exist, marks the owner
-    /// as dead the way the kernel would have, so the next lock recovers.
-    fn mark_if_owner_missing(&self) {
+    /// If the lock word names a thread that provably does not exist, marks
+    /// the owner as dead the way the kernel would have, so the next lock
+    /// recovers.
+    fn mark_if_owner_missing(&self, peers_share_ns: &dyn Fn() -> bool) {
         if !cfg!(target_env = "gnu") {
             return; // The lock word's place is glibc's layout.
         }
@@ -239,9 +257,11 @@ impl<'a> RobustMutex<'a> {
         }
         // No owner at all but flag bits set (garbage): free; an owner that
         // does not exist: mark it dead. A real owner is waited for.
+        // The order matters: the futex word first, then the namespaces (a
+        // holder attached before it took the mutex), then the thread.
         let fixed = if tid == 0 {
             0
-        } else if !crate::sys::thread_exists(tid) {
+        } else if peers_share_ns() && !crate::sys::thread_exists(tid) {
             v | FUTEX_OWNER_DIED
         } else {
             return;
@@ -255,10 +275,13 @@ impl<'a> RobustMutex<'a> {
 
     /// Unlocks a mutex this thread holds.
     pub(crate) fn unlock(&self) {
-        // SAFETY: the caller holds the mutex (guards call this exactly once);
-        // the mutex lies in the mapping for 'a.
+        // SAFETY: the mutex is initialized and lies in the mapping for 'a.
+        // Guards call this once; a guard inherited through `fork` calls it
+        // from a thread that does not hold the mutex, which the
+        // error-checking type refuses with EPERM, leaving the parent's hold
+        // intact.
         let rc = unsafe { libc::pthread_mutex_unlock(self.ptr) };
-        debug_assert_eq!(rc, 0, "unlock of a mutex this thread holds");
+        debug_assert!(rc == 0 || rc == libc::EPERM, "unlock: error {rc}");
     }
 }
 
@@ -301,10 +324,14 @@ mod tests {
         let r = Region::heap(4096);
         let m = RobustMutex::at(&r, 64).unwrap();
         m.init().unwrap();
-        assert_eq!(m.lock(None), Ok(false));
-        assert_eq!(m.lock(None), Err(LockError::Deadlock), "errorcheck type");
+        assert_eq!(m.lock(None, &|| true), Ok(false));
+        assert_eq!(
+            m.lock(None, &|| true),
+            Err(LockError::Deadlock),
+            "errorcheck type"
+        );
         m.unlock();
-        assert_eq!(m.lock(Some(Instant::now())), Ok(false));
+        assert_eq!(m.lock(Some(Instant::now()), &|| true), Ok(false));
         m.unlock();
     }
 
@@ -314,19 +341,22 @@ mod tests {
         RobustMutex::at(&r, 0).unwrap().init().unwrap();
         let r2 = r.clone();
         std::thread::spawn(move || {
-            assert_eq!(RobustMutex::at(&r2, 0).unwrap().lock(None), Ok(false));
+            assert_eq!(
+                RobustMutex::at(&r2, 0).unwrap().lock(None, &|| true),
+                Ok(false)
+            );
             // Exits holding it.
         })
         .join()
         .unwrap();
         let m = RobustMutex::at(&r, 0).unwrap();
         assert_eq!(
-            m.lock(None),
+            m.lock(None, &|| true),
             Ok(true),
             "EOWNERDEAD is reported as recovered"
         );
         m.unlock();
-        assert_eq!(m.lock(None), Ok(false), "consistent again");
+        assert_eq!(m.lock(None, &|| true), Ok(false), "consistent again");
         m.unlock();
     }
 
@@ -335,20 +365,27 @@ mod tests {
         let r = Region::heap(4096);
         let m = RobustMutex::at(&r, 0).unwrap();
         assert!(
-            matches!(m.lock(None), Err(LockError::Corrupt(_))),
+            matches!(m.lock(None, &|| true), Err(LockError::Corrupt(_))),
             "all zero"
         );
         m.init().unwrap();
         // A lock word naming a thread id that cannot exist (above pid_max).
         m.word(0).store(0x3fff_fff0, Ordering::Relaxed);
-        assert_eq!(m.lock(None), Ok(true));
+        assert_eq!(m.lock(None, &|| true), Ok(true));
         m.unlock();
-        let timed = m.lock(Some(Instant::now() + Duration::from_millis(10)));
+        let timed = m.lock(Some(Instant::now() + Duration::from_millis(10)), &|| true);
         assert_eq!(timed, Ok(false));
+        m.unlock();
+        // Someone may be in another pid namespace: a missing thread proves
+        // nothing, so the word is waited on like a live holder.
+        m.word(0).store(0x3fff_fff0, Ordering::Relaxed);
+        let timed = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|| false);
+        assert_eq!(timed, Err(LockError::Timeout));
+        assert_eq!(m.lock(None, &|| true), Ok(true));
         m.unlock();
         // Flag bits without an owner: freed, then locked normally.
         m.word(0).store(0x8000_0000, Ordering::Relaxed);
-        assert_eq!(m.lock(None), Ok(false));
+        assert_eq!(m.lock(None, &|| true), Ok(false));
         m.unlock();
     }
 
@@ -361,18 +398,18 @@ mod tests {
         let r2 = r.clone();
         let t = std::thread::spawn(move || {
             let m = RobustMutex::at(&r2, 0).unwrap();
-            m.lock(None).unwrap();
+            m.lock(None, &|| true).unwrap();
             held_tx.send(()).unwrap();
             done_rx.recv().unwrap();
             m.unlock();
         });
         held_rx.recv().unwrap();
         let m = RobustMutex::at(&r, 0).unwrap();
-        let got = m.lock(Some(Instant::now() + Duration::from_millis(250)));
+        let got = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|| true);
         assert_eq!(got, Err(LockError::Timeout));
         done_tx.send(()).unwrap();
         t.join().unwrap();
-        assert_eq!(m.lock(None), Ok(false));
+        assert_eq!(m.lock(None, &|| true), Ok(false));
         m.unlock();
     }
 }

@@ -246,11 +246,11 @@ fn drain(r: &Region, l: &Local) -> bool {
             if ident == 0 {
                 continue; // A free entry: its count is stale.
             }
-            if check && !attach::identity_alive(ident) {
+            if check && !attach::entry_alive(r, l.x.lock_fd, i) {
                 // Died holding: its count will never drop. Free its entry
                 // (CAS from the dead identity, so a new owner is never
                 // disturbed); the next owner zeroes the count.
-                attach::detach(r, i, ident);
+                attach::clear_dead(r, i, ident);
                 recovered = true;
                 continue;
             }
@@ -400,7 +400,7 @@ fn try_claim(
             // Relaxed: only changed under the claim lock, which we hold.
             l.claimed.load(Ordering::Relaxed) & (1 << slot) == 0
         } else {
-            check && !attach::token_alive(r, t)
+            check && !attach::token_alive(r, l.x.lock_fd, t)
         };
         if dead {
             owner.store(0, Ordering::Relaxed);

@@ -249,8 +249,17 @@ impl Gc {
             if !self.removable(&p.info, a, euid) {
                 continue;
             }
-            // Look again, as late as possible: someone may have attached.
-            let (live, dead) = attach::census(region);
+            // Hold the segment's open byte exclusively while deciding and
+            // unlinking: every handle holds it shared from before it can be
+            // found by name until it closes, so while we hold it nobody has
+            // the segment open, and an opener that found the name waits,
+            // then sees it removed and opens the name again (see
+            // `sys::open_existing`). The lock needs a writable descriptor.
+            let Some(exclusive) = open_exclusive(&p.info.name, &p.file)? else {
+                continue; // Open somewhere, or no longer this file.
+            };
+            // Look again, under the lock.
+            let (live, dead) = attach::census(region, lock_fd(&exclusive));
             if !self.removable(&p.info, Attached { live, dead }, euid) {
                 continue;
             }
@@ -446,7 +455,7 @@ fn probe(name: &str) -> Result<Option<Probe>> {
             load(H_TOTAL_BYTES)
         ));
     } else {
-        let (live, dead) = attach::census(&region);
+        let (live, dead) = attach::census(&region, lock_fd(&file));
         info.attached = Some(Attached { live, dead });
     }
     if info.kind == SegmentKind::Dict {
@@ -470,6 +479,40 @@ fn probe(name: &str) -> Result<Option<Probe>> {
         file,
         region: Some(region),
     }))
+}
+
+/// How an inspecting process (attached to nothing) asks about entries.
+fn lock_fd(file: &File) -> attach::LockFd {
+    use std::os::fd::AsRawFd;
+    attach::LockFd::new(file.as_raw_fd(), u64::MAX)
+}
+
+/// Opens /dev/shm/`name` for writing and takes its open byte exclusively
+/// (see `Gc::run`). `Ok(None)` if a handle has it open, or the name no
+/// longer names `file`. The lock lasts until the returned file is dropped.
+fn open_exclusive(name: &str, file: &File) -> Result<Option<File>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(format!("{SHM_DIR}/{name}"));
+    let f = match f {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(name, "open for writing", e)),
+    };
+    let (Ok(a), Ok(b)) = (f.metadata(), file.metadata()) else {
+        return Ok(None);
+    };
+    if a.dev() != b.dev() || a.ino() != b.ino() {
+        return Ok(None);
+    }
+    use std::os::fd::AsFd;
+    match sys::ofd::try_lock(f.as_fd(), sys::ofd::OPEN_BYTE, true) {
+        Ok(true) => Ok(Some(f)),
+        Ok(false) => Ok(None),
+        Err(e) => Err(Error::io(name, "fcntl(F_OFD_SETLK)", e)),
+    }
 }
 
 /// Whether /dev/shm/`name` is still the file `file`.

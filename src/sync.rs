@@ -29,3 +29,9 @@ pub(crate) fn yield_now() {
     #[cfg(not(loom))]
     std::thread::yield_now();
 }
+
+/// Process-local atomics (never in shared memory, so loom need not model
+/// them): caches and per-handle bookkeeping.
+pub(crate) mod local {
+    pub(crate) use std::sync::atomic::{AtomicPtr, Ordering};
+}

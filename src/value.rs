@@ -209,7 +209,7 @@ impl<T: Pod> Value<T> {
         // Relaxed: as in `open`; the model's threads are spawned after this.
         write_slot(&region, 0, &init, Ordering::Relaxed);
         Value {
-            seg: prim::attach_region("heap", region).expect("attach"),
+            seg: prim::attach_region("heap", region, None).expect("attach"),
             buffered: true,
             _t: PhantomData,
         }
@@ -377,7 +377,7 @@ impl<T: Pod> Value<T> {
     /// Runs `f` holding the writers' lock word. `f` is our own code and
     /// never panics or calls back into user code.
     fn locked<R>(&self, f: impl FnOnce() -> R) -> R {
-        let (r, l) = (&self.seg.region, &self.seg.local);
+        let (r, l) = (&self.seg.region, &self.seg.enter().local);
         rwlock::lock_word(r, l);
         let out = f();
         rwlock::unlock_word(r, l);

@@ -224,16 +224,31 @@ enum Step {
     Remove,
 }
 
-/// Liveness of claimants, cached for one operation.
-#[derive(Default)]
-struct Liveness(HashMap<u64, bool>);
+/// Liveness of claimants, cached for one operation. A claim names the
+/// claiming handle's attach token, whose liveness the kernel keeps (see
+/// `attach.rs`): a claimant in another pid namespace is never taken for dead.
+struct Liveness<'a> {
+    dict: &'a ShmDict,
+    cache: HashMap<u64, bool>,
+}
 
-impl Liveness {
-    fn alive(&mut self, ident: u64) -> bool {
-        *self
-            .0
-            .entry(ident)
-            .or_insert_with(|| crate::attach::identity_alive(ident))
+impl<'a> Liveness<'a> {
+    fn new(dict: &'a ShmDict) -> Liveness<'a> {
+        Liveness {
+            dict,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn alive(&mut self, claim: u64) -> bool {
+        let d = self.dict;
+        *self.cache.entry(claim).or_insert_with(|| {
+            crate::attach::token_alive(
+                &d.region,
+                d.me.registered().lock_fd,
+                crate::attach::Token(claim),
+            )
+        })
     }
 }
 
@@ -428,7 +443,7 @@ impl Space {
         &self,
         cur: Option<&[u8]>,
         want: Want<'_>,
-        live: &mut Liveness,
+        live: &mut Liveness<'_>,
         picked: &mut Option<(Id, Tuple)>,
         resolved: &mut u64,
     ) -> Result<Step> {
@@ -437,7 +452,7 @@ impl Space {
         let Some(cur) = cur else {
             return Ok(Step::Keep);
         };
-        let me = my_ident();
+        let me = self.claimant()?;
         // The new value is `out` followed by `cur[copied..]`.
         let mut out = Vec::new();
         let mut copied = 0;
@@ -518,7 +533,7 @@ impl Space {
 
     /// Runs one bucket update; returns the picked entry.
     fn update_bucket(&self, key: &[u8], want: Want<'_>) -> Result<Option<(Id, Tuple)>> {
-        let mut live = Liveness::default();
+        let mut live = Liveness::new(&self.dict);
         let mut picked = None;
         let mut resolved = 0;
         let wrote = self.edit(key, |cur| {
@@ -628,12 +643,18 @@ impl Space {
         Ok(None)
     }
 
+    /// What this process's claims of tuples say: its handle's attach token
+    /// (registered first in a forked child).
+    fn claimant(&self) -> Result<u64> {
+        Ok(self.dict.registration()?.local.token.0)
+    }
+
     /// One attempt at a read.
     fn try_read_once(&self, p: &Pattern) -> Result<Option<Tuple>> {
         self.scans.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
         let mut buf = Vec::new();
-        let me = my_ident();
-        let mut live = Liveness::default();
+        let me = self.claimant()?;
+        let mut live = Liveness::new(&self.dict);
         for b in self.buckets_of(p)? {
             let key = bucket_key(p.arity(), b);
             for round in 0..2 {
@@ -816,11 +837,10 @@ impl fmt::Debug for Space {
 mod tests {
     use super::*;
 
-    /// An identity word naming no running process: this process's pid with
-    /// another start time (a reused pid is not the original).
+    /// A claim naming no live handle: the token of an attach entry that was
+    /// never claimed (its generation is still 0).
     fn dead_ident() -> u64 {
-        let (pid, start) = crate::sys::self_identity();
-        crate::attach::identity_word(pid, start + 1)
+        (crate::layout::ATTACH_ENTRIES - 1) | 1 << 12
     }
 
     fn space() -> Space {
@@ -871,7 +891,7 @@ mod tests {
         let t = crate::tuple!("j", 1);
         let key = bucket_key(2, first_hash(t.get(0)) % BUCKETS);
         let mut v = Vec::new();
-        bucket::push(&mut v, Id(1, 1), my_ident(), b"ib", &t.encode());
+        bucket::push(&mut v, Id(1, 1), s.claimant().unwrap(), b"ib", &t.encode());
         s.register_arity(2).unwrap();
         s.dict.insert(&key, &v).unwrap();
         // A live claimant (another thread of ours) is never overruled.

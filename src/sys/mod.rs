@@ -6,6 +6,14 @@
 //! not supported), sized, initialized through the caller's closure, and only
 //! then given its name with `linkat`, which fails with `EEXIST` instead of
 //! replacing a segment another process published first.
+//!
+//! Every handle's descriptor holds a shared OFD lock on the segment's open
+//! byte (`ofd.rs`) from before it can be seen by `segments::gc` (before
+//! `linkat` for a new segment, right after `shm_open` for an existing one)
+//! until it is closed, so `gc` never removes a segment that is being opened.
+
+pub(crate) mod fork;
+pub(crate) mod ofd;
 
 use std::fs::File;
 use std::io;
@@ -25,25 +33,45 @@ fn shm_path(name: &str) -> String {
     format!("{SHM_DIR}/{name}")
 }
 
-/// Opens an existing segment for reading and writing; returns it with its size.
+/// Opens an existing segment for reading and writing, for a handle: takes
+/// the shared open lock (waiting while `segments::gc` decides about the
+/// segment), then makes sure the name still refers to the file opened (`gc`
+/// may have removed it meanwhile). Returns the file with its size.
 pub(crate) fn open_existing(name: &str) -> Result<(File, u64)> {
-    let fd = rustix::shm::open(
-        format!("/{name}").as_str(),
-        rustix::shm::OFlags::RDWR,
-        Mode::empty(),
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::NOENT => Error::NotFound {
-            segment: name.to_owned(),
-        },
-        e => Error::io(name, "shm_open", e),
-    })?;
-    let file = File::from(fd);
-    let st = rustix::fs::fstat(&file).map_err(|e| Error::io(name, "fstat", e))?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return Err(Error::corrupt(name, "not a regular file"));
+    for _ in 0..16 {
+        let fd = rustix::shm::open(
+            format!("/{name}").as_str(),
+            rustix::shm::OFlags::RDWR,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            rustix::io::Errno::NOENT => Error::NotFound {
+                segment: name.to_owned(),
+            },
+            e => Error::io(name, "shm_open", e),
+        })?;
+        let file = File::from(fd);
+        let st = rustix::fs::fstat(&file).map_err(|e| Error::io(name, "fstat", e))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(Error::corrupt(name, "not a regular file"));
+        }
+        ofd::lock_wait(file.as_fd(), ofd::OPEN_BYTE, false)
+            .map_err(|e| Error::io(name, "fcntl(F_OFD_SETLKW)", e))?;
+        match rustix::fs::stat(shm_path(name).as_str()) {
+            Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {
+                return Ok((file, st.st_size as u64));
+            }
+            // Removed (by gc or unlink) after we opened it, or replaced:
+            // open the name again.
+            Ok(_) | Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(Error::io(name, "stat", e)),
+        }
     }
-    Ok((file, st.st_size as u64))
+    Err(Error::io(
+        name,
+        "open",
+        io::Error::other("the name was removed and created repeatedly by other processes"),
+    ))
 }
 
 /// Maps `len` bytes of `file` shared and read-write.
@@ -77,6 +105,9 @@ pub(crate) fn create_segment(
         rustix::fs::ftruncate(&file, len).map_err(|e| Error::io(name, "ftruncate", e))?;
         let region = map(name, &file, len)?;
         init(&region)?;
+        // Before the name exists, so `gc` can never see the segment unopened.
+        ofd::lock_wait(file.as_fd(), ofd::OPEN_BYTE, false)
+            .map_err(|e| Error::io(name, "fcntl(F_OFD_SETLKW)", e))?;
         let linked = match &temp_name {
             None => {
                 let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
@@ -122,19 +153,19 @@ pub(crate) fn create_or_attach<T>(
     len: u64,
     create_new: bool,
     init: impl Fn(&Region) -> Result<()>,
-    created: impl FnOnce(Region) -> Result<T>,
-    existing: impl FnOnce(&File, u64) -> Result<T>,
+    created: impl FnOnce(File, Region) -> Result<T>,
+    existing: impl FnOnce(File, u64) -> Result<T>,
 ) -> Result<T> {
     if !create_new {
         match open_existing(name) {
-            Ok((file, size)) => return existing(&file, size),
+            Ok((file, size)) => return existing(file, size),
             Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
     }
     for _ in 0..16 {
-        if let Some((_file, region)) = create_segment(name, mode, len, &init)? {
-            return created(region);
+        if let Some((file, region)) = create_segment(name, mode, len, &init)? {
+            return created(file, region);
         }
         if create_new {
             return Err(Error::AlreadyExists {
@@ -142,7 +173,7 @@ pub(crate) fn create_or_attach<T>(
             });
         }
         match open_existing(name) {
-            Ok((file, size)) => return existing(&file, size),
+            Ok((file, size)) => return existing(file, size),
             Err(Error::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         }
@@ -225,6 +256,7 @@ pub(crate) fn self_identity() -> (u32, u64) {
 }
 
 struct ProcStat {
+    #[cfg_attr(not(test), allow(dead_code))]
     zombie: bool,
     start_ticks: u64,
 }
@@ -249,26 +281,46 @@ fn proc_stat(pid: u32) -> io::Result<ProcStat> {
     })
 }
 
-/// Whether the process `pid` that started at `start_ticks` (as truncated by
-/// the caller to `start_mask`) still runs. A zombie counts as dead; a pid
-/// reused by a younger process counts as dead.
-pub(crate) fn process_alive(pid: u32, start_ticks: u64, start_mask: u64) -> bool {
-    if pid == 0 {
+/// The inode number of this process's pid namespace (`/proc/self/ns/pid`),
+/// or 0 if it cannot be read. Two processes with the same non-zero number
+/// number their processes the same way.
+#[allow(clippy::unnecessary_cast)] // `st_ino`'s type differs between targets.
+pub(crate) fn pid_namespace() -> u64 {
+    rustix::fs::stat("/proc/self/ns/pid").map_or(0, |st| st.st_ino as u64)
+}
+
+/// Whether the process `pid`, started at `start_ticks` (truncated by the
+/// caller to `start_mask`), in the pid namespace `ns`, has provably exited.
+///
+/// Only a fact counts: the pid must be in our own pid namespace (else the
+/// number may name another process, or none, while the original runs), and
+/// then either no process has that pid (`kill(pid, 0)` fails with `ESRCH`,
+/// which hidden /proc entries do not affect) or the process with that pid
+/// started at another time (the pid was reused; read from /proc only when
+/// /proc shows our own pid namespace). A zombie, an exited thread-group
+/// leader or an unreadable /proc entry is *not* proof: `false`.
+pub(crate) fn process_gone(pid: u32, start_ticks: u64, start_mask: u64, ns: u64) -> bool {
+    if pid == 0 || ns == 0 || ns != pid_namespace() {
+        return false;
+    }
+    let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+        return false;
+    };
+    if rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH) {
+        return true;
+    }
+    if !proc_is_ours() {
         return false;
     }
     match proc_stat(pid) {
-        Ok(s) => !s.zombie && (s.start_ticks & start_mask) == start_ticks,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        // /proc unreadable for this pid: fall back to a signal-0 probe.
-        Err(_) => match rustix::process::Pid::from_raw(pid as i32) {
-            Some(p) => rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH),
-            None => false,
-        },
+        Ok(s) => (s.start_ticks & start_mask) != start_ticks,
+        Err(_) => false,
     }
 }
 
-/// Whether a thread with kernel thread id `tid` exists (in this pid
-/// namespace). A signal-0 probe: `EPERM` means it exists.
+/// Whether a thread with kernel thread id `tid` exists in this pid
+/// namespace. A signal-0 probe: `EPERM` means it exists. Meaningless for
+/// threads of other pid namespaces: callers make sure there are none.
 pub(crate) fn thread_exists(tid: u32) -> bool {
     match rustix::process::Pid::from_raw(tid as i32) {
         Some(p) => rustix::process::test_kill_process(p) != Err(rustix::io::Errno::SRCH),
@@ -276,25 +328,44 @@ pub(crate) fn thread_exists(tid: u32) -> bool {
     }
 }
 
+/// Whether /proc is mounted for our own pid namespace (then `/proc/PID`
+/// names the process we would call PID).
+fn proc_is_ours() -> bool {
+    std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str().and_then(|s| s.parse::<u32>().ok()))
+        == Some(std::process::id())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn identity_and_liveness() {
+    fn identity_and_exit_facts() {
         let (pid, start) = self_identity();
         assert_eq!(pid, std::process::id());
         assert!(start > 0);
-        assert!(process_alive(pid, start, u64::MAX));
+        let ns = pid_namespace();
+        assert_ne!(ns, 0);
+        assert!(!process_gone(pid, start, u64::MAX, ns));
         assert!(
-            !process_alive(pid, start + 1, u64::MAX),
+            process_gone(pid, start + 1, u64::MAX, ns),
             "a reused pid is not the original"
         );
-        assert!(!process_alive(0, 0, u64::MAX));
+        assert!(
+            !process_gone(pid, start + 1, u64::MAX, ns + 1),
+            "another namespace's pid proves nothing"
+        );
+        assert!(
+            !process_gone(pid, start + 1, u64::MAX, 0),
+            "unknown namespace"
+        );
+        assert!(!process_gone(0, 0, u64::MAX, ns));
     }
 
     #[test]
-    fn zombie_counts_as_dead() {
+    fn a_zombie_is_not_proof_but_a_reaped_process_is() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         // Wait until it has exited but is not yet reaped.
@@ -305,8 +376,9 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         };
-        assert!(!process_alive(pid, start, u64::MAX));
+        let ns = pid_namespace();
+        assert!(!process_gone(pid, start, u64::MAX, ns), "zombie: not proof");
         child.wait().unwrap();
-        assert!(!process_alive(pid, start, u64::MAX));
+        assert!(process_gone(pid, start, u64::MAX, ns));
     }
 }

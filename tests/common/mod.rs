@@ -89,10 +89,21 @@ impl Proc {
         role: &str,
         args: &[S],
     ) -> Proc {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut all: Vec<std::ffi::OsString> = vec![CHILD_FLAG.into(), role.into()];
+        all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        Proc::spawn_program(label, exe, &all)
+    }
+
+    /// Starts `program` with `args` (for example this binary under
+    /// `unshare`), with the same stdio handling as [`Proc::spawn`].
+    pub(crate) fn spawn_program<S: AsRef<std::ffi::OsStr>>(
+        label: impl Into<String>,
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[S],
+    ) -> Proc {
         let label = label.into();
-        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .arg(CHILD_FLAG)
-            .arg(role)
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
