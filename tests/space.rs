@@ -67,6 +67,11 @@ fn main() {
             sigkilled_plain_take,
         ),
         ("eval_workers_run_and_report_panics", eval_workers),
+        (
+            "eval_workers_exit_when_their_parent_is_sigkilled",
+            eval_parent_killed,
+        ),
+        ("eval_on_an_unlinked_name_is_an_error", eval_unlinked),
     ];
     common::run(trials, child_main);
 }
@@ -120,6 +125,8 @@ fn child_main(role: &str, args: &[String]) {
         "take-one" => child_take_one(arg(0), arg(1), arg(2)),
         "take-loop" => child_take_loop(arg(0), arg(1), arg(2), arg(3) == "into"),
         "eval-driver" => child_eval_driver(arg(0)),
+        "eval-parent" => child_eval_parent(arg(0)),
+        "eval-unlinked" => child_eval_unlinked(arg(0)),
         other => panic!("unknown child role {other}"),
     }
 }
@@ -726,4 +733,95 @@ fn eval_workers() {
     let mut driver = Proc::spawn("eval driver", "eval-driver", &[seg.name()]);
     driver.wait_ok();
     assert!(s.is_empty().unwrap());
+}
+
+/// Starts an `eval` worker that posts its pid and blocks in a `take`
+/// forever, then waits to be killed.
+fn child_eval_parent(space: &str) {
+    let s = open_space(space);
+    let worker = s
+        .eval(|ts| {
+            ts.out(tuple!("worker-pid", i64::from(std::process::id())))
+                .unwrap();
+            let _ = ts.take(&pattern!("never"), Duration::MAX);
+        })
+        .expect("eval");
+    std::mem::forget(worker);
+    s.out(tuple!("parent-ready")).unwrap();
+    thread::sleep(Duration::from_secs(3600));
+}
+
+/// `eval` on a space whose name was unlinked: `NotFound`, and no new
+/// segment of that name.
+fn child_eval_unlinked(space: &str) {
+    let s = open_space(space);
+    Space::unlink(space).expect("unlink");
+    let r = s.eval(|ts| {
+        let _ = ts.out(tuple!("created a new space"));
+    });
+    let exists = std::path::Path::new(&format!("/dev/shm/{space}")).exists();
+    match r {
+        Err(Error::NotFound { segment }) => assert_eq!(segment, space),
+        other => panic!("eval on an unlinked name: expected NotFound, got {other:?}"),
+    }
+    assert!(!exists, "eval created a new segment named {space}");
+}
+
+/// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+fn process_ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesized command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+/// Regression (issue 10, item 6): an `eval` worker blocked in `take` kept
+/// running forever after its parent was SIGKILLed. Now it gets SIGKILL
+/// with its parent (parent-death signal).
+fn eval_parent_killed() {
+    let seg = Segment::new("eval-orphan");
+    let s = create_space(&seg);
+    let mut parent = Proc::spawn("eval parent", "eval-parent", &[seg.name()]);
+    let minute = Duration::from_secs(60);
+    let t = s
+        .read(&pattern!("worker-pid", FieldKind::I64), minute)
+        .unwrap()
+        .expect("the worker started");
+    let worker = t.i64(1).unwrap() as u32;
+    assert!(s.read(&pattern!("parent-ready"), minute).unwrap().is_some());
+    assert!(!process_ended(worker), "the worker runs before the kill");
+    parent.kill();
+    // A generous bound turns a worker that outlives its parent into a
+    // failure; no duration is asserted otherwise.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !process_ended(worker) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let outlived = !process_ended(worker);
+    if outlived {
+        // Kill it ourselves, or the parent's stderr pipe never closes.
+        signal_pid(worker, libc::SIGKILL);
+    }
+    assert!(
+        !outlived,
+        "eval worker {worker} still ran 20 s after its parent was SIGKILLed"
+    );
+}
+
+fn signal_pid(pid: u32, sig: i32) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    let _ = rustix::process::kill_process(
+        pid,
+        rustix::process::Signal::from_named_raw(sig).expect("signal"),
+    );
+}
+
+fn eval_unlinked() {
+    let seg = Segment::new("eval-unlinked");
+    let _s = create_space(&seg);
+    let mut p = Proc::spawn("eval on an unlinked name", "eval-unlinked", &[seg.name()]);
+    p.wait_ok();
 }
