@@ -489,6 +489,138 @@ impl ShmDict {
         result
     }
 
+    /// A read-modify-write that does not need new room: like
+    /// [`read_modify_write`](ShmDict::read_modify_write), but if the arena
+    /// is full, the block of `reserve` (another key the caller keeps for
+    /// this purpose, with a value at least as large) is taken over: the
+    /// reserve key is removed and the new value of `key` is written into
+    /// its block. Returns the value stored and whether the reserve was used
+    /// (the caller then re-creates it, which the block `key` gave up makes
+    /// room for).
+    ///
+    /// A process killed between removing the reserve and publishing leaks
+    /// the block until [`check`](ShmDict::check) reclaims it, as any
+    /// unpublished block.
+    pub(crate) fn read_modify_write_reserved(
+        &self,
+        key: &[u8],
+        reserve: &[u8],
+        mut f: impl FnMut(Option<&[u8]>) -> Result<Op>,
+    ) -> Result<(Option<Vec<u8>>, bool)> {
+        match self.read_modify_write(key, &mut f) {
+            Err(Error::Full { .. }) => {}
+            other => return other.map(|v| (v, false)),
+        }
+        let hash = hash_key(key);
+        let rhash = hash_key(reserve);
+        let index = self.index();
+        let _op = self.enter_write();
+        let mut current = Vec::new();
+        // The reserve's block, once removed from the index: ours.
+        let mut block: Option<Entry> = None;
+        let result = loop {
+            let found = match index.find(key, hash, Some(&mut current)) {
+                Ok(found) => found,
+                Err(c) => break Err(self.corrupt(c)),
+            };
+            let op = match f(found.as_ref().map(|_| current.as_slice())) {
+                Ok(op) => op,
+                Err(e) => break Err(e),
+            };
+            let value = match (found, op) {
+                (None, Op::Remove) => break Ok((None, block.is_some())),
+                (Some(loc), Op::Remove) => {
+                    if index.try_remove(&loc, hash, &self.me) {
+                        self.release(loc.entry);
+                        self.notify(hash);
+                        break Ok((None, block.is_some()));
+                    }
+                    continue;
+                }
+                (_, Op::Set(value)) => value,
+            };
+            let need = layout::order_for(key.len(), value.len());
+            let e = match block {
+                Some(e) => e,
+                None => match self.take_reserve(reserve, rhash) {
+                    Ok(Some(e)) => *block.insert(e),
+                    Ok(None) => {
+                        break Err(Error::full(
+                            &self.name,
+                            "arena, and no reserve block to draw on",
+                        ))
+                    }
+                    Err(e) => break Err(e),
+                },
+            };
+            if need.is_none_or(|o| o > e.order()) {
+                break Err(Error::full(
+                    &self.name,
+                    format!(
+                        "arena, and the reserve block ({} bytes) is too small for {} bytes",
+                        GRANULE << e.order(),
+                        value.len()
+                    ),
+                ));
+            }
+            let Some(words) = self.slab().block(e.granule() as u64, e.order()) else {
+                break Err(self.corrupt(Corrupt("reserve entry names an invalid block")));
+            };
+            // Release fence: as after taking a block off a free list (see
+            // `slab.rs`, "Memory ordering rule for recycled blocks"): readers
+            // of the reserve key that still read this block pair with it in
+            // `seqlock::read_validate` and retry.
+            crate::sync::fence(crate::sync::Ordering::Release);
+            if block::write(words, key, hash, &value).is_none() {
+                break Err(self.corrupt(Corrupt("block too small")));
+            }
+            let new = Entry::new(e.granule(), e.order(), hash);
+            match self.publish(key, hash, new, found) {
+                Ok(true) => {
+                    block = None;
+                    self.notify(hash);
+                    break Ok((Some(value), true));
+                }
+                Ok(false) => {} // `key` changed: run `f` again, same block
+                Err(e) => break Err(e),
+            }
+        };
+        // A reserve block taken but not published goes back to the arena.
+        if let Some(e) = block {
+            self.release(e);
+        }
+        result
+    }
+
+    /// Removes `reserve` from the index and returns its entry (the block is
+    /// then the caller's), or `None` if there is no such key.
+    fn take_reserve(&self, reserve: &[u8], rhash: u64) -> Result<Option<Entry>> {
+        let index = self.index();
+        loop {
+            match index
+                .find(reserve, rhash, None)
+                .map_err(|c| self.corrupt(c))?
+            {
+                None => return Ok(None),
+                Some(loc) => {
+                    if index.try_remove(&loc, rhash, &self.me) {
+                        self.notify(rhash);
+                        return Ok(Some(loc.entry));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The block order of `key`'s value (its size class), if present.
+    pub(crate) fn value_order(&self, key: &[u8]) -> Result<Option<u32>> {
+        Ok(self
+            .index()
+            .find(key, hash_key(key), None)
+            .map_err(|c| self.corrupt(c))?
+            .map(|loc| loc.entry.order()))
+    }
+
     /// Writes `key` and `value` into a block that is not yet published,
     /// reusing `spare` if it has the right size.
     fn prepare(
