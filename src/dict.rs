@@ -36,6 +36,10 @@ pub struct ShmDict {
     pub(crate) me: Holder,
     pub(crate) attach_index: u64,
     ident: u64,
+    /// The `mode` and `allow_other_owner` this handle was opened with:
+    /// processes this crate forks to attach the same segment again (pool
+    /// `spawn`, space `eval`) accept what this handle accepted.
+    pub(crate) opened_with: (u32, bool),
 }
 
 /// How to open or create a dictionary: see [`ShmDict::options`].
@@ -46,6 +50,7 @@ pub struct Options {
     create: bool,
     create_new: bool,
     mode: u32,
+    allow_other_owner: bool,
 }
 
 /// What a new value replaces the old with, in a read-modify-write.
@@ -85,6 +90,7 @@ impl Default for Options {
             create: true,
             create_new: false,
             mode: 0o600,
+            allow_other_owner: false,
         }
     }
 }
@@ -122,10 +128,36 @@ impl Options {
     }
 
     /// Permission bits of a new segment, applied exactly (not filtered by the
-    /// umask). Default `0o600`. Ignored when attaching.
+    /// umask). Default `0o600`.
+    ///
+    /// When attaching, the most an existing segment may grant: one whose
+    /// permission bits give anybody more than `unix_mode` would (0666 when
+    /// 0600 was asked for), or that another user owns, is refused with
+    /// `Error::PermissionDenied` (see [`allow_other_owner`](Options::allow_other_owner)).
+    /// It is never changed.
     pub fn mode(mut self, unix_mode: u32) -> Options {
         self.mode = unix_mode;
         self
+    }
+
+    /// Attach to an existing segment even if another user owns it or its
+    /// mode grants more than [`mode`](Options::mode) (default `false`).
+    ///
+    /// /dev/shm is one namespace for every user: without this, a name that
+    /// someone else created first (say with mode 0666, to read what you
+    /// store) is refused with `Error::PermissionDenied` instead of silently
+    /// shared. Allow it only for segments meant to be shared that way.
+    pub fn allow_other_owner(mut self, yes: bool) -> Options {
+        self.allow_other_owner = yes;
+        self
+    }
+
+    #[cfg(not(loom))]
+    fn access(&self) -> sys::owner::Access {
+        sys::owner::Access {
+            mode: self.mode,
+            allow_other_owner: self.allow_other_owner,
+        }
     }
 
     /// Attaches to the segment `name`, or creates it with these options.
@@ -134,6 +166,15 @@ impl Options {
     /// Creation is race-free: processes opening the same new name at once
     /// all end up on one segment, and none sees it half-initialized.
     pub fn open(self, name: &str) -> Result<ShmDict> {
+        let opened_with = (self.mode, self.allow_other_owner);
+        self.open_inner(name).map(|mut d| {
+            d.opened_with = opened_with;
+            d
+        })
+    }
+
+    #[cfg(not(loom))]
+    fn open_inner(self, name: &str) -> Result<ShmDict> {
         name::validate(name)?;
         if self.mode & !0o7777 != 0 {
             return Err(Error::InvalidArgument {
@@ -150,16 +191,16 @@ impl Options {
         if !self.create_new {
             // Attach first: the options' geometry is ignored (and not even
             // validated) when the segment exists.
-            match sys::open_existing(name) {
+            match sys::owner::open_existing_checked(name, self.access()) {
                 Ok((file, len)) => return ShmDict::attach_file(name, &file, len),
                 Err(Error::NotFound { .. }) if self.create => {}
                 Err(e) => return Err(e),
             }
         }
         let geo = self.geometry(name)?;
-        sys::create_or_attach(
+        sys::owner::create_or_attach_checked(
             name,
-            self.mode,
+            self.access(),
             geo.total_bytes,
             self.create_new,
             |r| {
@@ -250,7 +291,19 @@ impl ShmDict {
             me: Holder::new(token),
             attach_index,
             ident,
+            opened_with: (0o600, false),
         })
+    }
+
+    /// Options that attach (never create) this handle's segment again,
+    /// accepting the owner and mode it accepted.
+    #[cfg(not(loom))]
+    pub(crate) fn reattach_options(&self) -> Options {
+        let (mode, allow) = self.opened_with;
+        ShmDict::options()
+            .create(false)
+            .mode(mode)
+            .allow_other_owner(allow)
     }
 
     /// Builds a dictionary on a heap region (loom models and unit tests).

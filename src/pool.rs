@@ -1371,13 +1371,17 @@ where
     check_single_threaded()?;
     let out = Private::create("spawn")?;
     let (dict_name, out_name) = (dict.name(), out.name.as_str());
+    // The child accepts the segment's owner and mode as `dict` did.
+    let reattach = dict.reattach_options();
     let (report_r, report_w) =
         sys::fork::report_pipe().map_err(|source| PoolError::Io { op: "pipe", source })?;
     let pid = fork_child(move || {
         // Attach only: an unlinked name is an error, not a new empty
         // segment created (and leaked) under it.
-        let attach = |n: &str| ShmDict::options().create(false).open(n);
-        let (d, o) = match (attach(dict_name), attach(out_name)) {
+        let (d, o) = match (
+            reattach.open(dict_name),
+            ShmDict::options().create(false).open(out_name),
+        ) {
             (Ok(d), Ok(o)) => (d, o),
             (Err(e), _) | (_, Err(e)) => {
                 match e {

@@ -22,7 +22,6 @@ use std::process::ExitStatus;
 use rustix::process::{Pid, Signal, WaitOptions};
 
 use super::Space;
-use crate::dict::ShmDict;
 use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::fork::Attach;
@@ -169,7 +168,7 @@ impl Space {
         }
         if pid == 0 {
             sys::fork::die_with_parent(parent);
-            worker_main(&name, report_w, f);
+            worker_main(&name, self.dict.reattach_options(), report_w, f);
         }
         drop(report_w);
         let mut worker = Worker {
@@ -199,10 +198,16 @@ impl Space {
 }
 
 /// The body of a worker process; never returns.
-fn worker_main<F: FnOnce(&Space)>(name: &str, report: std::fs::File, f: F) -> ! {
+fn worker_main<F: FnOnce(&Space)>(
+    name: &str,
+    reattach: crate::Options,
+    report: std::fs::File,
+    f: F,
+) -> ! {
     // Attach only: if the name was unlinked, creating a new empty space
-    // under it would leak it and serve nobody.
-    let opened = ShmDict::options().create(false).open(name);
+    // under it would leak it and serve nobody. The worker accepts the
+    // segment's owner and mode as the parent's handle did.
+    let opened = reattach.open(name);
     match &opened {
         Ok(_) => Attach::Attached,
         Err(Error::NotFound { .. }) => Attach::NotFound,

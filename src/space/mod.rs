@@ -361,6 +361,16 @@ impl Space {
         ShmDict::open(name).map(Space::from_dict)
     }
 
+    /// Attaches to (or creates) the space `name` with the dictionary
+    /// options `options`: its size, `mode`, `create`/`create_new`, and
+    /// [`allow_other_owner`](crate::Options::allow_other_owner) to attach
+    /// a space that another user owns or whose mode grants more than
+    /// `mode` (refused with `Error::PermissionDenied` otherwise, as by
+    /// [`open`](Space::open)).
+    pub fn open_with(options: crate::Options, name: &str) -> Result<Space> {
+        options.open(name).map(Space::from_dict)
+    }
+
     /// A space on an open dictionary (for example one created with
     /// [`ShmDict::options`] to choose its size). The space uses the keys
     /// starting with `ts1/`; the others are left alone.

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::region::Region;
 
 pub(crate) mod fork;
+pub(crate) mod owner;
 
 const SHM_DIR: &str = "/dev/shm";
 /// Prefix of the temporary names used where O_TMPFILE is unavailable.
