@@ -103,6 +103,10 @@ fn trials() -> Vec<(&'static str, TrialFn)> {
             "spawn_on_an_unlinked_name_is_an_error",
             spawn_on_unlinked_name,
         ),
+        (
+            "spawned_child_accepts_the_mode_its_parent_accepted",
+            spawn_accepts_parent_mode,
+        ),
     ]
 }
 
@@ -998,4 +1002,29 @@ fn spawn_on_unlinked_name() {
         other => panic!("expected NotFound for an unlinked name, got {other:?}"),
     }
     assert!(!exists, "spawn created a new segment named {}", name.0);
+}
+
+/// The spawned child attaches the dictionary with the `mode` (and
+/// `allow_other_owner`) its parent's handle was opened with: a 0644
+/// dictionary the parent opened with `mode(0o644)` is not refused in the
+/// child for being more open than the default 0600.
+fn spawn_accepts_parent_mode() {
+    let name = Name::new("mode");
+    let dict = ShmDict::options()
+        .capacity(64)
+        .arena_bytes(1 << 16)
+        .mode(0o644)
+        .open(&name.0)
+        .expect("create 0644");
+    assert!(matches!(
+        ShmDict::open(&name.0),
+        Err(shmdict::Error::PermissionDenied { .. })
+    ));
+    let child = pool::spawn(&dict, |d| {
+        d.insert("from", "child").expect("insert");
+        7u8
+    })
+    .expect("spawn");
+    assert_eq!(child.join().expect("join"), 7);
+    assert_eq!(dict.get("from").unwrap().as_deref(), Some(&b"child"[..]));
 }
