@@ -105,17 +105,20 @@
 //! name, so no state of an earlier map, failed or not, can leak into the
 //! next. Workers attach it by name with
 //! [`Options::create(false)`](crate::Options::create) (a name that is gone
-//! is an error, never a new empty segment), and the parent unlinks the name as soon as every worker
-//! has attached (each sets its `cur/<w>` from "starting" to "idle"), so a
-//! parent killed afterwards leaves nothing in /dev/shm; the memory goes
-//! with the last attached process. Its keys:
+//! is an error, never a new empty segment), and the parent unlinks the
+//! name as soon as every worker has attached (each sets its `cur/<w>` from
+//! "starting" to "idle"), so a parent killed afterwards leaves nothing in
+//! /dev/shm; the memory goes with the last attached process. A parent
+//! killed before that (within the few milliseconds the workers take to
+//! start) leaves a segment with only dead processes attached, which
+//! [`segments::gc`](crate::segments::gc) removes. Its keys:
 //!
 //! | key          | written by          | meaning                                         |
 //! |--------------|---------------------|-------------------------------------------------|
 //! | `next`       | workers (`update`)  | first item not yet claimed                      |
-//! | `cur/<w>`    | worker `w`          | item `w` runs, or idle / claiming / exiting     |
+//! | `cur/<w>`    | worker `w`          | item `w` runs, or starting / idle / claiming / exiting |
 //! | `r/<w>/<k>`  | worker `w`          | its `k`-th batch of results; removed when read  |
-//! | `ping`       | workers (`update`)  | bumped after each batch: the parent waits on it |
+//! | `ping`       | workers (`update`)  | bumped once attached and after each batch: the parent waits on it |
 //! | `turn`       | workers and parent  | the item whose `ordered` section may run next   |
 //! | `stop`       | parent              | 1: stop claiming items                          |
 //!

@@ -150,7 +150,8 @@
 //! bucket's old block left. Likewise `take_into`'s record step draws on the
 //! inbox's reserve (`ts1/ir/..`, as long as the largest record that inbox
 //! held; created after a record, so an inbox used for the first time in a
-//! full arena can get `Full`, cleanly: the tuple is un-claimed).
+//! full arena can get `Full`, cleanly: the tuple is un-claimed; removed by
+//! [`clear_inbox`](Space::clear_inbox)).
 //!
 //! Guarantees: in a full arena, every tuple can be taken with `take`, and
 //! moved with `take_into` into an inbox that held a record at least as
@@ -971,8 +972,12 @@ impl Space {
     /// Empties `inbox` and returns what it held. Resolves first a claim
     /// that a dead taker left for this inbox, so the tuple cannot be both
     /// re-posted by the caller and rolled back into the space.
+    ///
+    /// Also removes the inbox's reserve (see "Full arenas" in the module
+    /// docs): an inbox used again starts without one.
     pub fn clear_inbox(&self, inbox: &str) -> Result<Option<Tuple>> {
         let Some(t) = self.inbox(inbox)? else {
+            self.dict.remove(inbox_reserve_key(inbox))?;
             return Ok(None);
         };
         if t.len() <= MAX_ARITY {
@@ -980,6 +985,7 @@ impl Space {
             self.update_bucket(&key, Want::Recover)?;
         }
         self.dict.remove(inbox_key(inbox))?;
+        self.dict.remove(inbox_reserve_key(inbox))?;
         Ok(Some(t))
     }
 
