@@ -153,8 +153,8 @@ impl Options {
     }
 
     #[cfg(not(loom))]
-    fn access(&self) -> sys::owner::Access {
-        sys::owner::Access {
+    fn access(&self) -> sys::access::Access {
+        sys::access::Access {
             mode: self.mode,
             allow_other_owner: self.allow_other_owner,
         }
@@ -191,14 +191,14 @@ impl Options {
         if !self.create_new {
             // Attach first: the options' geometry is ignored (and not even
             // validated) when the segment exists.
-            match sys::owner::open_existing_checked(name, self.access()) {
+            match sys::access::open_existing_checked(name, self.access()) {
                 Ok((file, len)) => return ShmDict::attach_file(name, &file, len),
                 Err(Error::NotFound { .. }) if self.create => {}
                 Err(e) => return Err(e),
             }
         }
         let geo = self.geometry(name)?;
-        sys::owner::create_or_attach_checked(
+        sys::access::create_or_attach_checked(
             name,
             self.access(),
             geo.total_bytes,

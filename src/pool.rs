@@ -155,7 +155,7 @@ use serde::Serialize;
 use crate::dict::ShmDict;
 use crate::error::Error;
 use crate::sys;
-use crate::sys::fork::Attach;
+use crate::sys::child::Attach;
 
 const NEXT: &str = "next";
 const PING: &str = "ping";
@@ -365,7 +365,7 @@ fn check_single_threaded() -> Result<(), PoolError> {
 ///
 /// The child dies with the calling process: it gets SIGKILL when the parent
 /// dies (`PR_SET_PDEATHSIG`), and exits at once if the parent died before
-/// that was set up (see [`sys::fork::die_with_parent`]).
+/// that was set up (see [`sys::child::die_with_parent`]).
 fn fork_child(child: impl FnOnce() -> i32) -> Result<Pid, PoolError> {
     // Nothing buffered by the parent may be printed again by the child.
     let _ = io::stdout().flush();
@@ -384,7 +384,7 @@ fn fork_child(child: impl FnOnce() -> i32) -> Result<Pid, PoolError> {
             source: io::Error::last_os_error(),
         }),
         0 => {
-            sys::fork::die_with_parent(parent);
+            sys::child::die_with_parent(parent);
             let code = panic::catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_POST_FAILED);
             exit_now(code)
         }
@@ -1377,7 +1377,7 @@ where
     // The child accepts the segment's owner and mode as `dict` did.
     let reattach = dict.reattach_options();
     let (report_r, report_w) =
-        sys::fork::report_pipe().map_err(|source| PoolError::Io { op: "pipe", source })?;
+        sys::child::report_pipe().map_err(|source| PoolError::Io { op: "pipe", source })?;
     let pid = fork_child(move || {
         // Attach only: an unlinked name is an error, not a new empty
         // segment created (and leaked) under it.

@@ -411,11 +411,11 @@ pub(crate) fn open(
             reason: format!("mode {:#o} has bits outside 0o7777", opts.mode),
         });
     }
-    let access = sys::owner::Access {
+    let access = sys::access::Access {
         mode: opts.mode,
         allow_other_owner: opts.allow_other_owner,
     };
-    sys::owner::create_or_attach_checked(
+    sys::access::create_or_attach_checked(
         name,
         access,
         spec.total_bytes(),

@@ -24,7 +24,7 @@ use rustix::process::{Pid, Signal, WaitOptions};
 use super::Space;
 use crate::error::{Error, Result};
 use crate::sys;
-use crate::sys::fork::Attach;
+use crate::sys::child::Attach;
 
 /// The exit code of a worker whose function panicked (Rust's own code for
 /// a panicking `main`).
@@ -150,7 +150,7 @@ impl Space {
             });
         }
         let (report_r, report_w) =
-            sys::fork::report_pipe().map_err(|e| Error::io(&name, "pipe", e))?;
+            sys::child::report_pipe().map_err(|e| Error::io(&name, "pipe", e))?;
         // Buffered output would otherwise be written by both processes.
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
@@ -167,7 +167,7 @@ impl Space {
             return Err(Error::io(&name, "fork", std::io::Error::last_os_error()));
         }
         if pid == 0 {
-            sys::fork::die_with_parent(parent);
+            sys::child::die_with_parent(parent);
             worker_main(&name, self.dict.reattach_options(), report_w, f);
         }
         drop(report_w);

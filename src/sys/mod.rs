@@ -17,8 +17,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use crate::error::{Error, Result};
 use crate::region::Region;
 
-pub(crate) mod fork;
-pub(crate) mod owner;
+pub(crate) mod child;
+pub(crate) mod access;
 
 const SHM_DIR: &str = "/dev/shm";
 /// Prefix of the temporary names used where O_TMPFILE is unavailable.
