@@ -104,6 +104,7 @@ impl<T> fmt::Debug for ArrayOptions<T> {
         f.debug_struct("ArrayOptions")
             .field("mode", &format_args!("{:#o}", self.create.mode))
             .field("create_new", &self.create.create_new)
+            .field("allow_other_owner", &self.create.allow_other_owner)
             .finish()
     }
 }
@@ -119,9 +120,19 @@ impl<T> Clone for ArrayOptions<T> {
 
 impl<T: Pod> ArrayOptions<T> {
     /// Permission bits of a new segment, applied exactly (not filtered by
-    /// the umask). Default `0o600`. Ignored when attaching.
+    /// the umask). Default `0o600`. When attaching, the most an existing
+    /// segment may grant: see [`Options::mode`](crate::Options::mode).
     pub fn mode(mut self, unix_mode: u32) -> ArrayOptions<T> {
         self.create.mode = unix_mode;
+        self
+    }
+
+    /// Attach to an existing segment even if another user owns it or its
+    /// mode grants more than [`mode`](ArrayOptions::mode) (default `false`:
+    /// `Error::PermissionDenied`); see
+    /// [`Options::allow_other_owner`](crate::Options::allow_other_owner).
+    pub fn allow_other_owner(mut self, yes: bool) -> ArrayOptions<T> {
+        self.create.allow_other_owner = yes;
         self
     }
 

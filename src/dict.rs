@@ -37,6 +37,10 @@ pub struct ShmDict {
     /// This handle's attach entries; `&self.me` is the current process's
     /// [`Holder`] (see `owner.rs`).
     pub(crate) me: Owner<Holder>,
+    /// The `mode` and `allow_other_owner` this handle was opened with:
+    /// processes this crate forks to attach the same segment again (pool
+    /// `spawn`, space `eval`) accept what this handle accepted.
+    pub(crate) opened_with: (u32, bool),
 }
 
 /// How to open or create a dictionary: see [`ShmDict::options`].
@@ -47,6 +51,7 @@ pub struct Options {
     create: bool,
     create_new: bool,
     mode: u32,
+    allow_other_owner: bool,
 }
 
 /// What a new value replaces the old with, in a read-modify-write.
@@ -86,6 +91,7 @@ impl Default for Options {
             create: true,
             create_new: false,
             mode: 0o600,
+            allow_other_owner: false,
         }
     }
 }
@@ -123,10 +129,36 @@ impl Options {
     }
 
     /// Permission bits of a new segment, applied exactly (not filtered by the
-    /// umask). Default `0o600`. Ignored when attaching.
+    /// umask). Default `0o600`.
+    ///
+    /// When attaching, the most an existing segment may grant: one whose
+    /// permission bits give anybody more than `unix_mode` would (0666 when
+    /// 0600 was asked for), or that another user owns, is refused with
+    /// `Error::PermissionDenied` (see [`allow_other_owner`](Options::allow_other_owner)).
+    /// It is never changed.
     pub fn mode(mut self, unix_mode: u32) -> Options {
         self.mode = unix_mode;
         self
+    }
+
+    /// Attach to an existing segment even if another user owns it or its
+    /// mode grants more than [`mode`](Options::mode) (default `false`).
+    ///
+    /// /dev/shm is one namespace for every user: without this, a name that
+    /// someone else created first (say with mode 0666, to read what you
+    /// store) is refused with `Error::PermissionDenied` instead of silently
+    /// shared. Allow it only for segments meant to be shared that way.
+    pub fn allow_other_owner(mut self, yes: bool) -> Options {
+        self.allow_other_owner = yes;
+        self
+    }
+
+    #[cfg(not(loom))]
+    fn access(&self) -> sys::access::Access {
+        sys::access::Access {
+            mode: self.mode,
+            allow_other_owner: self.allow_other_owner,
+        }
     }
 
     /// Attaches to the segment `name`, or creates it with these options.
@@ -135,6 +167,15 @@ impl Options {
     /// Creation is race-free: processes opening the same new name at once
     /// all end up on one segment, and none sees it half-initialized.
     pub fn open(self, name: &str) -> Result<ShmDict> {
+        let opened_with = (self.mode, self.allow_other_owner);
+        self.open_inner(name).map(|mut d| {
+            d.opened_with = opened_with;
+            d
+        })
+    }
+
+    #[cfg(not(loom))]
+    fn open_inner(self, name: &str) -> Result<ShmDict> {
         name::validate(name)?;
         if self.mode & !0o7777 != 0 {
             return Err(Error::InvalidArgument {
@@ -151,16 +192,16 @@ impl Options {
         if !self.create_new {
             // Attach first: the options' geometry is ignored (and not even
             // validated) when the segment exists.
-            match sys::open_existing(name) {
+            match sys::access::open_existing_checked(name, self.access()) {
                 Ok((file, len)) => return ShmDict::attach_file(name, file, len),
                 Err(Error::NotFound { .. }) if self.create => {}
                 Err(e) => return Err(e),
             }
         }
         let geo = self.geometry(name)?;
-        sys::create_or_attach(
+        sys::access::create_or_attach_checked(
             name,
-            self.mode,
+            self.access(),
             geo.total_bytes,
             self.create_new,
             |r| {
@@ -259,7 +300,19 @@ impl ShmDict {
             region,
             geo,
             me,
+            opened_with: (0o600, false),
         })
+    }
+
+    /// Options that attach (never create) this handle's segment again,
+    /// accepting the owner and mode it accepted.
+    #[cfg(not(loom))]
+    pub(crate) fn reattach_options(&self) -> Options {
+        let (mode, allow) = self.opened_with;
+        ShmDict::options()
+            .create(false)
+            .mode(mode)
+            .allow_other_owner(allow)
     }
 
     /// Builds a dictionary on a heap region (loom models and unit tests).
@@ -506,6 +559,138 @@ impl ShmDict {
             self.release(e);
         }
         result
+    }
+
+    /// A read-modify-write that does not need new room: like
+    /// [`read_modify_write`](ShmDict::read_modify_write), but if the arena
+    /// is full, the block of `reserve` (another key the caller keeps for
+    /// this purpose, with a value at least as large) is taken over: the
+    /// reserve key is removed and the new value of `key` is written into
+    /// its block. Returns the value stored and whether the reserve was used
+    /// (the caller then re-creates it, which the block `key` gave up makes
+    /// room for).
+    ///
+    /// A process killed between removing the reserve and publishing leaks
+    /// the block until [`check`](ShmDict::check) reclaims it, as any
+    /// unpublished block.
+    pub(crate) fn read_modify_write_reserved(
+        &self,
+        key: &[u8],
+        reserve: &[u8],
+        mut f: impl FnMut(Option<&[u8]>) -> Result<Op>,
+    ) -> Result<(Option<Vec<u8>>, bool)> {
+        match self.read_modify_write(key, &mut f) {
+            Err(Error::Full { .. }) => {}
+            other => return other.map(|v| (v, false)),
+        }
+        let hash = hash_key(key);
+        let rhash = hash_key(reserve);
+        let index = self.index();
+        let _op = self.enter_write();
+        let mut current = Vec::new();
+        // The reserve's block, once removed from the index: ours.
+        let mut block: Option<Entry> = None;
+        let result = loop {
+            let found = match index.find(key, hash, Some(&mut current)) {
+                Ok(found) => found,
+                Err(c) => break Err(self.corrupt(c)),
+            };
+            let op = match f(found.as_ref().map(|_| current.as_slice())) {
+                Ok(op) => op,
+                Err(e) => break Err(e),
+            };
+            let value = match (found, op) {
+                (None, Op::Remove) => break Ok((None, block.is_some())),
+                (Some(loc), Op::Remove) => {
+                    if index.try_remove(&loc, hash, &self.me) {
+                        self.release(loc.entry);
+                        self.notify(hash);
+                        break Ok((None, block.is_some()));
+                    }
+                    continue;
+                }
+                (_, Op::Set(value)) => value,
+            };
+            let need = layout::order_for(key.len(), value.len());
+            let e = match block {
+                Some(e) => e,
+                None => match self.take_reserve(reserve, rhash) {
+                    Ok(Some(e)) => *block.insert(e),
+                    Ok(None) => {
+                        break Err(Error::full(
+                            &self.name,
+                            "arena, and no reserve block to draw on",
+                        ))
+                    }
+                    Err(e) => break Err(e),
+                },
+            };
+            if need.is_none_or(|o| o > e.order()) {
+                break Err(Error::full(
+                    &self.name,
+                    format!(
+                        "arena, and the reserve block ({} bytes) is too small for {} bytes",
+                        GRANULE << e.order(),
+                        value.len()
+                    ),
+                ));
+            }
+            let Some(words) = self.slab().block(e.granule() as u64, e.order()) else {
+                break Err(self.corrupt(Corrupt("reserve entry names an invalid block")));
+            };
+            // Release fence: as after taking a block off a free list (see
+            // `slab.rs`, "Memory ordering rule for recycled blocks"): readers
+            // of the reserve key that still read this block pair with it in
+            // `seqlock::read_validate` and retry.
+            crate::sync::fence(crate::sync::Ordering::Release);
+            if block::write(words, key, hash, &value).is_none() {
+                break Err(self.corrupt(Corrupt("block too small")));
+            }
+            let new = Entry::new(e.granule(), e.order(), hash);
+            match self.publish(key, hash, new, found) {
+                Ok(true) => {
+                    block = None;
+                    self.notify(hash);
+                    break Ok((Some(value), true));
+                }
+                Ok(false) => {} // `key` changed: run `f` again, same block
+                Err(e) => break Err(e),
+            }
+        };
+        // A reserve block taken but not published goes back to the arena.
+        if let Some(e) = block {
+            self.release(e);
+        }
+        result
+    }
+
+    /// Removes `reserve` from the index and returns its entry (the block is
+    /// then the caller's), or `None` if there is no such key.
+    fn take_reserve(&self, reserve: &[u8], rhash: u64) -> Result<Option<Entry>> {
+        let index = self.index();
+        loop {
+            match index
+                .find(reserve, rhash, None)
+                .map_err(|c| self.corrupt(c))?
+            {
+                None => return Ok(None),
+                Some(loc) => {
+                    if index.try_remove(&loc, rhash, &self.me) {
+                        self.notify(rhash);
+                        return Ok(Some(loc.entry));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The block order of `key`'s value (its size class), if present.
+    pub(crate) fn value_order(&self, key: &[u8]) -> Result<Option<u32>> {
+        Ok(self
+            .index()
+            .find(key, hash_key(key), None)
+            .map_err(|c| self.corrupt(c))?
+            .map(|loc| loc.entry.order()))
     }
 
     /// Writes `key` and `value` into a block that is not yet published,

@@ -65,6 +65,22 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A segment of that name exists but belongs to another user, or its
+    /// permission bits grant more than the opener's `mode` would: /dev/shm
+    /// is one namespace for every user, so someone else may have taken the
+    /// name first. Attaching anyway needs `allow_other_owner(true)` (on
+    /// [`Options`](crate::Options), the `Value`/`Array` option builders, or
+    /// for a space [`Space::open_with`](crate::space::Space::open_with)).
+    PermissionDenied {
+        /// The segment's name.
+        segment: String,
+        /// The uid that owns the segment.
+        owner_uid: u32,
+        /// The segment's permission bits (`st_mode & 0o7777`).
+        mode: u32,
+        /// What was refused: another owner, or bits beyond the mode asked for.
+        reason: String,
+    },
     /// An operating-system call failed.
     Io {
         /// The segment's name, if the error concerns one.
@@ -138,6 +154,17 @@ impl fmt::Display for Error {
             Error::InvalidArgument { segment, reason } => {
                 write!(f, "shmdict segment '{segment}': invalid argument: {reason}")
             }
+            Error::PermissionDenied {
+                segment,
+                owner_uid,
+                mode,
+                reason,
+            } => write!(
+                f,
+                "shmdict segment '{segment}' (owner uid {owner_uid}, mode {mode:04o}) was not \
+                 attached: {reason}; to attach anyway, open it with allow_other_owner(true) \
+                 (CLI: --allow-other-owner)"
+            ),
             Error::Io {
                 segment: Some(segment),
                 op,

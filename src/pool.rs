@@ -89,22 +89,36 @@
 //!   (stdout and stderr are flushed before forking, so nothing buffered is
 //!   printed twice). Values created in the worker (the `init` state) are
 //!   dropped before it exits.
+//! - Workers and spawned children die with the calling process: each sets
+//!   `PR_SET_PDEATHSIG` to SIGKILL right after the fork (and exits at once
+//!   if the parent is already gone), so a killed parent never leaves
+//!   workers waiting in `ordered` forever. The death signal belongs to the
+//!   *thread* that forked: a main thread that calls `pthread_exit` while
+//!   other threads run on kills the children too.
 //! - A process that ignores `SIGCHLD` (`SIG_IGN`) has its children reaped
 //!   by the kernel; the pool then cannot see how a worker ended and reports
 //!   any item left without a result as lost.
 //!
 //! # How it works
 //!
-//! Each `map` creates a private coordination dictionary (a unique name,
-//! unlinked when `map` returns, whatever happened), so no state of an
-//! earlier map, failed or not, can leak into the next. Its keys:
+//! Each `map` creates a private coordination dictionary with a unique
+//! name, so no state of an earlier map, failed or not, can leak into the
+//! next. Workers attach it by name with
+//! [`Options::create(false)`](crate::Options::create) (a name that is gone
+//! is an error, never a new empty segment), and the parent unlinks the
+//! name as soon as every worker has attached (each sets its `cur/<w>` from
+//! "starting" to "idle"), so a parent killed afterwards leaves nothing in
+//! /dev/shm; the memory goes with the last attached process. A parent
+//! killed before that (within the few milliseconds the workers take to
+//! start) leaves a segment with only dead processes attached, which
+//! [`segments::gc`](crate::segments::gc) removes. Its keys:
 //!
 //! | key          | written by          | meaning                                         |
 //! |--------------|---------------------|-------------------------------------------------|
 //! | `next`       | workers (`update`)  | first item not yet claimed                      |
-//! | `cur/<w>`    | worker `w`          | item `w` runs, or idle / claiming / exiting     |
+//! | `cur/<w>`    | worker `w`          | item `w` runs, or starting / idle / claiming / exiting |
 //! | `r/<w>/<k>`  | worker `w`          | its `k`-th batch of results; removed when read  |
-//! | `ping`       | workers (`update`)  | bumped after each batch: the parent waits on it |
+//! | `ping`       | workers (`update`)  | bumped once attached and after each batch: the parent waits on it |
 //! | `turn`       | workers and parent  | the item whose `ordered` section may run next   |
 //! | `stop`       | parent              | 1: stop claiming items                          |
 //!
@@ -140,6 +154,8 @@ use serde::Serialize;
 
 use crate::dict::ShmDict;
 use crate::error::Error;
+use crate::sys;
+use crate::sys::child::Attach;
 
 const NEXT: &str = "next";
 const PING: &str = "ping";
@@ -152,6 +168,8 @@ const CLAIMING: u64 = u64::MAX - 1;
 /// `cur/<w>`: the worker is done and about to exit: the parent may wait for
 /// it (`waitpid` without `WNOHANG`) instead of polling.
 const EXITING: u64 = u64::MAX - 2;
+/// `cur/<w>`: the worker has not attached the coordination segment yet.
+const STARTING: u64 = u64::MAX - 3;
 /// `turn` after a failure: no item has this index.
 const ABORTED: u64 = u64::MAX;
 /// Item index of a result entry that concerns no item (a panic in `init`).
@@ -344,10 +362,16 @@ fn check_single_threaded() -> Result<(), PoolError> {
 /// Forks. In the child, runs `child` and ends the process with its exit
 /// code: the child never returns into the caller's code. In the parent,
 /// returns the child's pid. Check `check_single_threaded` first.
+///
+/// The child dies with the calling process: it gets SIGKILL when the parent
+/// dies (`PR_SET_PDEATHSIG`), and exits at once if the parent died before
+/// that was set up (see [`sys::child::die_with_parent`]).
 fn fork_child(child: impl FnOnce() -> i32) -> Result<Pid, PoolError> {
     // Nothing buffered by the parent may be printed again by the child.
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
+    // Read before the fork: the child compares it with its `getppid`.
+    let parent = rustix::process::getpid();
     // SAFETY: fork has no memory-safety preconditions of its own; what makes
     // running Rust code in the child sound is that the process is
     // single-threaded (checked by every caller just before, and nothing
@@ -360,6 +384,7 @@ fn fork_child(child: impl FnOnce() -> i32) -> Result<Pid, PoolError> {
             source: io::Error::last_os_error(),
         }),
         0 => {
+            sys::child::die_with_parent(parent);
             let code = panic::catch_unwind(AssertUnwindSafe(child)).unwrap_or(EXIT_POST_FAILED);
             exit_now(code)
         }
@@ -429,10 +454,13 @@ fn reap(pid: Pid, block: bool) -> Result<Option<Ended>, PoolError> {
 
 static SEGMENTS: AtomicU64 = AtomicU64::new(0);
 
-/// A private dictionary with a unique name, unlinked when dropped.
+/// A private dictionary with a unique name, unlinked when dropped (or
+/// earlier, by [`Private::drop_name`], once every process that needs it has
+/// attached).
 struct Private {
     dict: Option<ShmDict>,
     name: String,
+    named: Cell<bool>,
 }
 
 impl Private {
@@ -453,6 +481,7 @@ impl Private {
                     return Ok(Private {
                         dict: Some(dict),
                         name,
+                        named: Cell::new(true),
                     })
                 }
                 // Left by a dead process whose pid we reuse: take another.
@@ -465,12 +494,22 @@ impl Private {
     fn dict(&self) -> &ShmDict {
         self.dict.as_ref().expect("present until dropped")
     }
+
+    /// Removes the segment's name now. Processes attached keep using it;
+    /// the memory goes when the last of them detaches or dies. So once
+    /// every child has attached, a parent SIGKILLed later leaves nothing
+    /// in /dev/shm.
+    fn drop_name(&self) {
+        if self.named.replace(false) {
+            let _ = ShmDict::unlink(&self.name);
+        }
+    }
 }
 
 impl Drop for Private {
     fn drop(&mut self) {
         drop(self.dict.take());
-        let _ = ShmDict::unlink(&self.name);
+        self.drop_name();
     }
 }
 
@@ -709,10 +748,11 @@ impl Pool {
         set_u64(d, TURN, 0)?;
         set_u64(d, STOP, 0)?;
         for w in 0..workers {
-            set_u64(d, &cur_key(w), IDLE)?;
+            set_u64(d, &cur_key(w), STARTING)?;
         }
         let mut run = Run {
             dict: d,
+            coord: &coord,
             kids: Vec::with_capacity(workers),
             stopped: false,
         };
@@ -754,6 +794,9 @@ struct Kid {
 /// not yet reaped (also when `reduce` panics).
 struct Run<'a> {
     dict: &'a ShmDict,
+    /// The coordination segment; its name is dropped once every worker has
+    /// attached (or ended).
+    coord: &'a Private,
     kids: Vec<Kid>,
     stopped: bool,
 }
@@ -791,6 +834,19 @@ impl Run<'_> {
                         kid.ended = Some(e);
                         newly.push(w);
                     }
+                }
+            }
+            if self.coord.named.get() {
+                let mut all_attached = true;
+                for (w, kid) in self.kids.iter().enumerate() {
+                    if kid.ended.is_none() && get_u64(d, &cur_key(w))? == Some(STARTING) {
+                        all_attached = false;
+                    }
+                }
+                if all_attached {
+                    // No worker will open the name again: drop it, so that
+                    // nothing is left in /dev/shm if this process is killed.
+                    self.coord.drop_name();
                 }
             }
             let mut progressed = false;
@@ -1076,13 +1132,23 @@ fn worker_main<I, S, R>(
 where
     R: Serialize,
 {
-    let d = match ShmDict::open(plan.name) {
+    // Attach only: if the name is gone, creating a new empty segment under
+    // it would leak it and coordinate with nobody.
+    let d = match ShmDict::options().create(false).open(plan.name) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("shmdict pool worker {w}: cannot open the coordination segment: {e}");
             return EXIT_NO_SEGMENT;
         }
     };
+    // Tell the parent we are attached: once all are, it drops the name.
+    if set_u64(&d, &cur_key(w), IDLE)
+        .and_then(|_| d.update(PING, |v| Some((le(v) + 1).to_le_bytes().to_vec())))
+        .is_err()
+    {
+        eprintln!("shmdict pool worker {w}: cannot report to the coordination segment");
+        return EXIT_POST_FAILED;
+    }
     install_panic_hook();
     let worker = Worker {
         dict: &d,
@@ -1275,8 +1341,15 @@ fn run_items<I, S, R: Serialize>(
 /// Like [`Pool::map`], the child is forked: `f` may capture anything (it
 /// gets the child's copy), and the calling process must be single-threaded
 /// ([`PoolError::MultiThreaded`] otherwise). The result crosses back
-/// encoded with postcard, through a private segment that `join` (or
-/// dropping the handle) removes.
+/// encoded with postcard, through a private segment whose name is removed
+/// as soon as the child has attached it.
+///
+/// The child attaches `dict` by name
+/// ([`Options::create(false)`](crate::Options::create)) and `spawn` returns
+/// once it has: if the name
+/// was unlinked, `spawn` returns [`PoolError::Shm`]`(`[`Error::NotFound`]`)`
+/// instead of the child creating a new, empty dictionary. The child gets
+/// SIGKILL when the calling process dies.
 ///
 /// ```
 /// use shmdict::{pool, ShmDict};
@@ -1301,14 +1374,28 @@ where
     check_single_threaded()?;
     let out = Private::create("spawn")?;
     let (dict_name, out_name) = (dict.name(), out.name.as_str());
-    let pid = fork_child(|| {
-        let (d, o) = match (ShmDict::open(dict_name), ShmDict::open(out_name)) {
+    // The child accepts the segment's owner and mode as `dict` did.
+    let reattach = dict.reattach_options();
+    let (report_r, report_w) =
+        sys::child::report_pipe().map_err(|source| PoolError::Io { op: "pipe", source })?;
+    let pid = fork_child(move || {
+        // Attach only: an unlinked name is an error, not a new empty
+        // segment created (and leaked) under it.
+        let (d, o) = match (
+            reattach.open(dict_name),
+            ShmDict::options().create(false).open(out_name),
+        ) {
             (Ok(d), Ok(o)) => (d, o),
             (Err(e), _) | (_, Err(e)) => {
-                eprintln!("shmdict spawn: cannot open the dictionary in the child: {e}");
+                match e {
+                    Error::NotFound { .. } => Attach::NotFound,
+                    e => Attach::Failed(e.to_string()),
+                }
+                .send(report_w);
                 return EXIT_NO_SEGMENT;
             }
         };
+        Attach::Attached.send(report_w);
         install_panic_hook();
         let entry: Entry = match panic::catch_unwind(AssertUnwindSafe(|| f(&d))) {
             Ok(r) => match postcard::to_allocvec(&r) {
@@ -1332,12 +1419,31 @@ where
             }
         }
     })?;
-    Ok(Child {
+    // The closure (and our copy of the write end) is gone: the read below
+    // ends when the child reports or dies.
+    let report = Attach::receive(report_r);
+    let mut child = Child {
         pid,
         out,
         ended: None,
         _r: PhantomData,
-    })
+    };
+    let failed = match report {
+        Attach::Attached => {
+            // The child has attached both segments: nobody opens the result
+            // segment by name again.
+            child.out.drop_name();
+            return Ok(child);
+        }
+        Attach::NotFound => PoolError::Shm(Error::NotFound {
+            segment: dict_name.to_owned(),
+        }),
+        Attach::Failed(reason) => PoolError::Worker { item: None, reason },
+        // It died before reporting: `join` says how.
+        Attach::Died => return Ok(child),
+    };
+    child.ended = reap(child.pid, true)?;
+    Err(failed)
 }
 
 /// A child process started by [`spawn`]. Dropping it without

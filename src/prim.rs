@@ -341,6 +341,8 @@ pub(crate) fn word32(r: &Region, off: u64) -> &AtomicU32 {
 pub(crate) struct Create {
     pub(crate) mode: u32,
     pub(crate) create_new: bool,
+    /// Attach an existing segment whatever its owner and mode.
+    pub(crate) allow_other_owner: bool,
 }
 
 impl Default for Create {
@@ -348,6 +350,7 @@ impl Default for Create {
         Create {
             mode: 0o600,
             create_new: false,
+            allow_other_owner: false,
         }
     }
 }
@@ -422,9 +425,13 @@ pub(crate) fn open(
             reason: format!("mode {:#o} has bits outside 0o7777", opts.mode),
         });
     }
-    sys::create_or_attach(
+    let access = sys::access::Access {
+        mode: opts.mode,
+        allow_other_owner: opts.allow_other_owner,
+    };
+    sys::access::create_or_attach_checked(
         name,
-        opts.mode,
+        access,
         spec.total_bytes(),
         opts.create_new,
         |r| {

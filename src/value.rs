@@ -108,6 +108,7 @@ impl<T> fmt::Debug for ValueOptions<T> {
         f.debug_struct("ValueOptions")
             .field("mode", &format_args!("{:#o}", self.create.mode))
             .field("create_new", &self.create.create_new)
+            .field("allow_other_owner", &self.create.allow_other_owner)
             .finish()
     }
 }
@@ -123,9 +124,19 @@ impl<T> Clone for ValueOptions<T> {
 
 impl<T: Pod> ValueOptions<T> {
     /// Permission bits of a new segment, applied exactly (not filtered by
-    /// the umask). Default `0o600`. Ignored when attaching.
+    /// the umask). Default `0o600`. When attaching, the most an existing
+    /// segment may grant: see [`Options::mode`](crate::Options::mode).
     pub fn mode(mut self, unix_mode: u32) -> ValueOptions<T> {
         self.create.mode = unix_mode;
+        self
+    }
+
+    /// Attach to an existing segment even if another user owns it or its
+    /// mode grants more than [`mode`](ValueOptions::mode) (default `false`:
+    /// `Error::PermissionDenied`); see
+    /// [`Options::allow_other_owner`](crate::Options::allow_other_owner).
+    pub fn allow_other_owner(mut self, yes: bool) -> ValueOptions<T> {
+        self.create.allow_other_owner = yes;
         self
     }
 

@@ -271,7 +271,13 @@ fn attaching_ignores_capacity_arena_and_mode() {
     assert_eq!(fs::metadata(seg.path()).unwrap().len(), size);
     assert_eq!(perms(seg.name()), 0o640);
     assert_eq!(again.get("kept").unwrap().as_deref(), Some(&b"yes"[..]));
-    let plain = ShmDict::open(seg.name()).unwrap();
+    // The default mode (0600) is the most an attached segment may grant:
+    // 0640 grants group read, so a plain open refuses it.
+    match ShmDict::open(seg.name()) {
+        Err(Error::PermissionDenied { mode, .. }) => assert_eq!(mode, 0o640),
+        other => panic!("0640 segment opened with the default 0600: {other:?}"),
+    }
+    let plain = ShmDict::options().mode(0o640).open(seg.name()).unwrap();
     assert_eq!(plain.capacity(), 10);
 }
 
@@ -930,6 +936,10 @@ fn place(tag: &str, bytes: &[u8]) -> Segment {
     // Not while another test has set an umask that would make it unreadable.
     let _lock = UMASK.lock().unwrap_or_else(|e| e.into_inner());
     fs::write(seg.path(), bytes).unwrap();
+    // Private, as shmdict creates segments: otherwise the open is refused
+    // (PermissionDenied, mode 0644 grants more than 0600) before the
+    // contents are looked at.
+    fs::set_permissions(seg.path(), fs::Permissions::from_mode(0o600)).unwrap();
     seg
 }
 

@@ -365,6 +365,12 @@ fn garbage_segments_give_clean_errors() {
     let short = Seg::new("short");
     std::fs::write(short.path(), &b[..16]).unwrap();
     for seg in [&junk, &broken, &short] {
+        // Private, as shmdict creates segments (a 0644 file would add a
+        // note on whose it is to the one-line error checked below).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(seg.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    for seg in [&junk, &broken, &short] {
         for args in [
             vec!["stat", seg.s()],
             vec!["get", seg.s(), "k"],
@@ -503,4 +509,116 @@ fn every_subcommand_help_has_an_example() {
         let text = ok(&[cmd, "--help"]);
         assert!(text.contains("Example"), "{cmd}: {text}");
     }
+}
+
+/// Runs a command that must succeed; (stdout, stderr).
+fn ok_with_stderr(args: &[&str]) -> (String, String) {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Checks the commands on `seg`, a segment that is not private to us (its
+/// owner is `owner`, its mode `mode`): inspecting commands read it and say
+/// whose it is; writing commands refuse it unless --allow-other-owner.
+fn check_foreign_segment(seg: &Seg, owner: u32, mode: u32) {
+    let whose = format!("belongs to uid {owner}");
+    let how = format!("mode {mode:04o}");
+    for (args, shows) in [
+        (vec!["get", seg.s(), "k"], "v"),
+        (vec!["keys", seg.s()], "k"),
+        (vec!["dump", seg.s()], r#""key":"k""#),
+        (vec!["stat", seg.s()], "capacity"),
+        (vec!["watch", seg.s(), "k", "--count", "1"], "v"),
+    ] {
+        let (stdout, stderr) = ok_with_stderr(&args);
+        assert!(stdout.contains(shows), "{args:?}: {stdout}");
+        assert!(
+            stderr.contains(&whose) && stderr.contains(&how),
+            "{args:?} says whose the segment is: {stderr:?}"
+        );
+    }
+    let ls = ok(&["ls", "--prefix", seg.s()]);
+    let row = ls.lines().find(|l| l.starts_with(seg.s())).expect(&ls);
+    assert!(
+        row.contains(&format!(" {owner} ")) && row.contains(&format!("{mode:04o}")),
+        "{row}"
+    );
+    let mut writes = vec![
+        vec!["set", seg.s(), "k2", "x"],
+        vec!["del", seg.s(), "k"],
+        vec!["check", seg.s()],
+    ];
+    if owner != rustix::process::geteuid().as_raw() {
+        writes.push(vec!["rm", seg.s()]);
+    }
+    for args in &writes {
+        let err = fails(args, 1);
+        assert!(
+            err.contains("was not attached") && err.contains("--allow-other-owner"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains(&format!("owner uid {owner}")),
+            "{args:?}: {err}"
+        );
+    }
+    let out = run_with(&["load", seg.s()], br#"{"key": "k3", "value": "y"}"#);
+    assert_eq!(out.status.code(), Some(1), "load: {out:?}");
+    assert!(one_line_error(&out).contains("--allow-other-owner"));
+    // Nothing was written.
+    assert_eq!(ok(&["keys", seg.s()]).trim(), "k");
+    // Allowed explicitly, they work.
+    ok(&["set", "--allow-other-owner", seg.s(), "k2", "x"]);
+    ok(&["del", seg.s(), "k2", "--allow-other-owner"]);
+    ok(&["check", "--allow-other-owner", seg.s()]);
+    ok(&["rm", "--allow-other-owner", seg.s()]);
+    assert!(!std::path::Path::new(&seg.path()).exists());
+}
+
+/// Regression (issue 10, item 10): the CLI wrote into any segment it could
+/// open, whoever had created it. Now writing commands refuse a segment of
+/// another user, or one open to others, without --allow-other-owner, and
+/// inspecting commands say whose it is.
+#[test]
+fn foreign_segments_are_read_with_a_note_and_written_only_when_allowed() {
+    // Our own segment, open to everybody.
+    let open = Seg::new("open-to-all");
+    ShmDict::options()
+        .capacity(64)
+        .arena_bytes(1 << 16)
+        .mode(0o666)
+        .open(open.s())
+        .unwrap()
+        .insert("k", "v")
+        .unwrap();
+    check_foreign_segment(&open, rustix::process::geteuid().as_raw(), 0o666);
+
+    // Another user's segment (needs root to create it as `nobody`).
+    if !rustix::process::geteuid().is_root() {
+        eprintln!(
+            "foreign_segments: not root (euid {}): cannot create a segment as another user; \
+             only the mode part ran",
+            rustix::process::geteuid().as_raw()
+        );
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let theirs = Seg::new("nobodys");
+    let out = Command::new(BIN)
+        .args(["set", theirs.s(), "k", "v", "--create", "--capacity", "64"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "creating as nobody: {out:?}");
+    check_foreign_segment(&theirs, 65534, 0o600);
 }

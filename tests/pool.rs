@@ -95,6 +95,18 @@ fn trials() -> Vec<(&'static str, TrialFn)> {
             "a_killed_childs_handle_names_the_child",
             killed_child_handle_is_dead,
         ),
+        (
+            "workers_exit_and_no_segment_is_left_when_the_parent_is_sigkilled",
+            parent_killed_workers_exit,
+        ),
+        (
+            "spawn_on_an_unlinked_name_is_an_error",
+            spawn_on_unlinked_name,
+        ),
+        (
+            "spawned_child_accepts_the_mode_its_parent_accepted",
+            spawn_accepts_parent_mode,
+        ),
     ]
 }
 
@@ -853,4 +865,166 @@ fn busy_worker_killed_at_random() {
     }
     eprintln!("busy_worker_killed_at_random_moments: {killed} of 12 maps lost a worker");
     assert!(killed > 0, "at least one round killed a worker mid-map");
+}
+
+/// The pool segments (`shmdict-pool-<pid>-*`) of process `pid` in /dev/shm.
+fn pool_segments_of(pid: u32) -> Vec<String> {
+    let prefix = format!("shmdict-pool-{pid}-");
+    std::fs::read_dir("/dev/shm")
+        .map(|dir| {
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Regression (issue 10, item 6): a map whose parent is SIGKILLed left its
+/// workers running forever (the ones waiting in `ordered` for a turn that
+/// never comes, the one in a long item until it ends) and its coordination
+/// segment in /dev/shm. Now workers die with their parent (parent-death
+/// signal) and the parent drops the segment's name once every worker has
+/// attached.
+///
+/// The map runs in a spawned child (the "parent" of the workers), which
+/// this trial SIGKILLs. The trial is a child subreaper, so the orphaned
+/// workers become its children: it reaps each one and checks how it ended.
+fn parent_killed_workers_exit() {
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid())).expect("subreaper");
+    let name = Name::new("orphans");
+    let dict = ShmDict::open(&name.0).expect("open");
+    let dict_name = name.0.clone();
+    let parent = pool::spawn(&dict, move |_| {
+        let _ = Pool::new(3).chunk_size(1).map(
+            0..3u64,
+            |w, i| {
+                let d = ShmDict::open(&dict_name).expect("open in the worker");
+                d.typed::<u32>()
+                    .insert(format!("pid/{i}"), &std::process::id())
+                    .expect("publish the pid");
+                if i == 0 {
+                    // A long item: items 1 and 2 wait in `ordered` for it.
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+                w.ordered(|| ());
+                i
+            },
+            |_, _: u64| {},
+        );
+    })
+    .expect("spawn the map's parent");
+    let parent_pid = parent.pid();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pids: Vec<u32> = loop {
+        let pids: Vec<Option<u32>> = (0..3)
+            .map(|i| dict.typed::<u32>().get(format!("pid/{i}")).unwrap())
+            .collect();
+        if pids.iter().all(Option::is_some) {
+            break pids.into_iter().flatten().collect();
+        }
+        assert!(Instant::now() < deadline, "the workers never started");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Every worker has attached: the parent drops the segment's name as soon
+    // as it sees that. Give it a moment (the old code never drops it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pool_segments_of(parent_pid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ppid = rustix::process::Pid::from_raw(parent_pid as i32).expect("pid");
+    rustix::process::kill_process(ppid, rustix::process::Signal::KILL).expect("kill the parent");
+    match parent.join() {
+        Err(PoolError::Killed { signal, .. }) => assert_eq!(signal, libc::SIGKILL),
+        other => panic!("expected the parent killed, got {other:?}"),
+    }
+    // Every worker must end on its own, promptly; a generous bound turns a
+    // worker that outlives its parent into a failure (then it is killed).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut alive: Vec<u32> = Vec::new();
+    for &pid in &pids {
+        let p = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+        loop {
+            match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+                Ok(Some((_, st))) => {
+                    assert_eq!(
+                        st.terminating_signal(),
+                        Some(libc::SIGKILL),
+                        "worker {pid} ended by its parent-death signal"
+                    );
+                    break;
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    alive.push(pid);
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                    let _ =
+                        rustix::process::waitpid(Some(p), rustix::process::WaitOptions::empty());
+                    break;
+                }
+                Err(e) => panic!("worker {pid} is not our child after its parent died: {e}"),
+            }
+        }
+    }
+    let left = pool_segments_of(parent_pid);
+    for f in &left {
+        let _ = std::fs::remove_file(format!("/dev/shm/{f}"));
+    }
+    assert!(
+        alive.is_empty(),
+        "workers {alive:?} were still running 20 s after their parent was SIGKILLed"
+    );
+    assert!(
+        left.is_empty(),
+        "the killed parent's coordination segment was left in /dev/shm: {left:?}"
+    );
+}
+
+/// Regression (issue 10, item 6): a spawned child opened its dictionary
+/// with create-or-attach, so spawning on a dictionary whose name had been
+/// unlinked created a new, empty segment of that name in the child (and
+/// left it behind). Now the child attaches only, and `spawn` reports that
+/// the name is gone.
+fn spawn_on_unlinked_name() {
+    let name = Name::new("unlinked");
+    let dict = ShmDict::open(&name.0).expect("open");
+    ShmDict::unlink(&name.0).expect("unlink");
+    let r = pool::spawn(&dict, |d| {
+        d.insert("k", "v").expect("insert");
+        1u8
+    })
+    .and_then(|c| c.join());
+    let exists = std::path::Path::new(&format!("/dev/shm/{}", name.0)).exists();
+    match r {
+        Err(PoolError::Shm(shmdict::Error::NotFound { .. })) => {}
+        other => panic!("expected NotFound for an unlinked name, got {other:?}"),
+    }
+    assert!(!exists, "spawn created a new segment named {}", name.0);
+}
+
+/// The spawned child attaches the dictionary with the `mode` (and
+/// `allow_other_owner`) its parent's handle was opened with: a 0644
+/// dictionary the parent opened with `mode(0o644)` is not refused in the
+/// child for being more open than the default 0600.
+fn spawn_accepts_parent_mode() {
+    let name = Name::new("mode");
+    let dict = ShmDict::options()
+        .capacity(64)
+        .arena_bytes(1 << 16)
+        .mode(0o644)
+        .open(&name.0)
+        .expect("create 0644");
+    assert!(matches!(
+        ShmDict::open(&name.0),
+        Err(shmdict::Error::PermissionDenied { .. })
+    ));
+    let child = pool::spawn(&dict, |d| {
+        d.insert("from", "child").expect("insert");
+        7u8
+    })
+    .expect("spawn");
+    assert_eq!(child.join().expect("join"), 7);
+    assert_eq!(dict.get("from").unwrap().as_deref(), Some(&b"child"[..]));
 }

@@ -577,7 +577,13 @@ fn sigkilled_value_writer_blocks_nobody() {
 
 fn garbage_and_corrupted_segments_are_corrupt() {
     let write_file = |name: &str, bytes: &[u8]| {
-        std::fs::write(format!("/dev/shm/{name}"), bytes).expect("write /dev/shm");
+        let path = format!("/dev/shm/{name}");
+        std::fs::write(&path, bytes).expect("write /dev/shm");
+        // Private, as shmdict creates segments: otherwise the open is
+        // refused (PermissionDenied, 0644 grants more than 0600) before the
+        // contents are looked at.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     };
     // Garbage of various sizes.
     let mut state = 0x1234_5678u64;

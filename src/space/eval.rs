@@ -23,6 +23,8 @@ use rustix::process::{Pid, Signal, WaitOptions};
 
 use super::Space;
 use crate::error::{Error, Result};
+use crate::sys;
+use crate::sys::child::Attach;
 
 /// The exit code of a worker whose function panicked (Rust's own code for
 /// a panicking `main`).
@@ -121,9 +123,18 @@ impl Space {
     ///
     /// `InvalidArgument` if this process has more than one thread: `fork`
     /// copies only the calling thread, so locks held by the others would
-    /// stay held in the child forever. Start workers before any thread. The
-    /// space must not be unlinked while a worker starts (it would create a
-    /// new, empty space of that name).
+    /// stay held in the child forever. Start workers before any thread.
+    ///
+    /// `eval` returns once the worker has attached the space (it opens it
+    /// with [`Options::create(false)`](crate::Options::create)): if the
+    /// space's name was unlinked, the result is `NotFound` (and the worker
+    /// has ended), never a new, empty space of that name.
+    ///
+    /// A worker dies with this process: it gets SIGKILL when this process
+    /// ends (`PR_SET_PDEATHSIG`), so no worker outlives a killed parent
+    /// waiting forever in a `take`. A worker may itself be SIGKILLed in the
+    /// middle of a `take`; use [`take_into`](Space::take_into) for tuples
+    /// that must not be lost.
     pub fn eval<F>(&self, f: F) -> Result<Worker>
     where
         F: FnOnce(&Space),
@@ -138,9 +149,13 @@ impl Space {
                 ),
             });
         }
+        let (report_r, report_w) =
+            sys::child::report_pipe().map_err(|e| Error::io(&name, "pipe", e))?;
         // Buffered output would otherwise be written by both processes.
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
+        // Read before the fork: the child compares it with its `getppid`.
+        let parent = rustix::process::getpid();
         // SAFETY: fork has no memory-safety preconditions of its own; what
         // makes the child sound is that this process has a single thread
         // (checked just above, and no thread can be started concurrently:
@@ -152,19 +167,54 @@ impl Space {
             return Err(Error::io(&name, "fork", std::io::Error::last_os_error()));
         }
         if pid == 0 {
-            worker_main(&name, f);
+            sys::child::die_with_parent(parent);
+            worker_main(&name, self.dict.reattach_options(), report_w, f);
         }
-        Ok(Worker {
+        drop(report_w);
+        let mut worker = Worker {
             pid: Pid::from_raw(pid).ok_or_else(|| Error::corrupt(&name, "fork returned pid 0"))?,
             space: name,
             status: None,
-        })
+        };
+        let failed = match Attach::receive(report_r) {
+            Attach::Attached => return Ok(worker),
+            Attach::NotFound => Error::NotFound {
+                segment: worker.space.clone(),
+            },
+            Attach::Failed(m) => Error::io(
+                &worker.space,
+                "opening the space in an eval worker",
+                std::io::Error::other(m),
+            ),
+            Attach::Died => Error::io(
+                &worker.space,
+                "starting an eval worker",
+                std::io::Error::other("the worker died before it attached the space"),
+            ),
+        };
+        worker.join()?;
+        Err(failed)
     }
 }
 
 /// The body of a worker process; never returns.
-fn worker_main<F: FnOnce(&Space)>(name: &str, f: F) -> ! {
-    let code = match Space::open(name) {
+fn worker_main<F: FnOnce(&Space)>(
+    name: &str,
+    reattach: crate::Options,
+    report: std::fs::File,
+    f: F,
+) -> ! {
+    // Attach only: if the name was unlinked, creating a new empty space
+    // under it would leak it and serve nobody. The worker accepts the
+    // segment's owner and mode as the parent's handle did.
+    let opened = reattach.open(name);
+    match &opened {
+        Ok(_) => Attach::Attached,
+        Err(Error::NotFound { .. }) => Attach::NotFound,
+        Err(e) => Attach::Failed(e.to_string()),
+    }
+    .send(report);
+    let code = match opened.map(Space::from_dict) {
         Ok(space) => {
             let code = match catch_unwind(AssertUnwindSafe(|| f(&space))) {
                 Ok(()) => 0,

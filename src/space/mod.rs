@@ -66,6 +66,8 @@
 //! | `ts1/b/<arity>/<bucket>` | the tuples of that arity whose first field hashes to `bucket` (0..64), oldest first (format in `bucket.rs`) |
 //! | `ts1/arities`            | 32-byte bitmap of the arities ever posted           |
 //! | `ts1/inbox/<name>`       | the last tuple moved into inbox `name` by [`Space::take_into`]: its 16-byte id, then the tuple |
+//! | `ts1/r/<arity>/<bucket>` | the bucket's reserve: zero bytes, at least the bucket's length plus 64 (see "Full arenas") |
+//! | `ts1/ir/<name>`          | inbox `name`'s reserve: zero bytes, as long as the largest record it held |
 //!
 //! A stored tuple is its arity (one byte), then each field as a kind tag
 //! (one byte: `I64` 0, `F64` 1, `Str` 2, `Bytes` 3, `Bool` 4, `Opaque` 5)
@@ -126,6 +128,45 @@
 //! (and a stopped claimant, e.g. under SIGSTOP, keeps its tuple hidden
 //! until it continues or dies).
 //!
+//! # Full arenas
+//!
+//! A bucket's value is copy-on-write: removing a tuple publishes a new,
+//! smaller value in a new block before the old block is freed. In a full
+//! arena there is no new block, so without help a full space could not be
+//! drained, and a `take_into` whose last step (removing the claimed entry)
+//! or un-claim found no room would leave the tuple claimed by its live
+//! caller, hidden from everybody until that process died.
+//!
+//! So every bucket has a *reserve*, a key (`ts1/r/..`) whose value is at
+//! least as long as the bucket plus 64 bytes. `out` grows a bucket only
+//! while its reserve covers the new length: otherwise it grows the reserve
+//! first, and if that fails it posts nothing and returns `Full`. Every
+//! other bucket write (take, claim, finish, un-claim, resolving a dead
+//! claim) shrinks the bucket, or grows it by a claim's inbox name (up to
+//! 64 bytes). When such a write finds the arena full, it takes the reserve
+//! over (the reserve key is removed and the new bucket value is written
+//! into its block, within one process, so no other writer can take that
+//! room in between), then re-creates the reserve from the room the
+//! bucket's old block left. Likewise `take_into`'s record step draws on the
+//! inbox's reserve (`ts1/ir/..`, as long as the largest record that inbox
+//! held; created after a record, so an inbox used for the first time in a
+//! full arena can get `Full`, cleanly: the tuple is un-claimed; removed by
+//! [`clear_inbox`](Space::clear_inbox)).
+//!
+//! Guarantees: in a full arena, every tuple can be taken with `take`, and
+//! moved with `take_into` into an inbox that held a record at least as
+//! large before. The finish and un-claim steps of `take_into` draw on the
+//! bucket's reserve, and the reserve can only be missing when, between a
+//! write that used it and the re-creation, another process's write took the
+//! freed room (concurrent `out`s into a full arena). Then those steps retry
+//! for about a second (takes elsewhere free room) before returning the
+//! error; only a space that stays full and keeps being written to by others
+//! for that long can leave a tuple claimed by a live process.
+//!
+//! The price is memory: a bucket's reserve is as large as the bucket, so
+//! tuples take about twice their size in the arena. Buckets emptied by
+//! takes drop their reserve.
+//!
 //! # Waiting
 //!
 //! A blocked `take` or `read` sleeps on one of the dictionary's 1024 futex
@@ -171,6 +212,16 @@ const ARITIES_KEY: &[u8] = b"ts1/arities";
 const INBOX_PREFIX: &[u8] = b"ts1/inbox/";
 /// Longest inbox name (the bucket format stores its length in 16 bits).
 pub const MAX_INBOX_NAME: usize = 1024;
+/// Bucket reserves: `ts1/r/<arity>/<bucket>` (see "Full arenas").
+const RESERVE_PREFIX: &str = "ts1/r/";
+/// Inbox reserves: `ts1/ir/<name>`.
+const INBOX_RESERVE_PREFIX: &[u8] = b"ts1/ir/";
+/// Room a bucket's reserve keeps beyond the bucket's length: what a claim
+/// for an inbox name of up to this many bytes adds to the bucket.
+const CLAIM_SLACK: usize = 64;
+/// How long a `take_into` retries a finish or un-claim step that failed
+/// (each failure means the reserve was taken by another process's write).
+const SETTLE_TRIES: u32 = 200;
 
 /// A named tuple space in shared memory. See the [module docs](self).
 ///
@@ -300,11 +351,40 @@ fn inbox_key(name: &str) -> Vec<u8> {
     [INBOX_PREFIX, name.as_bytes()].concat()
 }
 
+/// The reserve key of a bucket key (`ts1/b/..` -> `ts1/r/..`).
+fn reserve_key(bucket_key: &[u8]) -> Vec<u8> {
+    let rest = bucket_key.strip_prefix(b"ts1/b/").unwrap_or(bucket_key);
+    [RESERVE_PREFIX.as_bytes(), rest].concat()
+}
+
+fn inbox_reserve_key(name: &str) -> Vec<u8> {
+    [INBOX_RESERVE_PREFIX, name.as_bytes()].concat()
+}
+
+/// An error from a read-modify-write closure that means "no change" or
+/// "grow the reserve first", told apart by the caller's own flags.
+fn declined() -> Error {
+    Error::InvalidArgument {
+        segment: String::new(),
+        reason: "no change".into(),
+    }
+}
+
 impl Space {
     /// Attaches to the space `name`, creating its dictionary with default
     /// sizing if it does not exist. The name rules are the dictionary's.
     pub fn open(name: &str) -> Result<Space> {
         ShmDict::open(name).map(Space::from_dict)
+    }
+
+    /// Attaches to (or creates) the space `name` with the dictionary
+    /// options `options`: its size, `mode`, `create`/`create_new`, and
+    /// [`allow_other_owner`](crate::Options::allow_other_owner) to attach
+    /// a space that another user owns or whose mode grants more than
+    /// `mode` (refused with `Error::PermissionDenied` otherwise, as by
+    /// [`open`](Space::open)).
+    pub fn open_with(options: crate::Options, name: &str) -> Result<Space> {
+        options.open(name).map(Space::from_dict)
     }
 
     /// A space on an open dictionary (for example one created with
@@ -403,10 +483,7 @@ impl Space {
                     // An error from the closure aborts the update with
                     // nothing written; `kept` tells it from a real error.
                     kept = true;
-                    Err(Error::InvalidArgument {
-                        segment: String::new(),
-                        reason: "no change".into(),
-                    })
+                    Err(declined())
                 }
             }
         });
@@ -414,6 +491,83 @@ impl Space {
             Ok(_) => Ok(true),
             Err(_) if kept => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Like [`edit`](Space::edit) for a bucket key, but never fails for
+    /// lack of room while the bucket has its reserve: a full arena makes
+    /// the write draw on the reserve's block
+    /// ([`ShmDict::read_modify_write_reserved`]). Afterwards the reserve is
+    /// re-created if it was used (from the room the bucket's old block
+    /// left), and removed with the bucket.
+    fn edit_reserved(
+        &self,
+        key: &[u8],
+        mut f: impl FnMut(Option<&[u8]>) -> Result<Step>,
+    ) -> Result<bool> {
+        let rkey = reserve_key(key);
+        let mut kept = false;
+        let mut new_len: Option<usize> = None;
+        let r = self.dict.read_modify_write_reserved(key, &rkey, |old| {
+            kept = false;
+            match f(old)? {
+                Step::Set(v) => {
+                    new_len = Some(v.len());
+                    Ok(Op::Set(v))
+                }
+                Step::Remove => {
+                    new_len = None;
+                    Ok(Op::Remove)
+                }
+                Step::Keep => {
+                    kept = true;
+                    Err(declined())
+                }
+            }
+        });
+        match r {
+            Ok((_, used)) => {
+                match new_len {
+                    // An emptied bucket needs no reserve. (An `out` racing
+                    // with this may find it gone and create it again.)
+                    None => {
+                        let _ = self.dict.remove(&rkey);
+                    }
+                    // Best effort: the bucket's old block was just freed.
+                    Some(len) if used => {
+                        let _ = self.ensure_reserve(&rkey, len);
+                    }
+                    Some(_) => {}
+                }
+                Ok(true)
+            }
+            Err(_) if kept => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes the reserve `rkey` large enough for a bucket of `len` bytes
+    /// plus a claim ([`CLAIM_SLACK`]). `Full` if there is no room for it.
+    fn ensure_reserve(&self, rkey: &[u8], len: usize) -> Result<()> {
+        let want = len + CLAIM_SLACK;
+        self.edit(rkey, |old| {
+            Ok(match old {
+                Some(v) if v.len() >= want => Step::Keep,
+                _ => Step::Set(vec![0; want]),
+            })
+        })
+        .map(|_| ())
+    }
+
+    /// Whether the reserve `rkey` is large enough for a bucket of `len`
+    /// bytes (`have`: its current block order).
+    fn reserve_covers(rkey: &[u8], have: Option<u32>, len: usize) -> bool {
+        match (
+            have,
+            crate::layout::order_for(rkey.len(), len + CLAIM_SLACK),
+        ) {
+            (Some(have), Some(need)) => need <= have,
+            _ => false,
         }
     }
 
@@ -536,7 +690,7 @@ impl Space {
         let mut live = Liveness::new(&self.dict);
         let mut picked = None;
         let mut resolved = 0;
-        let wrote = self.edit(key, |cur| {
+        let wrote = self.edit_reserved(key, |cur| {
             self.edit_bucket(cur, want, &mut live, &mut picked, &mut resolved)
         })?;
         if !wrote {
@@ -610,12 +764,44 @@ impl Space {
         let h1 = first_hash(t.get(0));
         let mut entry = Vec::new();
         bucket::push(&mut entry, next_id(), 0, &[], &bytes);
-        self.dict.update(bucket_key(t.len(), h1 % BUCKETS), |old| {
-            let mut v = Vec::with_capacity(old.map_or(0, <[u8]>::len) + entry.len());
-            v.extend_from_slice(old.unwrap_or_default());
-            v.extend_from_slice(&entry);
-            Some(v)
-        })?;
+        let key = bucket_key(t.len(), h1 % BUCKETS);
+        let rkey = reserve_key(&key);
+        // The bucket grows only while its reserve covers the new length
+        // (so that taking from it never needs new room): otherwise the
+        // reserve grows first, and `Full` there posts nothing.
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            // Checked inside the update, against the length it appends to.
+            // A few rounds settle races with other writers of the bucket;
+            // past them, post anyway (the reserve is then re-grown by the
+            // next write that finds it short).
+            let have = if rounds <= 8 {
+                Some(self.dict.value_order(&rkey)?)
+            } else {
+                None
+            };
+            let mut short: Option<usize> = None;
+            let r = self.dict.read_modify_write(&key, |old| {
+                let len = old.map_or(0, <[u8]>::len) + entry.len();
+                short = None;
+                if let Some(have) = have {
+                    if !Space::reserve_covers(&rkey, have, len) {
+                        short = Some(len);
+                        return Err(declined());
+                    }
+                }
+                let mut v = Vec::with_capacity(len);
+                v.extend_from_slice(old.unwrap_or_default());
+                v.extend_from_slice(&entry);
+                Ok(Op::Set(v))
+            });
+            match (r, short) {
+                (Ok(_), _) => break,
+                (Err(_), Some(len)) => self.ensure_reserve(&rkey, len)?,
+                (Err(e), None) => return Err(e),
+            }
+        }
         self.notify(t.len(), h1);
         Ok(())
     }
@@ -751,16 +937,47 @@ impl Space {
         let key = bucket_key(p.arity(), first_hash(t.get(0)) % BUCKETS);
         let mut record = id.to_bytes().to_vec();
         record.extend_from_slice(&t.encode());
-        if let Err(e) = self.dict.insert(inbox_key(inbox), record) {
-            // Give the tuple back; if that fails too, our death will.
-            if self.update_bucket(&key, Want::Unclaim(id)).is_ok() {
-                self.notify(t.len(), first_hash(t.get(0)));
-            }
+        let rkey = inbox_reserve_key(inbox);
+        let recorded = self
+            .dict
+            .read_modify_write_reserved(&inbox_key(inbox), &rkey, |_| Ok(Op::Set(record.clone())));
+        if let Err(e) = recorded {
+            // Give the tuple back. Un-claiming shrinks the bucket, which its
+            // reserve makes possible in a full arena.
+            self.settle(&key, Want::Unclaim(id))?;
+            self.notify(t.len(), first_hash(t.get(0)));
             return Err(e);
         }
-        match self.update_bucket(&key, Want::Finish(id))? {
+        // Keep a reserve as large as this record for the inbox's next use
+        // (best effort: the record's previous block was just freed).
+        let _ = self.edit(&rkey, |old| {
+            Ok(match old {
+                Some(v) if v.len() >= record.len() => Step::Keep,
+                _ => Step::Set(vec![0; record.len()]),
+            })
+        });
+        match self.settle(&key, Want::Finish(id))? {
             Some(_) => Ok(Some(t)),
             None => Err(self.corrupt("a claimed tuple vanished from its bucket")),
+        }
+    }
+
+    /// Runs the finish or un-claim step of a `take_into`, which must not
+    /// leave the tuple claimed by this (live) process. Both shrink the
+    /// bucket, so its reserve lets them through a full arena; the reserve
+    /// can only be missing when another process's write took the room
+    /// freed meanwhile, so `Full` is retried (for up to about a second,
+    /// while takes elsewhere free room) before it is returned.
+    fn settle(&self, key: &[u8], want: Want<'_>) -> Result<Option<(Id, Tuple)>> {
+        let mut tries = 0;
+        loop {
+            match self.update_bucket(key, want) {
+                Err(Error::Full { .. }) if tries < SETTLE_TRIES => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => return other,
+            }
         }
     }
 
@@ -776,8 +993,12 @@ impl Space {
     /// Empties `inbox` and returns what it held. Resolves first a claim
     /// that a dead taker left for this inbox, so the tuple cannot be both
     /// re-posted by the caller and rolled back into the space.
+    ///
+    /// Also removes the inbox's reserve (see "Full arenas" in the module
+    /// docs): an inbox used again starts without one.
     pub fn clear_inbox(&self, inbox: &str) -> Result<Option<Tuple>> {
         let Some(t) = self.inbox(inbox)? else {
+            self.dict.remove(inbox_reserve_key(inbox))?;
             return Ok(None);
         };
         if t.len() <= MAX_ARITY {
@@ -785,6 +1006,7 @@ impl Space {
             self.update_bucket(&key, Want::Recover)?;
         }
         self.dict.remove(inbox_key(inbox))?;
+        self.dict.remove(inbox_reserve_key(inbox))?;
         Ok(Some(t))
     }
 

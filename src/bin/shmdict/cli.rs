@@ -27,12 +27,23 @@ Examples:
 Inspecting commands never create a segment. `set` and `load` create one only
 with --create.
 
+/dev/shm is shared by every user. Inspecting commands (ls, stat, get, keys,
+dump, watch) read any segment they can open, and say whose it is when it is
+another user's or open to others. Writing commands (set, del, load, check,
+rm) refuse a segment that another user owns, or (set, del, load, check) one
+whose mode grants anybody but its owner access, unless --allow-other-owner
+is given.
+
 Exit codes: 0 success, 1 error, 2 usage error, 3 key not found (get, del).";
 
 /// Inspect and edit shmdict dictionaries in shared memory (/dev/shm).
 #[derive(Parser, Debug)]
 #[command(name = "shmdict", version, after_help = MAIN_HELP)]
 struct Cli {
+    /// Let writing commands (set, del, load, check, rm) use a segment that
+    /// another user owns, or whose mode grants more than 0600.
+    #[arg(long, global = true)]
+    allow_other_owner: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -44,8 +55,10 @@ enum Cmd {
     ///
     /// Lists the segments in /dev/shm this user can read. SIZE is the
     /// segment's size, IN MEMORY the pages written so far; FILL is live keys
-    /// over capacity. A segment whose header fails a check is flagged
-    /// DAMAGED with the reason.
+    /// over capacity; OWNER is the owner's uid and MODE the permission bits
+    /// (another user's segment, or one open to others, is not private to
+    /// you). A segment whose header fails a check is flagged DAMAGED with
+    /// the reason.
     #[command(after_help = "Example:\n  shmdict ls --prefix jobs-")]
     Ls(LsArgs),
     /// Show a dictionary's capacity, load factor, arena use per size class,
@@ -356,19 +369,20 @@ type Outcome = Result<(), Failure>;
 
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
+    let allow = cli.allow_other_owner;
     let result = match cli.cmd {
         Cmd::Ls(a) => ls(a),
         Cmd::Stat(a) => stat(a),
         Cmd::Get(a) => get(a),
-        Cmd::Set(a) => set(a),
-        Cmd::Del(a) => del(a),
+        Cmd::Set(a) => set(a, allow),
+        Cmd::Del(a) => del(a, allow),
         Cmd::Keys(a) => keys(a),
         Cmd::Dump(a) => dump(a),
-        Cmd::Load(a) => load(a),
+        Cmd::Load(a) => load(a, allow),
         Cmd::Watch(a) => watch(a),
-        Cmd::Rm(a) => rm(a),
+        Cmd::Rm(a) => rm(a, allow),
         Cmd::Gc(a) => gc(a),
-        Cmd::Check(a) => check(a),
+        Cmd::Check(a) => check(a, allow),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -390,17 +404,58 @@ fn existing(name: &str) -> Result<SegmentInfo, Failure> {
     })
 }
 
-/// Attaches to an existing dictionary; never creates one (even if the name
-/// is removed between the check and the open).
-fn open_existing(name: &str) -> Result<ShmDict, Failure> {
-    existing(name)?;
-    Ok(ShmDict::options().create(false).open(name)?)
+/// Whose a segment is, when that is worth a note: another user's, or open
+/// to users other than its owner.
+fn foreign(info: &SegmentInfo) -> Option<String> {
+    let me = rustix::process::geteuid().as_raw();
+    let open_to_others = info.mode & 0o077 != 0;
+    (info.uid != me || open_to_others).then(|| {
+        format!(
+            "segment '{}' belongs to uid {}{} and has mode {:04o}",
+            info.name,
+            info.uid,
+            if info.uid == me { " (you)" } else { "" },
+            info.mode
+        )
+    })
 }
 
-/// Attaches to a dictionary, creating it only with --create.
-fn open_for_writing(name: &str, c: &CreateArgs) -> Result<ShmDict, Failure> {
+/// Attaches to an existing dictionary to read it, whoever owns it (saying
+/// so on stderr if it is not private to us); never creates one (even if the
+/// name is removed between the check and the open).
+fn open_for_reading(name: &str) -> Result<ShmDict, Failure> {
+    let info = existing(name)?;
+    if let Some(note) = foreign(&info) {
+        eprintln!("shmdict: note: {note}");
+    }
+    Ok(ShmDict::options()
+        .create(false)
+        .allow_other_owner(true)
+        .open(name)?)
+}
+
+/// Attaches to an existing dictionary to change it: another user's
+/// segment, or one whose mode grants more than 0600, only with
+/// --allow-other-owner (`PermissionDenied` otherwise). Never creates one.
+fn open_existing(name: &str, allow_other_owner: bool) -> Result<ShmDict, Failure> {
+    existing(name)?;
+    Ok(ShmDict::options()
+        .create(false)
+        .allow_other_owner(allow_other_owner)
+        .open(name)?)
+}
+
+/// Attaches to a dictionary to change it, creating it only with --create.
+fn open_for_writing(
+    name: &str,
+    c: &CreateArgs,
+    allow_other_owner: bool,
+) -> Result<ShmDict, Failure> {
     match existing(name) {
-        Ok(_) => Ok(ShmDict::options().create(false).open(name)?),
+        Ok(_) => Ok(ShmDict::options()
+            .create(false)
+            .allow_other_owner(allow_other_owner)
+            .open(name)?),
         Err(_) if c.create => {
             let mut o = ShmDict::options();
             if let Some(n) = c.capacity {
@@ -524,6 +579,8 @@ fn ls(a: LsArgs) -> Outcome {
         "KEYS".into(),
         "FILL".into(),
         "VERSION".into(),
+        "OWNER".into(),
+        "MODE".into(),
         "ATTACHED".into(),
     ]];
     for s in &all {
@@ -543,10 +600,12 @@ fn ls(a: LsArgs) -> Outcome {
                 _ => "-".into(),
             },
             version,
+            s.uid.to_string(),
+            format!("{:04o}", s.mode),
             attached_text(s),
         ]);
     }
-    let mut widths = [0usize; 8];
+    let mut widths = [0usize; 10];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -572,7 +631,7 @@ fn ls(a: LsArgs) -> Outcome {
 
 fn stat(a: StatArgs) -> Outcome {
     let info = existing(&a.name)?;
-    let d = ShmDict::open(&a.name)?;
+    let d = open_for_reading(&a.name)?;
     let st = d.stats();
     let in_use = segments::blocks_in_use(&a.name)?;
     let slots = st.buckets as u64 * 3;
@@ -695,7 +754,7 @@ fn stat(a: StatArgs) -> Outcome {
 
 fn get(a: GetArgs) -> Outcome {
     let key = a.key_enc.key(&a.key)?;
-    let d = open_existing(&a.name)?;
+    let d = open_for_reading(&a.name)?;
     let value = d.get(&key)?;
     if a.json {
         print_json(&enc::key_value(&key, value.as_deref()))?;
@@ -723,7 +782,7 @@ fn get(a: GetArgs) -> Outcome {
     Ok(())
 }
 
-fn set(a: SetArgs) -> Outcome {
+fn set(a: SetArgs, allow: bool) -> Outcome {
     let key = a.key_enc.key(&a.key)?;
     let enc = Enc::from_flags(a.hex, a.base64);
     let value = match &a.value {
@@ -742,14 +801,14 @@ fn set(a: SetArgs) -> Outcome {
             }
         }
     };
-    let d = open_for_writing(&a.name, &a.create)?;
+    let d = open_for_writing(&a.name, &a.create, allow)?;
     d.insert(&key, &value)?;
     Ok(())
 }
 
-fn del(a: DelArgs) -> Outcome {
+fn del(a: DelArgs, allow: bool) -> Outcome {
     let key = a.key_enc.key(&a.key)?;
-    let d = open_existing(&a.name)?;
+    let d = open_existing(&a.name, allow)?;
     if d.remove(&key)? {
         Ok(())
     } else {
@@ -763,7 +822,7 @@ fn keys(a: KeysArgs) -> Outcome {
         Some(p) => enc.decode(p, "prefix").map_err(Failure::msg)?,
         None => Vec::new(),
     };
-    let d = open_existing(&a.name)?;
+    let d = open_for_reading(&a.name)?;
     let mut keys: Vec<Vec<u8>> = d
         .keys()?
         .into_iter()
@@ -811,7 +870,7 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 fn dump(a: DumpArgs) -> Outcome {
-    let d = open_existing(&a.name)?;
+    let d = open_for_reading(&a.name)?;
     let mut keys = d.keys()?;
     keys.sort();
     let pb = progress(keys.len() as u64, "dump");
@@ -831,7 +890,7 @@ fn dump(a: DumpArgs) -> Outcome {
     Ok(())
 }
 
-fn load(a: LoadArgs) -> Outcome {
+fn load(a: LoadArgs, allow: bool) -> Outcome {
     // Parse everything first, so a malformed line loads nothing.
     let mut entries = Vec::new();
     for (i, line) in io::stdin().lock().lines().enumerate() {
@@ -848,7 +907,7 @@ fn load(a: LoadArgs) -> Outcome {
         })?;
         entries.push((i + 1, k, v));
     }
-    let d = open_for_writing(&a.name, &a.create)?;
+    let d = open_for_writing(&a.name, &a.create, allow)?;
     let pb = progress(entries.len() as u64, "load");
     for (n, (line, k, v)) in entries.iter().enumerate() {
         if let Err(e) = d.insert(k, v) {
@@ -866,7 +925,7 @@ fn load(a: LoadArgs) -> Outcome {
 fn watch(a: WatchArgs) -> Outcome {
     let key = a.key_enc.key(&a.key)?;
     let enc = Enc::from_flags(a.hex, a.base64);
-    let d = open_existing(&a.name)?;
+    let d = open_for_reading(&a.name)?;
     let mut out = io::stdout().lock();
     let mut printed = 0u64;
     let mut emit = |value: Option<&[u8]>, out: &mut io::StdoutLock<'_>| -> Result<bool, Failure> {
@@ -905,9 +964,19 @@ fn watch(a: WatchArgs) -> Outcome {
     }
 }
 
-fn rm(a: RmArgs) -> Outcome {
+fn rm(a: RmArgs, allow: bool) -> Outcome {
     match existing(&a.name) {
         Ok(info) => {
+            let me = rustix::process::geteuid().as_raw();
+            if info.uid != me && !allow {
+                return Err(Error::PermissionDenied {
+                    segment: a.name.clone(),
+                    owner_uid: info.uid,
+                    mode: info.mode,
+                    reason: format!("it belongs to uid {}, not to you (uid {me})", info.uid),
+                }
+                .into());
+            }
             ShmDict::unlink(&a.name)?;
             if let Some(att) = info.attached.filter(|att| att.live > 0) {
                 eprintln!(
@@ -954,8 +1023,8 @@ fn gc(a: GcArgs) -> Outcome {
     Ok(())
 }
 
-fn check(a: CheckArgs) -> Outcome {
-    let d = open_existing(&a.name)?;
+fn check(a: CheckArgs, allow: bool) -> Outcome {
+    let d = open_existing(&a.name, allow)?;
     let report = d.check()?;
     let mut out = io::stdout().lock();
     let text = report.to_string();
