@@ -423,13 +423,14 @@ fn rm_removes_a_segment() {
 
 /// Starts `shmdict watch` on `seg` and waits until it has attached.
 fn attached_watcher(seg: &Seg) -> Kill {
+    // Counted before the watcher starts: it may attach before we look.
+    let before = segments::info(seg.s()).unwrap().attached.unwrap().live;
     let child = Command::new(BIN)
         .args(["watch", seg.s(), "k"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let before = segments::info(seg.s()).unwrap().attached.unwrap().live;
     let child = Kill(child);
     wait_until("the watcher to attach", || {
         segments::info(seg.s()).unwrap().attached.unwrap().live > before
