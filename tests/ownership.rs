@@ -52,6 +52,10 @@ fn main() {
                 "threads_and_processes_exclude_each_other",
                 threads_and_processes_exclude_each_other,
             ),
+            (
+                "gc_never_removes_a_segment_being_opened",
+                gc_never_removes_a_segment_being_opened,
+            ),
         ],
         child,
     );
@@ -333,6 +337,67 @@ fn rmw_threads(d: &ShmDict, a: &Array<u64>) {
             });
         }
     });
+}
+
+// --- gc against openers ---
+
+const GC_ROUNDS: u64 = 200;
+
+/// `segments::gc` removes a segment whose attached processes all died. A
+/// process between `shm_open` and attaching was not counted, so gc could
+/// unlink the segment it was opening: the opener then wrote into a segment
+/// nobody else could find. Each round leaves a dead entry in a fresh
+/// segment, then races an opener against gc: whoever opened the segment
+/// must find its write again by name.
+fn gc_never_removes_a_segment_being_opened() {
+    let prefix = format!("shmdict-test-gcrace-{}-", std::process::id());
+    let mut lost = Vec::new();
+    let mut opened = 0;
+    for round in 0..GC_ROUNDS {
+        let name = format!("{prefix}{round}");
+        let seg = ShmDict::options()
+            .capacity(64)
+            .arena_bytes(64 * 1024)
+            .open(&name)
+            .unwrap();
+        // A dead attach entry: a child that attaches and dies without
+        // detaching (its copy of `seg` is dropped too, which detaches
+        // nothing of ours).
+        let code = in_forked_child(|| {
+            let d = common::open_existing(&name);
+            std::mem::forget(d);
+            0
+        });
+        assert_eq!(code, 0);
+        drop(seg);
+        let result = std::thread::scope(|s| {
+            let gc = s.spawn(|| shmdict::segments::Gc::new().prefix(&prefix).run().unwrap());
+            let opener = s.spawn(|| {
+                let d = ShmDict::options().create(false).open(&name).ok()?;
+                d.insert("mine", round.to_le_bytes()).unwrap();
+                Some(d)
+            });
+            (gc.join().unwrap(), opener.join().unwrap())
+        });
+        if let (_, Some(d)) = result {
+            opened += 1;
+            let found = ShmDict::options()
+                .create(false)
+                .open(&name)
+                .ok()
+                .and_then(|again| again.get("mine").unwrap());
+            if found.as_deref() != Some(&round.to_le_bytes()[..]) {
+                lost.push(round);
+            }
+            drop(d);
+        }
+        let _ = ShmDict::unlink(&name);
+    }
+    eprintln!("gc race: the opener won {opened} of {GC_ROUNDS} rounds");
+    assert!(
+        lost.is_empty(),
+        "rounds where gc removed a segment that was being opened: {lost:?}"
+    );
 }
 
 // --- Child roles ---

@@ -25,8 +25,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 use crate::error::{Error, Result};
 use crate::region::Region;
 
-pub(crate) mod child;
 pub(crate) mod access;
+pub(crate) mod child;
 
 const SHM_DIR: &str = "/dev/shm";
 /// Prefix of the temporary names used where O_TMPFILE is unavailable.
