@@ -33,9 +33,9 @@ use std::ops::{Deref, DerefMut, Range};
 use bytemuck::Pod;
 
 use crate::error::{Error, Result};
-use crate::owner::Registration;
 use crate::prim::{self, Create, Local, Segment, Spec, KIND_ARRAY};
-use crate::rwlock::{self, ClaimError, Mode};
+use crate::shm::registration::Registration;
+use crate::shm::rwlock::{self, ClaimError, Mode};
 
 /// Header value of `P_REPR` for arrays.
 const REPR_ARRAY: u64 = 0;

@@ -4,7 +4,7 @@
 //!
 //! Both kinds share the dictionary's header prefix (magic, version and kind,
 //! header size, file size), so tools list any shmdict segment, and its attach
-//! table, so every handle has an owner [`Token`](crate::attach::Token) for
+//! table, so every handle has an owner [`Token`](crate::shm::attach::Token) for
 //! the lock words it takes.
 //!
 //! ```text
@@ -50,22 +50,22 @@
 //! `Error::Incompatible`, never a silent reinterpretation of the bytes.
 
 #[cfg(not(loom))]
-use std::sync::atomic::{
+use crate::sync::mapped::{
     AtomicI16, AtomicI32, AtomicI64, AtomicI8, AtomicIsize, AtomicU16, AtomicU32, AtomicU8,
     AtomicUsize,
 };
 
 use bytemuck::Pod;
 
-use crate::attach::{self, Holder, LockFd, Token};
 use crate::error::{Error, Result};
-use crate::layout::{
+use crate::name;
+use crate::shm::attach::{self, Holder, LockFd, Token};
+use crate::shm::layout::{
     self, ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, FORMAT_VERSION, HEADER_BYTES, H_HEADER_BYTES,
     H_MAGIC, H_TOTAL_BYTES, H_VERSION_KIND, MAGIC, PAGE,
 };
-use crate::name;
-use crate::owner::{Owner, Registration};
-use crate::region::Region;
+use crate::shm::region::Region;
+use crate::shm::registration::{Owner, Registration};
 use crate::sync::{AtomicU64, Ordering};
 #[cfg(not(loom))]
 use crate::sys;

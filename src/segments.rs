@@ -31,14 +31,14 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 
-use crate::attach;
 use crate::error::{Error, Result};
-use crate::layout::{
+use crate::shm::attach;
+use crate::shm::layout::{
     Entry, Geometry, HeaderError, ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, BUCKET_BYTES, B_SLOTS,
     FORMAT_VERSION, HEADER_BYTES, H_HEADER_BYTES, H_LIVE, H_MAGIC, H_TOTAL_BYTES, H_VERSION_KIND,
     KIND_DICT, MAGIC, SLOTS_PER_BUCKET, SLOT_BYTES,
 };
-use crate::region::Region;
+use crate::shm::region::Region;
 use crate::sync::Ordering;
 use crate::{name, sys};
 
@@ -529,8 +529,8 @@ fn same_file(name: &str, file: &File) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::local::{AtomicU32, Ordering as O};
     use crate::ShmDict;
-    use std::sync::atomic::{AtomicU32, Ordering as O};
 
     /// Removes a test segment on every exit path.
     struct Unlink(String);

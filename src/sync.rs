@@ -31,7 +31,20 @@ pub(crate) fn yield_now() {
 }
 
 /// Process-local atomics (never in shared memory, so loom need not model
-/// them): caches and per-handle bookkeeping.
+/// them): caches, per-handle bookkeeping, fork generations.
 pub(crate) mod local {
-    pub(crate) use std::sync::atomic::{AtomicPtr, Ordering};
+    #[cfg(test)]
+    pub(crate) use std::sync::atomic::AtomicU32;
+    pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+}
+
+/// `std` atomics of other widths over mapped memory, in code that loom does
+/// not model (it is compiled out under `cfg(loom)`): futex words, the words
+/// of pthread mutexes, and `Value<T>`s of 1, 2, 4 and pointer-sized types.
+#[cfg(not(loom))]
+pub(crate) mod mapped {
+    pub(crate) use std::sync::atomic::{
+        AtomicI16, AtomicI32, AtomicI64, AtomicI8, AtomicIsize, AtomicU16, AtomicU32, AtomicU8,
+        AtomicUsize, Ordering,
+    };
 }

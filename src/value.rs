@@ -37,10 +37,10 @@
 //! that started after the reader's first `seq` load, the fences synchronize
 //! and the re-read sees the newer `seq`, so the copy is discarded.
 
+#[cfg(not(loom))]
+use crate::sync::mapped::{AtomicU16, AtomicU32, AtomicU8};
 use std::fmt;
 use std::marker::PhantomData;
-#[cfg(not(loom))]
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU8};
 
 use bytemuck::Pod;
 
@@ -48,7 +48,7 @@ use crate::error::Result;
 #[cfg(not(loom))]
 use crate::prim::data_atomic;
 use crate::prim::{self, word, Create, Segment, Spec, DATA_OFF, KIND_VALUE, P_SEQ};
-use crate::rwlock;
+use crate::shm::rwlock;
 use crate::sync::{fence, AtomicU64, Ordering};
 
 /// Header value of `P_REPR`: the value is one atomic word.
@@ -216,7 +216,7 @@ impl<T: Pod> Value<T> {
             "loom models only the double buffer"
         );
         let data_bytes = size.next_multiple_of(8) * 2;
-        let region = crate::region::Region::heap((DATA_OFF + data_bytes) as usize);
+        let region = crate::shm::region::Region::heap((DATA_OFF + data_bytes) as usize);
         // Relaxed: as in `open`; the model's threads are spawned after this.
         write_slot(&region, 0, &init, Ordering::Relaxed);
         Value {
@@ -446,27 +446,27 @@ fn from_bits<T: Pod>(bits: u64) -> T {
 // 1, 2 and 4 bytes have no loom counterpart on a region of 64-bit words).
 
 #[cfg(loom)]
-fn load_bits(_: &crate::region::Region, _: u64) -> u64 {
+fn load_bits(_: &crate::shm::region::Region, _: u64) -> u64 {
     unreachable!("loom models only double-buffered values")
 }
 
 #[cfg(loom)]
-fn store_bits(_: &crate::region::Region, _: u64, _: u64, _: Ordering) {
+fn store_bits(_: &crate::shm::region::Region, _: u64, _: u64, _: Ordering) {
     unreachable!("loom models only double-buffered values")
 }
 
 #[cfg(loom)]
-fn swap_bits(_: &crate::region::Region, _: u64, _: u64) -> u64 {
+fn swap_bits(_: &crate::shm::region::Region, _: u64, _: u64) -> u64 {
     unreachable!("loom models only double-buffered values")
 }
 
 #[cfg(loom)]
-fn cas_bits(_: &crate::region::Region, _: u64, _: u64, _: u64) -> Result<u64, u64> {
+fn cas_bits(_: &crate::shm::region::Region, _: u64, _: u64, _: u64) -> Result<u64, u64> {
     unreachable!("loom models only double-buffered values")
 }
 
 #[cfg(not(loom))]
-fn load_bits(r: &crate::region::Region, size: u64) -> u64 {
+fn load_bits(r: &crate::shm::region::Region, size: u64) -> u64 {
     // SeqCst: as in `Value::store`.
     let o = Ordering::SeqCst;
     match size {
@@ -479,7 +479,7 @@ fn load_bits(r: &crate::region::Region, size: u64) -> u64 {
 }
 
 #[cfg(not(loom))]
-fn store_bits(r: &crate::region::Region, size: u64, bits: u64, o: Ordering) {
+fn store_bits(r: &crate::shm::region::Region, size: u64, bits: u64, o: Ordering) {
     match size {
         1 => data_atomic::<AtomicU8>(r).store(bits as u8, o),
         2 => data_atomic::<AtomicU16>(r).store(bits as u16, o),
@@ -490,7 +490,7 @@ fn store_bits(r: &crate::region::Region, size: u64, bits: u64, o: Ordering) {
 }
 
 #[cfg(not(loom))]
-fn swap_bits(r: &crate::region::Region, size: u64, bits: u64) -> u64 {
+fn swap_bits(r: &crate::shm::region::Region, size: u64, bits: u64) -> u64 {
     // SeqCst: as in `Value::store`.
     let o = Ordering::SeqCst;
     match size {
@@ -503,7 +503,7 @@ fn swap_bits(r: &crate::region::Region, size: u64, bits: u64) -> u64 {
 }
 
 #[cfg(not(loom))]
-fn cas_bits(r: &crate::region::Region, size: u64, cur: u64, new: u64) -> Result<u64, u64> {
+fn cas_bits(r: &crate::shm::region::Region, size: u64, cur: u64, new: u64) -> Result<u64, u64> {
     let (s, f) = (Ordering::SeqCst, Ordering::SeqCst);
     match size {
         1 => data_atomic::<AtomicU8>(r)
@@ -525,7 +525,7 @@ fn cas_bits(r: &crate::region::Region, size: u64, cur: u64, new: u64) -> Result<
 
 // --- Double-buffer slots: words of the data area, accessed atomically ---
 
-fn slot_words<T>(r: &crate::region::Region, slot: u64) -> &[AtomicU64] {
+fn slot_words<T>(r: &crate::shm::region::Region, slot: u64) -> &[AtomicU64] {
     let words = (std::mem::size_of::<T>() as u64).div_ceil(8);
     r.words(DATA_OFF + slot * words * 8, words)
         .expect("both slots lie inside every validated Value segment")
@@ -533,7 +533,7 @@ fn slot_words<T>(r: &crate::region::Region, slot: u64) -> &[AtomicU64] {
 
 /// Copies slot `slot` with atomic word loads (never a plain read of bytes a
 /// writer may be changing).
-fn read_slot<T: Pod>(r: &crate::region::Region, slot: u64) -> T {
+fn read_slot<T: Pod>(r: &crate::shm::region::Region, slot: u64) -> T {
     let mut v = T::zeroed();
     let out = bytemuck::bytes_of_mut(&mut v);
     for (chunk, w) in out.chunks_mut(8).zip(slot_words::<T>(r, slot)) {
@@ -545,7 +545,7 @@ fn read_slot<T: Pod>(r: &crate::region::Region, slot: u64) -> T {
 }
 
 /// Writes `v` into slot `slot` with atomic word stores.
-fn write_slot<T: Pod>(r: &crate::region::Region, slot: u64, v: &T, o: Ordering) {
+fn write_slot<T: Pod>(r: &crate::shm::region::Region, slot: u64, v: &T, o: Ordering) {
     for (chunk, w) in bytemuck::bytes_of(v)
         .chunks(8)
         .zip(slot_words::<T>(r, slot))
@@ -625,12 +625,12 @@ int_ops!(
     u16 => AtomicU16,
     u32 => AtomicU32,
     u64 => AtomicU64,
-    usize => std::sync::atomic::AtomicUsize,
-    i8 => std::sync::atomic::AtomicI8,
-    i16 => std::sync::atomic::AtomicI16,
-    i32 => std::sync::atomic::AtomicI32,
-    i64 => std::sync::atomic::AtomicI64,
-    isize => std::sync::atomic::AtomicIsize,
+    usize => crate::sync::mapped::AtomicUsize,
+    i8 => crate::sync::mapped::AtomicI8,
+    i16 => crate::sync::mapped::AtomicI16,
+    i32 => crate::sync::mapped::AtomicI32,
+    i64 => crate::sync::mapped::AtomicI64,
+    isize => crate::sync::mapped::AtomicIsize,
 );
 
 #[cfg(all(test, not(loom)))]
@@ -654,7 +654,7 @@ mod tests {
 
     #[test]
     fn slots_round_trip() {
-        let r = crate::region::Region::heap((DATA_OFF + 128) as usize);
+        let r = crate::shm::region::Region::heap((DATA_OFF + 128) as usize);
         let v: [u8; 20] = std::array::from_fn(|i| i as u8);
         write_slot(&r, 1, &v, Ordering::Relaxed);
         assert_eq!(read_slot::<[u8; 20]>(&r, 1), v);

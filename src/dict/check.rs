@@ -28,14 +28,14 @@
 
 use std::fmt;
 
-use crate::attach;
 use crate::dict::ShmDict;
 use crate::error::Result;
-use crate::gate::{self, Busy};
-use crate::layout::{
+use crate::shm::attach;
+use crate::shm::gate::{self, Busy};
+use crate::shm::layout::{
     Entry, BLOCK_HEADER, B_LOCK, B_OVERFLOW, GRANULE, H_DEFRAG_LOCK, H_LIVE, SLOTS_PER_BUCKET,
 };
-use crate::seqlock;
+use crate::shm::seqlock;
 use crate::sync::Ordering;
 
 /// Backoff steps `check` waits for one live handle to leave a write

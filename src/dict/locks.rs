@@ -25,9 +25,9 @@ use std::marker::PhantomData;
 
 use crate::dict::ShmDict;
 use crate::error::{Error, Result};
-use crate::layout::{hash_key, DICT_LOCK_OFF, KEYLOCK_BYTES, KEYLOCK_OFF, KEYLOCK_STRIPES};
-use crate::region::Region;
-use crate::robust::{LockError, RobustMutex};
+use crate::shm::layout::{hash_key, DICT_LOCK_OFF, KEYLOCK_BYTES, KEYLOCK_OFF, KEYLOCK_STRIPES};
+use crate::shm::region::Region;
+use crate::sys::robust_mutex::{LockError, RobustMutex};
 
 thread_local! {
     /// Key guards this thread holds (0 or 1), across all dictionaries.
@@ -260,7 +260,7 @@ impl ShmDict {
     /// Whether every live handle of this segment is in our pid namespace
     /// (see `robust.rs`: only then is a missing owner thread proof).
     fn peers_share_pid_ns(&self) -> bool {
-        crate::attach::peers_share_pid_ns(&self.region, self.me.registered().lock_fd)
+        crate::shm::attach::peers_share_pid_ns(&self.region, self.me.registered().lock_fd)
     }
 
     /// Returns the value of `key`, computing and inserting it with `f` if

@@ -1,20 +1,29 @@
 //! `ShmDict`: the safe, public face of a dictionary segment.
 
+pub(crate) mod check;
+#[cfg(not(loom))]
+pub(crate) mod locks;
+mod options;
+pub(crate) mod typed;
+#[cfg(not(loom))]
+pub(crate) mod wait;
+
 use std::fmt;
 
-use crate::attach::{self, Holder};
-use crate::block;
+use crate::dict::typed::Typed;
 use crate::error::{Error, Result};
-use crate::index::{Index, Loc, NewKey};
+use crate::shm::attach::{self, Holder};
+use crate::shm::block;
+use crate::shm::index::{Index, Loc, NewKey};
 #[cfg(not(loom))]
-use crate::layout::HeaderError;
-use crate::layout::{self, hash_key, Entry, Geometry, GRANULE};
-use crate::owner::Owner;
-use crate::region::Region;
-use crate::slab::{Corrupt, Slab};
-use crate::typed::Typed;
+use crate::shm::layout::HeaderError;
+use crate::shm::layout::{self, hash_key, Entry, Geometry, GRANULE};
+use crate::shm::region::Region;
+use crate::shm::registration::Owner;
+use crate::shm::slab::{Corrupt, Slab};
 #[cfg(not(loom))]
 use crate::{name, sys};
+pub use options::Options;
 
 /// A dictionary of byte strings in a named shared-memory segment.
 ///
@@ -41,17 +50,6 @@ pub struct ShmDict {
     /// processes this crate forks to attach the same segment again (pool
     /// `spawn`, space `eval`) accept what this handle accepted.
     pub(crate) opened_with: (u32, bool),
-}
-
-/// How to open or create a dictionary: see [`ShmDict::options`].
-#[derive(Debug, Clone)]
-pub struct Options {
-    capacity: Option<usize>,
-    arena_bytes: Option<usize>,
-    create: bool,
-    create_new: bool,
-    mode: u32,
-    allow_other_owner: bool,
 }
 
 /// What a new value replaces the old with, in a read-modify-write.
@@ -81,164 +79,6 @@ pub struct Stats {
     pub free_blocks: Vec<u64>,
     /// Attached handles whose process runs, and entries left by dead ones.
     pub attached: (u64, u64),
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options {
-            capacity: None,
-            arena_bytes: None,
-            create: true,
-            create_new: false,
-            mode: 0o600,
-            allow_other_owner: false,
-        }
-    }
-}
-
-impl Options {
-    /// Maximum number of live keys (default 1,048,576). Ignored when
-    /// attaching to an existing segment.
-    pub fn capacity(mut self, max_live_keys: usize) -> Options {
-        self.capacity = Some(max_live_keys);
-        self
-    }
-
-    /// Bytes of room for keys and values (default 1 GiB, or a quarter of the
-    /// free space in /dev/shm if that is less; at least 64 KiB). Pages are
-    /// committed only when first written. Ignored when attaching.
-    pub fn arena_bytes(mut self, bytes: usize) -> Options {
-        self.arena_bytes = Some(bytes);
-        self
-    }
-
-    /// Whether a missing segment is created (default `true`). With `false`,
-    /// `open` only attaches: `Error::NotFound` if there is no segment of that
-    /// name (for workers that must not start on an empty dictionary after
-    /// the name was removed).
-    pub fn create(mut self, yes: bool) -> Options {
-        self.create = yes;
-        self
-    }
-
-    /// Insist on creating a fresh segment: `Error::AlreadyExists` if the name
-    /// is taken.
-    pub fn create_new(mut self, yes: bool) -> Options {
-        self.create_new = yes;
-        self
-    }
-
-    /// Permission bits of a new segment, applied exactly (not filtered by the
-    /// umask). Default `0o600`.
-    ///
-    /// When attaching, the most an existing segment may grant: one whose
-    /// permission bits give anybody more than `unix_mode` would (0666 when
-    /// 0600 was asked for), or that another user owns, is refused with
-    /// `Error::PermissionDenied` (see [`allow_other_owner`](Options::allow_other_owner)).
-    /// It is never changed.
-    pub fn mode(mut self, unix_mode: u32) -> Options {
-        self.mode = unix_mode;
-        self
-    }
-
-    /// Attach to an existing segment even if another user owns it or its
-    /// mode grants more than [`mode`](Options::mode) (default `false`).
-    ///
-    /// /dev/shm is one namespace for every user: without this, a name that
-    /// someone else created first (say with mode 0666, to read what you
-    /// store) is refused with `Error::PermissionDenied` instead of silently
-    /// shared. Allow it only for segments meant to be shared that way.
-    pub fn allow_other_owner(mut self, yes: bool) -> Options {
-        self.allow_other_owner = yes;
-        self
-    }
-
-    #[cfg(not(loom))]
-    fn access(&self) -> sys::access::Access {
-        sys::access::Access {
-            mode: self.mode,
-            allow_other_owner: self.allow_other_owner,
-        }
-    }
-
-    /// Attaches to the segment `name`, or creates it with these options.
-    #[cfg(not(loom))]
-    ///
-    /// Creation is race-free: processes opening the same new name at once
-    /// all end up on one segment, and none sees it half-initialized.
-    pub fn open(self, name: &str) -> Result<ShmDict> {
-        let opened_with = (self.mode, self.allow_other_owner);
-        self.open_inner(name).map(|mut d| {
-            d.opened_with = opened_with;
-            d
-        })
-    }
-
-    #[cfg(not(loom))]
-    fn open_inner(self, name: &str) -> Result<ShmDict> {
-        name::validate(name)?;
-        if self.mode & !0o7777 != 0 {
-            return Err(Error::InvalidArgument {
-                segment: name.to_owned(),
-                reason: format!("mode {:#o} has bits outside 0o7777", self.mode),
-            });
-        }
-        if self.create_new && !self.create {
-            return Err(Error::InvalidArgument {
-                segment: name.to_owned(),
-                reason: "create_new(true) contradicts create(false)".into(),
-            });
-        }
-        if !self.create_new {
-            // Attach first: the options' geometry is ignored (and not even
-            // validated) when the segment exists.
-            match sys::access::open_existing_checked(name, self.access()) {
-                Ok((file, len)) => return ShmDict::attach_file(name, file, len),
-                Err(Error::NotFound { .. }) if self.create => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let geo = self.geometry(name)?;
-        sys::access::create_or_attach_checked(
-            name,
-            self.access(),
-            geo.total_bytes,
-            self.create_new,
-            |r| {
-                crate::locks::init(r).map_err(|rc| {
-                    Error::io(
-                        name,
-                        "pthread_mutex_init",
-                        std::io::Error::from_raw_os_error(rc),
-                    )
-                })?;
-                geo.write_header(r)
-                    .ok_or_else(|| Error::corrupt(name, "new segment too small for its header"))
-            },
-            |file, region| ShmDict::attach_region(name, region, geo, Some(file)),
-            |file, len| ShmDict::attach_file(name, file, len),
-        )
-    }
-
-    #[cfg(not(loom))]
-    fn geometry(&self, name: &str) -> Result<Geometry> {
-        let capacity = self.capacity.map_or(layout::DEFAULT_CAPACITY, |c| c as u64);
-        let arena = match self.arena_bytes {
-            Some(a) => a as u64,
-            None => {
-                let avail = sys::shm_available_bytes().unwrap_or(u64::MAX);
-                layout::DEFAULT_ARENA_BYTES.min(avail / 4)
-            }
-        };
-        Geometry::new(capacity, arena).ok_or_else(|| Error::InvalidArgument {
-            segment: name.to_owned(),
-            reason: format!(
-                "capacity must be 1..={} keys and arena_bytes at most {} (got {capacity} keys, {arena} bytes)",
-                layout::MAX_CAPACITY,
-                layout::MAX_ARENA_BYTES
-            ),
-        })
-    }
 }
 
 impl ShmDict {
@@ -321,7 +161,7 @@ impl ShmDict {
         let geo = Geometry::new(capacity, arena_bytes).expect("test geometry");
         let region = Region::heap(geo.total_bytes as usize);
         #[cfg(not(loom))]
-        crate::locks::init(&region).expect("mutexes");
+        crate::dict::locks::init(&region).expect("mutexes");
         geo.write_header(&region).expect("header fits");
         ShmDict::attach_region("heap", region, geo, None).expect("attach")
     }
@@ -335,14 +175,14 @@ impl ShmDict {
     /// Enters the write gate (see `gate.rs`) for one write operation, under
     /// this process's own registration (claimed now in a forked child).
     #[inline]
-    fn enter_write(&self) -> Result<crate::gate::InFlight<'_>> {
+    fn enter_write(&self) -> Result<crate::shm::gate::InFlight<'_>> {
         let reg = self.registration()?;
-        Ok(crate::gate::enter(&self.region, reg.index, &reg.local))
+        Ok(crate::shm::gate::enter(&self.region, reg.index, &reg.local))
     }
 
     /// This process's registration of the handle: see `owner.rs`.
     #[inline]
-    pub(crate) fn registration(&self) -> Result<&crate::owner::Registration<Holder>> {
+    pub(crate) fn registration(&self) -> Result<&crate::shm::registration::Registration<Holder>> {
         self.me
             .current(&self.region)
             .ok_or_else(|| attach_table_full(&self.name))
@@ -352,7 +192,7 @@ impl ShmDict {
     #[inline]
     fn notify(&self, hash: u64) {
         #[cfg(not(loom))]
-        crate::wait::notify(&self.region, hash);
+        crate::dict::wait::notify(&self.region, hash);
         #[cfg(loom)]
         let _ = hash;
     }
@@ -826,8 +666,10 @@ mod tests {
     //! itself (found by `fuzz/` as libFuzzer timeouts).
 
     use super::*;
-    use crate::layout::{hash_key, BUCKET_BYTES, B_LOCK, B_SLOTS, SLOTS_PER_BUCKET, SLOT_BYTES};
-    use crate::{lockword, seqlock};
+    use crate::shm::layout::{
+        hash_key, BUCKET_BYTES, B_LOCK, B_SLOTS, SLOTS_PER_BUCKET, SLOT_BYTES,
+    };
+    use crate::shm::{lockword, seqlock};
     use std::sync::Arc;
     use std::time::Duration;
 

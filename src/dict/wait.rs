@@ -23,13 +23,13 @@
 //! sees the publication. Keys that share a channel cause spurious wake-ups,
 //! after which a waiter re-checks and sleeps again.
 
-use std::sync::atomic::AtomicU32;
+use crate::sync::mapped::AtomicU32;
 use std::time::{Duration, Instant};
 
-use crate::layout::{WAIT_CHANNELS, WAIT_CHANNEL_BYTES, WAIT_OFF};
-use crate::region::Region;
-use crate::robust::{futex_wait, futex_wake_all};
+use crate::shm::layout::{WAIT_CHANNELS, WAIT_CHANNEL_BYTES, WAIT_OFF};
+use crate::shm::region::Region;
 use crate::sync::{fence, Ordering};
+use crate::sys::robust_mutex::{futex_wait, futex_wake_all};
 
 const WAITERS: u32 = 1;
 
@@ -126,9 +126,12 @@ impl crate::ShmDict {
     ) -> crate::Result<Option<Vec<u8>>> {
         let key = key.as_ref();
         let deadline = Instant::now().checked_add(timeout);
-        wait_until(&self.region, crate::layout::hash_key(key), deadline, || {
-            self.get(key)
-        })
+        wait_until(
+            &self.region,
+            crate::shm::layout::hash_key(key),
+            deadline,
+            || self.get(key),
+        )
     }
 
     /// The value of `key` (`None` if absent) and its [`Version`], read
@@ -141,7 +144,7 @@ impl crate::ShmDict {
         let mut out = Vec::new();
         let found = self
             .index()
-            .find(key, crate::layout::hash_key(key), Some(&mut out))
+            .find(key, crate::shm::layout::hash_key(key), Some(&mut out))
             .map_err(|c| crate::Error::corrupt(&self.name, c.0))?;
         Ok(match found {
             Some(loc) => (Some(out), Version(loc.version(self.geo.nbuckets))),
@@ -182,9 +185,14 @@ impl crate::ShmDict {
     ) -> crate::Result<Option<(Option<Vec<u8>>, Version)>> {
         let key = key.as_ref();
         let deadline = Instant::now().checked_add(timeout);
-        wait_until(&self.region, crate::layout::hash_key(key), deadline, || {
-            let (v, version) = self.get_versioned(key)?;
-            Ok((version != seen).then_some((v, version)))
-        })
+        wait_until(
+            &self.region,
+            crate::shm::layout::hash_key(key),
+            deadline,
+            || {
+                let (v, version) = self.get_versioned(key)?;
+                Ok((version != seen).then_some((v, version)))
+            },
+        )
     }
 }

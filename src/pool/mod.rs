@@ -140,12 +140,12 @@
 //! has, which wakes every waiting `ordered` section and makes it abandon
 //! its item.
 
+use crate::sync::local::{AtomicU64, Ordering};
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io::{self, Write};
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::process::{Pid, WaitOptions, WaitStatus};

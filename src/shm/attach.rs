@@ -43,8 +43,8 @@
 //! Regions without a file (heap regions in unit tests) use the second
 //! opinion alone; loom models use [`LOOM_DEAD_IDENTITY`].
 
-use crate::layout::{ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, HEADER_BYTES};
-use crate::region::Region;
+use crate::shm::layout::{ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, HEADER_BYTES};
+use crate::shm::region::Region;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Byte offset, inside an entry, of the count of write operations in flight.
@@ -147,7 +147,7 @@ impl Holder {
 
     /// The free-list shard this handle prefers.
     pub(crate) fn shard(&self) -> u64 {
-        self.token.index() % crate::layout::FREE_SHARDS
+        self.token.index() % crate::shm::layout::FREE_SHARDS
     }
 
     /// Call before trying to take a word for this handle.
@@ -183,17 +183,17 @@ pub(crate) fn holder_dead(r: &Region, me: &Holder, t: Token) -> bool {
 /// would make what it holds look alive for as long as the parent lives).
 #[cfg(not(loom))]
 pub(crate) fn process_identity() -> u64 {
-    static IDENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static IDENT: crate::sync::local::AtomicU64 = crate::sync::local::AtomicU64::new(0);
     let pid = std::process::id();
     // Relaxed: a per-process cache of an immutable fact; a value cached by
     // another process (before a fork) is recognized by its pid.
-    let cached = IDENT.load(std::sync::atomic::Ordering::Relaxed);
+    let cached = IDENT.load(crate::sync::local::Ordering::Relaxed);
     if cached != 0 && cached & PID_MASK == pid as u64 & PID_MASK {
         return cached;
     }
     let (pid, start) = crate::sys::self_identity();
     let w = identity_word(pid, start);
-    IDENT.store(w, std::sync::atomic::Ordering::Relaxed); // Relaxed: as above.
+    IDENT.store(w, crate::sync::local::Ordering::Relaxed); // Relaxed: as above.
     w
 }
 
@@ -407,7 +407,7 @@ pub(crate) fn census(r: &Region, fd: LockFd) -> (u64, u64) {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::layout::INDEX_OFF;
+    use crate::shm::layout::INDEX_OFF;
     use std::os::fd::AsRawFd;
 
     fn me() -> u64 {

@@ -15,7 +15,7 @@
 //! behaviour even when the reader discards the result). Word values are in
 //! native byte order: a segment never leaves its machine.
 
-use crate::layout::BLOCK_HEADER;
+use crate::shm::layout::BLOCK_HEADER;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Word index where the key starts.

@@ -20,10 +20,10 @@
 //!
 //! Readers never enter the gate: `check()` never stops them.
 
-use crate::attach::{self, Holder, E_ACTIVE};
-use crate::layout::{ATTACH_ENTRIES, H_GATE};
-use crate::lockword::{self, Backoff};
-use crate::region::Region;
+use crate::shm::attach::{self, Holder, E_ACTIVE};
+use crate::shm::layout::{ATTACH_ENTRIES, H_GATE};
+use crate::shm::lockword::{self, Backoff};
+use crate::shm::region::Region;
 use crate::sync::{fence, AtomicU64, Ordering};
 
 /// A write operation in flight: leaves the gate when dropped.

@@ -23,16 +23,16 @@
 //! serialized and the second finds the first's entry: exactly one entry per
 //! key. Overwrites and removals of existing keys take only their slot.
 
-use crate::attach::Holder;
-use crate::block;
-use crate::layout::{
+use crate::shm::attach::Holder;
+use crate::shm::block;
+use crate::shm::layout::{
     Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, H_LIVE, SLOTS_PER_BUCKET,
     SLOT_BYTES,
 };
-use crate::lockword;
-use crate::region::Region;
-use crate::seqlock;
-use crate::slab::{Corrupt, Slab};
+use crate::shm::lockword;
+use crate::shm::region::Region;
+use crate::shm::seqlock;
+use crate::shm::slab::{Corrupt, Slab};
 use crate::sync::{AtomicU64, Ordering};
 
 /// Where a key was found, and the state it was found in.

@@ -10,7 +10,7 @@
 //! [`Geometry::write_header`] and [`Geometry::read_header`], both through a
 //! bounds-checked [`Region`].
 
-use crate::region::Region;
+use crate::shm::region::Region;
 use crate::sync::Ordering;
 
 /// `b"SHMDICT\0"` read as a little-endian u64.

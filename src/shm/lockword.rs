@@ -14,8 +14,8 @@
 //! word with a CAS from the exact value it saw, so a live new holder is never
 //! disturbed.
 
-use crate::attach::{self, Holder, Token, TOKEN_BITS};
-use crate::region::Region;
+use crate::shm::attach::{self, Holder, Token, TOKEN_BITS};
+use crate::shm::region::Region;
 use crate::sync::{spin_hint, yield_now, AtomicU64, Ordering};
 
 /// Set in a lock word while it is held.
@@ -136,7 +136,7 @@ mod tests {
     //! cleared, so `lock` retried forever (found by tests/api.rs).
 
     use super::*;
-    use crate::layout::INDEX_OFF;
+    use crate::shm::layout::INDEX_OFF;
 
     #[test]
     fn malformed_lock_words_are_cleared() {

@@ -10,9 +10,9 @@
 //!
 //! This module holds the one `unsafe` conversion of mapped bytes into atomics.
 
-use crate::sync::AtomicU64;
 #[cfg(not(loom))]
-use std::sync::atomic::AtomicU32;
+use crate::sync::mapped::AtomicU32;
+use crate::sync::AtomicU64;
 
 /// Who keeps the memory behind a [`Region`] alive.
 enum Backing {

@@ -15,8 +15,8 @@
 
 use std::sync::Mutex;
 
-use crate::attach::{self, LockFd, Token};
-use crate::region::Region;
+use crate::shm::attach::{self, LockFd, Token};
+use crate::shm::region::Region;
 use crate::sync::local::{AtomicPtr, Ordering};
 
 /// This process's fork generation (see the module doc).
@@ -82,7 +82,7 @@ impl<L> std::fmt::Debug for Owner<L> {
 }
 
 fn register<L>(r: &Region, raw_fd: Option<i32>, make: MakeLocal<L>) -> Option<Registration<L>> {
-    let ident = crate::attach::process_identity();
+    let ident = crate::shm::attach::process_identity();
     let probe = |own| {
         #[cfg(not(loom))]
         if let Some(fd) = raw_fd {

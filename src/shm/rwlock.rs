@@ -59,18 +59,18 @@
 #[cfg(not(loom))]
 use std::time::{Duration, Instant};
 
-use crate::attach::{self, Token, TOKEN_BITS};
-use crate::layout::ATTACH_ENTRIES;
-use crate::lockword::{self, HELD};
 use crate::prim::{
     word, Local, CLAIM_BYTES, CLAIM_SLOTS, E_SHARED, P_CLAIMS, P_CLAIM_LOCK, P_HWM, P_LOCK, P_MODE,
 };
 #[cfg(not(loom))]
 use crate::prim::{word32, P_FUTEX_SEQ, P_FUTEX_SLEEPERS};
-use crate::region::Region;
-#[cfg(not(loom))]
-use crate::robust::{futex_wait, futex_wake_all};
+use crate::shm::attach::{self, Token, TOKEN_BITS};
+use crate::shm::layout::ATTACH_ENTRIES;
+use crate::shm::lockword::{self, HELD};
+use crate::shm::region::Region;
 use crate::sync::{fence, AtomicU64, Ordering};
+#[cfg(not(loom))]
+use crate::sys::robust_mutex::{futex_wait, futex_wake_all};
 
 /// Shared-hold modes (values of `P_MODE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,9 +20,9 @@
 //! Another writer that waits on the slot for long checks the owner's liveness
 //! and releases the slot for it (see [`wait_unlocked`]).
 
-use crate::attach::{self, Holder, Token};
-use crate::lockword::Backoff;
-use crate::region::Region;
+use crate::shm::attach::{self, Holder, Token};
+use crate::shm::lockword::Backoff;
+use crate::shm::region::Region;
 use crate::sync::{AtomicU64, Ordering};
 
 pub(crate) const WRITING: u64 = 1;

@@ -32,12 +32,12 @@
 //! [`Slab::alloc`] and [`Slab::push`]). See `seqlock::read_validate` for the
 //! Acquire fence it pairs with.
 
-use crate::attach::Holder;
-use crate::layout::{
+use crate::shm::attach::Holder;
+use crate::shm::layout::{
     Geometry, FREE_OFF, FREE_SHARDS, GRANULE, H_CHUNKS_CARVED, H_DEFRAG_EPOCH, H_DEFRAG_LOCK,
 };
-use crate::lockword::{self, Backoff};
-use crate::region::Region;
+use crate::shm::lockword::{self, Backoff};
+use crate::shm::region::Region;
 use crate::sync::{fence, AtomicU64, Ordering};
 
 const LINK_MASK: u64 = 0xffff_ffff;
@@ -339,7 +339,7 @@ mod tests {
     fn blocks_are_aligned_disjoint_and_reused() {
         let (r, g) = setup(64 * 1024);
         let s = Slab::new(&r, &g);
-        let me = &Holder::new(crate::attach::Token(1));
+        let me = &Holder::new(crate::shm::attach::Token(1));
         let mut used = Vec::new();
         for &o in [0u32, 3, 1, 0, 2, 5].iter().cycle() {
             match s.alloc(o, me).unwrap() {
@@ -369,7 +369,7 @@ mod tests {
     fn full_then_freed_small_blocks_merge_into_a_chunk() {
         let (r, g) = setup(64 * 1024);
         let s = Slab::new(&r, &g);
-        let me = &Holder::new(crate::attach::Token(1));
+        let me = &Holder::new(crate::shm::attach::Token(1));
         let mut small = Vec::new();
         while let Some(b) = s.alloc(0, me).unwrap() {
             small.push(b);
@@ -399,6 +399,8 @@ mod tests {
         r.word(FREE_OFF)
             .unwrap()
             .store(u32::MAX as u64, Ordering::Relaxed);
-        assert!(s.alloc(0, &Holder::new(crate::attach::Token(1))).is_err());
+        assert!(s
+            .alloc(0, &Holder::new(crate::shm::attach::Token(1)))
+            .is_err());
     }
 }

@@ -197,7 +197,7 @@ use std::time::{Duration, Instant};
 
 use crate::dict::Op;
 use crate::error::{Error, Result};
-use crate::layout::hash_key;
+use crate::shm::layout::hash_key;
 use crate::ShmDict;
 use bucket::{Entry, Id};
 
@@ -294,10 +294,10 @@ impl<'a> Liveness<'a> {
     fn alive(&mut self, claim: u64) -> bool {
         let d = self.dict;
         *self.cache.entry(claim).or_insert_with(|| {
-            crate::attach::token_alive(
+            crate::shm::attach::token_alive(
                 &d.region,
                 d.me.registered().lock_fd,
-                crate::attach::Token(claim),
+                crate::shm::attach::Token(claim),
             )
         })
     }
@@ -316,7 +316,7 @@ fn my_ident() -> u64 {
         return cached;
     }
     let (pid, start) = crate::sys::self_identity();
-    let ident = crate::attach::identity_word(pid, start);
+    let ident = crate::shm::attach::identity_word(pid, start);
     IDENT.store(ident, Ordering::Relaxed); // Relaxed: see above.
     ident
 }
@@ -564,7 +564,7 @@ impl Space {
     fn reserve_covers(rkey: &[u8], have: Option<u32>, len: usize) -> bool {
         match (
             have,
-            crate::layout::order_for(rkey.len(), len + CLAIM_SLACK),
+            crate::shm::layout::order_for(rkey.len(), len + CLAIM_SLACK),
         ) {
             (Some(have), Some(need)) => need <= have,
             _ => false,
@@ -722,8 +722,8 @@ impl Space {
     }
 
     fn notify(&self, arity: usize, h1: u64) {
-        crate::wait::notify(&self.dict.region, wake_first(arity, h1));
-        crate::wait::notify(&self.dict.region, wake_arity(arity));
+        crate::dict::wait::notify(&self.dict.region, wake_first(arity, h1));
+        crate::dict::wait::notify(&self.dict.region, wake_arity(arity));
     }
 
     /// The buckets a pattern must look at.
@@ -880,7 +880,7 @@ impl Space {
     ) -> Result<Option<T>> {
         self.check_arity(p.arity())?;
         let deadline = Instant::now().checked_add(timeout);
-        crate::wait::wait_until(&self.dict.region, Space::wake_hash_of(p), deadline, op)
+        crate::dict::wait::wait_until(&self.dict.region, Space::wake_hash_of(p), deadline, op)
     }
 
     /// Removes and returns a tuple matching `p` (Linda's `in`), waiting up to
@@ -1062,7 +1062,7 @@ mod tests {
     /// A claim naming no live handle: the token of an attach entry that was
     /// never claimed (its generation is still 0).
     fn dead_ident() -> u64 {
-        (crate::layout::ATTACH_ENTRIES - 1) | 1 << 12
+        (crate::shm::layout::ATTACH_ENTRIES - 1) | 1 << 12
     }
 
     fn space() -> Space {

@@ -11,7 +11,7 @@ use std::fs::File;
 
 use super::{create_or_attach, open_existing};
 use crate::error::{Error, Result};
-use crate::region::Region;
+use crate::shm::region::Region;
 
 /// What an opener accepts of an existing segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

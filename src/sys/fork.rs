@@ -20,9 +20,9 @@
 //! `vfork`/`posix_spawn` children run no handlers, but they only `exec`,
 //! which closes our descriptors (all are `O_CLOEXEC`).
 
+use crate::sync::local::{AtomicU64, Ordering};
 use std::cell::UnsafeCell;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 /// Increased in every forked child (process-local).

@@ -14,16 +14,17 @@
 
 pub(crate) mod fork;
 pub(crate) mod ofd;
+pub(crate) mod robust_mutex;
 
+use crate::sync::local::{AtomicU64 as StdAtomicU64, Ordering as StdOrdering};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64 as StdAtomicU64, Ordering as StdOrdering};
 
 use rustix::fs::{AtFlags, Mode, OFlags, CWD};
 
 use crate::error::{Error, Result};
-use crate::region::Region;
+use crate::shm::region::Region;
 
 pub(crate) mod access;
 pub(crate) mod child;

@@ -36,14 +36,14 @@
 //! `unsafe` here is limited to the pthread calls and the view of the
 //! mutex's 32-bit words.
 
+use crate::sync::mapped::{AtomicU32, Ordering};
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use rustix::thread::futex;
 
-use crate::region::Region;
+use crate::shm::region::Region;
 
 /// Bytes reserved for one mutex in a segment (glibc's `pthread_mutex_t` is
 /// 40 bytes on x86-64 and 48 on aarch64).

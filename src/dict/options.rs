@@ -1,0 +1,176 @@
+//! [`Options`]: how a dictionary is opened or created.
+
+use crate::dict::ShmDict;
+use crate::error::{Error, Result};
+use crate::shm::layout::{self, Geometry};
+#[cfg(not(loom))]
+use crate::{name, sys};
+
+/// How to open or create a dictionary: see [`ShmDict::options`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    capacity: Option<usize>,
+    arena_bytes: Option<usize>,
+    create: bool,
+    create_new: bool,
+    mode: u32,
+    allow_other_owner: bool,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            capacity: None,
+            arena_bytes: None,
+            create: true,
+            create_new: false,
+            mode: 0o600,
+            allow_other_owner: false,
+        }
+    }
+}
+
+impl Options {
+    /// Maximum number of live keys (default 1,048,576). Ignored when
+    /// attaching to an existing segment.
+    pub fn capacity(mut self, max_live_keys: usize) -> Options {
+        self.capacity = Some(max_live_keys);
+        self
+    }
+
+    /// Bytes of room for keys and values (default 1 GiB, or a quarter of the
+    /// free space in /dev/shm if that is less; at least 64 KiB). Pages are
+    /// committed only when first written. Ignored when attaching.
+    pub fn arena_bytes(mut self, bytes: usize) -> Options {
+        self.arena_bytes = Some(bytes);
+        self
+    }
+
+    /// Whether a missing segment is created (default `true`). With `false`,
+    /// `open` only attaches: `Error::NotFound` if there is no segment of that
+    /// name (for workers that must not start on an empty dictionary after
+    /// the name was removed).
+    pub fn create(mut self, yes: bool) -> Options {
+        self.create = yes;
+        self
+    }
+
+    /// Insist on creating a fresh segment: `Error::AlreadyExists` if the name
+    /// is taken.
+    pub fn create_new(mut self, yes: bool) -> Options {
+        self.create_new = yes;
+        self
+    }
+
+    /// Permission bits of a new segment, applied exactly (not filtered by the
+    /// umask). Default `0o600`.
+    ///
+    /// When attaching, the most an existing segment may grant: one whose
+    /// permission bits give anybody more than `unix_mode` would (0666 when
+    /// 0600 was asked for), or that another user owns, is refused with
+    /// `Error::PermissionDenied` (see [`allow_other_owner`](Options::allow_other_owner)).
+    /// It is never changed.
+    pub fn mode(mut self, unix_mode: u32) -> Options {
+        self.mode = unix_mode;
+        self
+    }
+
+    /// Attach to an existing segment even if another user owns it or its
+    /// mode grants more than [`mode`](Options::mode) (default `false`).
+    ///
+    /// /dev/shm is one namespace for every user: without this, a name that
+    /// someone else created first (say with mode 0666, to read what you
+    /// store) is refused with `Error::PermissionDenied` instead of silently
+    /// shared. Allow it only for segments meant to be shared that way.
+    pub fn allow_other_owner(mut self, yes: bool) -> Options {
+        self.allow_other_owner = yes;
+        self
+    }
+
+    #[cfg(not(loom))]
+    fn access(&self) -> sys::access::Access {
+        sys::access::Access {
+            mode: self.mode,
+            allow_other_owner: self.allow_other_owner,
+        }
+    }
+
+    /// Attaches to the segment `name`, or creates it with these options.
+    #[cfg(not(loom))]
+    ///
+    /// Creation is race-free: processes opening the same new name at once
+    /// all end up on one segment, and none sees it half-initialized.
+    pub fn open(self, name: &str) -> Result<ShmDict> {
+        let opened_with = (self.mode, self.allow_other_owner);
+        self.open_inner(name).map(|mut d| {
+            d.opened_with = opened_with;
+            d
+        })
+    }
+
+    #[cfg(not(loom))]
+    fn open_inner(self, name: &str) -> Result<ShmDict> {
+        name::validate(name)?;
+        if self.mode & !0o7777 != 0 {
+            return Err(Error::InvalidArgument {
+                segment: name.to_owned(),
+                reason: format!("mode {:#o} has bits outside 0o7777", self.mode),
+            });
+        }
+        if self.create_new && !self.create {
+            return Err(Error::InvalidArgument {
+                segment: name.to_owned(),
+                reason: "create_new(true) contradicts create(false)".into(),
+            });
+        }
+        if !self.create_new {
+            // Attach first: the options' geometry is ignored (and not even
+            // validated) when the segment exists.
+            match sys::access::open_existing_checked(name, self.access()) {
+                Ok((file, len)) => return ShmDict::attach_file(name, file, len),
+                Err(Error::NotFound { .. }) if self.create => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let geo = self.geometry(name)?;
+        sys::access::create_or_attach_checked(
+            name,
+            self.access(),
+            geo.total_bytes,
+            self.create_new,
+            |r| {
+                crate::dict::locks::init(r).map_err(|rc| {
+                    Error::io(
+                        name,
+                        "pthread_mutex_init",
+                        std::io::Error::from_raw_os_error(rc),
+                    )
+                })?;
+                geo.write_header(r)
+                    .ok_or_else(|| Error::corrupt(name, "new segment too small for its header"))
+            },
+            |file, region| ShmDict::attach_region(name, region, geo, Some(file)),
+            |file, len| ShmDict::attach_file(name, file, len),
+        )
+    }
+
+    #[cfg(not(loom))]
+    fn geometry(&self, name: &str) -> Result<Geometry> {
+        let capacity = self.capacity.map_or(layout::DEFAULT_CAPACITY, |c| c as u64);
+        let arena = match self.arena_bytes {
+            Some(a) => a as u64,
+            None => {
+                let avail = sys::shm_available_bytes().unwrap_or(u64::MAX);
+                layout::DEFAULT_ARENA_BYTES.min(avail / 4)
+            }
+        };
+        Geometry::new(capacity, arena).ok_or_else(|| Error::InvalidArgument {
+            segment: name.to_owned(),
+            reason: format!(
+                "capacity must be 1..={} keys and arena_bytes at most {} (got {capacity} keys, {arena} bytes)",
+                layout::MAX_CAPACITY,
+                layout::MAX_ARENA_BYTES
+            ),
+        })
+    }
+}

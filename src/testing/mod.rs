@@ -1,0 +1,3 @@
+//! Test entry points compiled only for model checking.
+
+pub mod loom;
