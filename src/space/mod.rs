@@ -303,29 +303,16 @@ impl<'a> Liveness<'a> {
     }
 }
 
-/// This process's identity word (pid and start time), cached; recomputed
-/// after a `fork` (the pid is in the low bits).
-fn my_ident() -> u64 {
-    static IDENT: AtomicU64 = AtomicU64::new(0);
-    const PID_MASK: u64 = (1 << 23) - 1;
-    let pid = std::process::id();
-    // Relaxed: a cache of a value every thread of this process computes
-    // identically; a stale one (another pid) is detected below.
-    let cached = IDENT.load(Ordering::Relaxed);
-    if cached != 0 && cached & PID_MASK == pid as u64 & PID_MASK {
-        return cached;
-    }
-    let (pid, start) = crate::sys::self_identity();
-    let ident = crate::shm::attach::identity_word(pid, start);
-    IDENT.store(ident, Ordering::Relaxed); // Relaxed: see above.
-    ident
-}
-
 /// A fresh tuple id.
 fn next_id() -> Id {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     // Relaxed: only uniqueness matters, which fetch_add gives.
-    Id(my_ident(), SEQ.fetch_add(1, Ordering::Relaxed))
+    // The process identity (pid and start time) makes ids unique across
+    // processes; the sequence, within one.
+    Id(
+        crate::shm::attach::process_identity(),
+        SEQ.fetch_add(1, Ordering::Relaxed), // Relaxed: only uniqueness matters.
+    )
 }
 
 fn bucket_key(arity: usize, bucket: u64) -> Vec<u8> {
