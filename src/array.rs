@@ -365,7 +365,7 @@ impl<T> fmt::Debug for Array<T> {
 pub struct ReadGuard<'a, T> {
     array: &'a Array<T>,
     /// The registration the lock was taken under: a copy of the guard
-    /// inherited through `fork` releases nothing (see `owner.rs`).
+    /// inherited through `fork` releases nothing (see `shm/registration.rs`).
     reg: &'a Registration<Local>,
     data: &'a [T],
     recovered: bool,
@@ -410,7 +410,7 @@ impl<T> fmt::Debug for ReadGuard<'_, T> {
 pub struct WriteGuard<'a, T> {
     array: &'a Array<T>,
     /// The registration the lock was taken under: a copy of the guard
-    /// inherited through `fork` releases nothing (see `owner.rs`).
+    /// inherited through `fork` releases nothing (see `shm/registration.rs`).
     reg: &'a Registration<Local>,
     data: &'a mut [T],
     recovered: bool,
@@ -464,7 +464,7 @@ impl<T> fmt::Debug for WriteGuard<'_, T> {
 pub struct ChunkGuard<'a, T> {
     array: &'a Array<T>,
     /// The registration the lock was taken under: a copy of the guard
-    /// inherited through `fork` releases nothing (see `owner.rs`).
+    /// inherited through `fork` releases nothing (see `shm/registration.rs`).
     reg: &'a Registration<Local>,
     data: &'a mut [T],
     start: usize,

@@ -361,7 +361,7 @@ pub(crate) struct Segment {
     pub(crate) name: String,
     pub(crate) region: Region,
     /// This handle's attach entries; `&self.local` is the current process's
-    /// [`Local`] (see `owner.rs`).
+    /// [`Local`] (see `shm/registration.rs`).
     pub(crate) local: Owner<Local>,
 }
 
@@ -393,7 +393,7 @@ impl std::fmt::Debug for Segment {
 
 impl Segment {
     /// The registration this process acts under, claimed first in a forked
-    /// child that has not used the handle yet (see `owner.rs`). If the
+    /// child that has not used the handle yet (see `shm/registration.rs`). If the
     /// attach table is full then, the inherited one (as before fork-aware
     /// handles: what it takes then looks like the parent's).
     pub(crate) fn enter(&self) -> &Registration<Local> {

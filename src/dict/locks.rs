@@ -2,7 +2,7 @@
 //! (`lock_keys()`), and memoization built on them.
 //!
 //! Both are robust process-shared pthread mutexes in the segment
-//! (`robust.rs`): a holder that dies releases them, and the next process to
+//! (`sys/robust_mutex.rs`): a holder that dies releases them, and the next process to
 //! acquire one is told so through `recovered()`.
 //!
 //! What the locks protect: nothing by themselves. Single-key operations
@@ -258,7 +258,7 @@ impl ShmDict {
     }
 
     /// Whether every live handle of this segment is in our pid namespace
-    /// (see `robust.rs`: only then is a missing owner thread proof).
+    /// (see `sys/robust_mutex.rs`: only then is a missing owner thread proof).
     fn peers_share_pid_ns(&self) -> bool {
         crate::shm::attach::peers_share_pid_ns(&self.region, self.me.registered().lock_fd)
     }

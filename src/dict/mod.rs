@@ -44,7 +44,7 @@ pub struct ShmDict {
     pub(crate) region: Region,
     pub(crate) geo: Geometry,
     /// This handle's attach entries; `&self.me` is the current process's
-    /// [`Holder`] (see `owner.rs`).
+    /// [`Holder`] (see `shm/registration.rs`).
     pub(crate) me: Owner<Holder>,
     /// The `mode` and `allow_other_owner` this handle was opened with:
     /// processes this crate forks to attach the same segment again (pool
@@ -180,7 +180,7 @@ impl ShmDict {
         Ok(crate::shm::gate::enter(&self.region, reg.index, &reg.local))
     }
 
-    /// This process's registration of the handle: see `owner.rs`.
+    /// This process's registration of the handle: see `shm/registration.rs`.
     #[inline]
     pub(crate) fn registration(&self) -> Result<&crate::shm::registration::Registration<Holder>> {
         self.me

@@ -366,7 +366,7 @@ pub(crate) fn token_alive(r: &Region, fd: LockFd, token: Token) -> bool {
 }
 
 /// Whether every live entry records our own pid namespace, so that a
-/// thread id that does not exist here exists nowhere (see `robust.rs`).
+/// thread id that does not exist here exists nowhere (see `sys/robust_mutex.rs`).
 #[cfg(not(loom))]
 pub(crate) fn peers_share_pid_ns(r: &Region, fd: LockFd) -> bool {
     let ours = crate::sys::pid_namespace();
@@ -376,7 +376,7 @@ pub(crate) fn peers_share_pid_ns(r: &Region, fd: LockFd) -> bool {
     (0..ATTACH_ENTRIES).all(|i| {
         let off = entry_off(i);
         // Relaxed: the caller read the futex word first; a holder's claim
-        // happened before it took the mutex (see `robust.rs`).
+        // happened before it took the mutex (see `sys/robust_mutex.rs`).
         let ns = r
             .word(off + E_PIDNS)
             .map_or(0, |w| w.load(Ordering::Relaxed));

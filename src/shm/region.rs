@@ -129,7 +129,7 @@ impl Region {
     }
 
     /// A raw pointer to `len` bytes at offset `off`, if 8-aligned and in
-    /// bounds: for the process-shared pthread mutexes (`robust.rs`), which
+    /// bounds: for the process-shared pthread mutexes (`sys/robust_mutex.rs`), which
     /// libc accesses with its own atomics. Those bytes are never accessed
     /// through [`Region::word`].
     #[cfg(not(loom))]

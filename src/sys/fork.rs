@@ -7,7 +7,7 @@
 //!
 //! - [`generation`] increases, so a handle used in the child sees that it is
 //!   in another process and registers under the child's own identity (see
-//!   `owner.rs`), and a drop in the child leaves the parent's registration
+//!   `shm/registration.rs`), and a drop in the child leaves the parent's registration
 //!   alone;
 //! - every registered handle descriptor is replaced, under the same number,
 //!   by a fresh open file description of the same file (`/proc/self/fd/N`
