@@ -56,6 +56,10 @@ fn main() {
                 "gc_never_removes_a_segment_being_opened",
                 gc_never_removes_a_segment_being_opened,
             ),
+            (
+                "a_holder_whose_main_thread_exited_is_alive",
+                a_holder_whose_main_thread_exited_is_alive,
+            ),
         ],
         child,
     );
@@ -400,13 +404,62 @@ fn gc_never_removes_a_segment_being_opened() {
     );
 }
 
+// --- A thread-group leader that exited ---
+
+/// A process whose main thread called `pthread_exit` while another thread
+/// holds `Array::write()`: /proc shows the process as a zombie (state `Z`),
+/// but it runs. It was taken for dead and its lock taken over.
+fn a_holder_whose_main_thread_exited_is_alive() {
+    let seg = Segment::new("own-leader");
+    let ctl_seg = Segment::new("own-leader-ctl");
+    let ctl = small(&ctl_seg);
+    let _a = Array::<u64>::open(seg.name(), 8).unwrap();
+    let mut holder = Proc::spawn("holder", "leader-exits", &[seg.arg(), ctl_seg.arg()]);
+    await_key(&ctl, "held", &mut holder);
+    let pid = holder.child.id();
+    let deadline = Instant::now() + WATCHDOG;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .next()
+            .unwrap();
+        if state == "Z" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the main thread never exited");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut waiter = Proc::spawn(
+        "waiter",
+        "array-write",
+        &[seg.arg(), ctl_seg.arg(), "8".to_owned()],
+    );
+    await_key(&ctl, "writer-started", &mut waiter);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !ctl.contains_key("writer-got-it").unwrap(),
+        "a live holder whose main thread exited was taken for dead"
+    );
+    holder.kill();
+    waiter.wait_ok();
+    assert_eq!(
+        ctl.get("writer-got-it").unwrap().as_deref(),
+        Some(&b"recovered"[..])
+    );
+}
+
 // --- Child roles ---
 
 fn child(role: &str, args: &[String]) {
     match role {
         "array-write" => {
             let ctl = common::open_existing(&args[1]);
-            let a = Array::<u64>::open(&args[0], 16).unwrap();
+            let len = args.get(2).map_or(16, |l| l.parse().unwrap());
+            let a = Array::<u64>::open(&args[0], len).unwrap();
             ctl.insert("writer-started", "1").unwrap();
             let g = a.write();
             let how: &str = if g.recovered() { "recovered" } else { "clean" };
@@ -452,6 +505,25 @@ fn child(role: &str, args: &[String]) {
             };
             let how: &str = if recovered { "recovered" } else { "clean" };
             ctl.insert(format!("got-{tag}"), how).unwrap();
+        }
+        "leader-exits" => {
+            let ctl = common::open_existing(&args[1]);
+            let name = args[0].clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let a = Array::<u64>::open(&name, 8).unwrap();
+                let _g = a.write();
+                tx.send(()).unwrap();
+                ctl.insert("held", "1").unwrap();
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+            rx.recv().unwrap();
+            // SAFETY: the raw `exit` system call ends only the calling (main)
+            // thread, without unwinding; the process and the holding thread
+            // go on. The other thread uses nothing of the main thread's.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
         }
         "rmw" => {
             let d = common::open_existing(&args[0]);
