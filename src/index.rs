@@ -133,6 +133,7 @@ impl<'a> Index<'a> {
             let bucket = home + steps;
             for s in 0..SLOTS_PER_BUCKET {
                 let (ctrl, entry) = self.slot(bucket, s);
+                let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     // Acquire: pairs with the Release unlock that published it.
@@ -145,7 +146,10 @@ impl<'a> Index<'a> {
                         None => block::Read::Invalid,
                     };
                     if !seqlock::read_validate(ctrl, begin) {
-                        continue; // Released meanwhile: read the slot again.
+                        // Released meanwhile (a write completed): read the
+                        // slot again.
+                        retry.pause();
+                        continue;
                     }
                     match read {
                         block::Read::Match => {
@@ -290,6 +294,7 @@ impl<'a> Index<'a> {
         for bucket in 0..self.g.nbuckets {
             for s in 0..SLOTS_PER_BUCKET {
                 let (ctrl, entry) = self.slot(bucket, s);
+                let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     let e = Entry(entry.load(Ordering::Acquire)); // Acquire: as in find.
@@ -300,6 +305,7 @@ impl<'a> Index<'a> {
                         .block_of(e)
                         .is_some_and(|w| block::read_key(w, &mut key));
                     if !seqlock::read_validate(ctrl, begin) {
+                        retry.pause();
                         continue;
                     }
                     if !ok {

@@ -16,6 +16,21 @@
 //! Readers therefore never wait and never write; an odd word does not stop
 //! them, because the entry word always names a complete block.
 //!
+//! # What readers guarantee
+//!
+//! Reads are lock-free, not wait-free. A read is retried only when its
+//! validation fails, and validation fails only if the slot was *released*
+//! between the read's two loads of the control word: a write to that key
+//! (or a takeover of a dead writer's slot) completed meanwhile. So every
+//! retry is paid for by a completed write, and the system as a whole always
+//! makes progress; a WRITING slot, a stopped writer or a dead one never makes
+//! a reader retry or wait. A single reader can still starve while writers
+//! complete writes to the same key faster than it can copy the value (a
+//! large value against a tight write loop). Retries are paced by [`Retry`]:
+//! a few short spins, then a yield of the CPU before each further attempt,
+//! so a starved reader does not burn a core spinning against the writer
+//! (with whom it may share one); it never sleeps and never blocks anybody.
+//!
 //! A writer killed while WRITING leaves the entry word either old or new.
 //! Another writer that waits on the slot for long checks the owner's liveness
 //! and releases the slot for it (see [`wait_unlocked`]).
@@ -107,6 +122,35 @@ pub(crate) fn read_validate(ctrl: &AtomicU64, begin: u64) -> bool {
     crate::sync::fence(Ordering::Acquire);
     // Relaxed: ordered by the fence above.
     ctrl.load(Ordering::Relaxed) & VERSION_MASK == begin & VERSION_MASK
+}
+
+/// Paces the retries of one optimistic read (see the module doc, "What
+/// readers guarantee").
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    attempts: u32,
+}
+
+impl Retry {
+    /// Retries that only spin (1, 2, 4, ... spin hints); later ones yield.
+    const SPIN_RETRIES: u32 = 6;
+
+    pub(crate) fn new() -> Retry {
+        Retry::default()
+    }
+
+    /// Call after a failed [`read_validate`], before reading again.
+    #[inline]
+    pub(crate) fn pause(&mut self) {
+        if self.attempts < Self::SPIN_RETRIES {
+            for _ in 0..1u32 << self.attempts {
+                crate::sync::spin_hint();
+            }
+        } else {
+            crate::sync::yield_now();
+        }
+        self.attempts = self.attempts.saturating_add(1);
+    }
 }
 
 /// Waits until the slot is not WRITING, releasing it on behalf of a dead
