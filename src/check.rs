@@ -38,8 +38,10 @@ use crate::layout::{
 use crate::seqlock;
 use crate::sync::Ordering;
 
-/// Backoff steps `check` waits for one live handle to leave a write
-/// operation: about one second (see `lockword::Backoff`).
+/// Backoff steps `check` waits, in all (one budget shared by every handle
+/// it waits for, not one per handle), for live handles to leave their write
+/// operations: 2,048 yields, then 5,000 sleeps of at least 200 µs, so a
+/// little over one second (see `lockword::Backoff` and `gate::close`).
 const WRITER_WAIT_STEPS: u32 = 2048 + 5000;
 
 /// What [`ShmDict::check`] found and repaired.
@@ -186,10 +188,12 @@ impl ShmDict {
     /// Runs on a live segment. Readers are not stopped; writers in all
     /// processes pause while it runs (it takes time proportional to the
     /// capacity plus the arena size: about 0.2 ms for a 1 MiB arena, 45 ms
-    /// for a 1 GiB arena with a million-key index, in a release build). If a
-    /// live process stays inside a
-    /// write operation for more than about a second, repairs are skipped and
-    /// [`CheckReport::skipped`] says why.
+    /// for a 1 GiB arena with a million-key index, in a release build).
+    /// Before it scans, `check` waits for the write operations in flight to
+    /// finish (never for user code: `update` closures run outside them); if
+    /// they have not all finished after a little over a second in all (one
+    /// budget for all handles, not per handle; a stopped process, say),
+    /// repairs are skipped and [`CheckReport::skipped`] says why.
     ///
     /// `Ok` even when corruption is found: see [`CheckReport::is_ok`].
     pub fn check(&self) -> Result<CheckReport> {
@@ -204,7 +208,7 @@ impl ShmDict {
             Ok(_) => None,
             Err(Busy::OtherChecker) => Some("another process is checking the segment".to_owned()),
             Err(Busy::Writer(i)) => Some(format!(
-                "the process of handle {i} stayed inside a write operation for over a second (stopped?)"
+                "the process of handle {i} stayed inside a write operation past the wait budget of about a second (stopped?)"
             )),
         };
         let mut report = self.scan(skipped.is_none());
