@@ -14,7 +14,10 @@
 //! | 0    | 23..64 | its start time in clock ticks after boot, truncated |
 //! | 1    | 0..64  | generation, incremented on every claim              |
 //! | 2    | 0..64  | write operations of this handle in flight (`gate`)  |
-//! | 3..8 |        | reserved (zero)                                     |
+//! | 3    |        | reserved (zero)                                     |
+//! | 4, 5 |        | key count and pending change (`livecount.rs`); kept |
+//! |      |        | when the entry is claimed again                     |
+//! | 6..8 |        | reserved (zero)                                     |
 //!
 //! A token is `index | (generation mod 2^11) << 12`: 23 bits. A token whose
 //! generation no longer matches its entry belongs to a handle that is gone.
@@ -65,6 +68,11 @@ pub(crate) struct Holder {
     pub(crate) token: Token,
     /// Process-local, never in the segment.
     holds: AtomicU64,
+    /// Threads of this handle using its count record (`livecount.rs`), by
+    /// the same rule as `holds`: a thread that finds the record BUSY while
+    /// this is 1 (itself) knows the word is corrupted, not in use.
+    /// Process-local.
+    pub(crate) record_users: AtomicU64,
 }
 
 impl Holder {
@@ -72,6 +80,7 @@ impl Holder {
         Holder {
             token,
             holds: AtomicU64::new(0),
+            record_users: AtomicU64::new(0),
         }
     }
 

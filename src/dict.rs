@@ -267,6 +267,10 @@ impl ShmDict {
         let ident = attach::process_identity();
         let (attach_index, token) = attach::attach(&region, ident)
             .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
+        // A dead previous owner of the entry may have died between
+        // publishing a new key or a removal and counting it: settle that
+        // before this handle uses the entry's count (see `livecount.rs`).
+        crate::livecount::adopt(&region, attach_index, token);
         Ok(ShmDict {
             name: name.to_owned(),
             region,

@@ -17,6 +17,7 @@ mod error;
 mod gate;
 mod index;
 mod layout;
+mod livecount;
 #[cfg(not(loom))]
 mod locks;
 mod lockword;
@@ -110,6 +111,43 @@ pub mod __loom {
         dict.index()
             .bucket_word(home, crate::layout::B_LOCK)
             .store(crate::lockword::HELD | 3, Ordering::Relaxed);
+    }
+
+    /// A second handle of `dict`'s segment, whose process is killed at kill
+    /// point `step` (see `livecount::killed_at`; 0: never) of a new-key
+    /// insert of `key` (`insert`) or of the removal of `key`: the real index
+    /// code runs on the calling model thread and stops there, leaving what a
+    /// SIGKILL at that instruction leaves (its attach entry names a dead
+    /// process). Returns the dead handle's attach index.
+    pub fn kill_counted_write(dict: &crate::ShmDict, key: &[u8], insert: bool, step: u32) -> u64 {
+        let r = &dict.region;
+        let (index, token) =
+            crate::attach::attach(r, crate::attach::LOOM_DEAD_IDENTITY).expect("attach");
+        let dead = crate::attach::Holder::new(token);
+        let hash = crate::layout::hash_key(key);
+        let ix = dict.index();
+        crate::livecount::kill_at(step);
+        if insert {
+            let order = crate::layout::order_for(key.len(), 8).expect("fits");
+            let slab = dict.slab();
+            let g = slab.alloc(order, &dead).expect("sound").expect("room");
+            let words = slab.block(g, order).expect("block");
+            crate::block::write(words, key, hash, &[7; 8]).expect("fits");
+            let e = crate::layout::Entry::new(g as u32, order, hash);
+            ix.insert_new(key, hash, e, &dead).expect("sound");
+        } else {
+            let loc = ix.find(key, hash, None).expect("sound").expect("present");
+            ix.try_remove(&loc, hash, &dead);
+        }
+        crate::livecount::kill_at(0);
+        index
+    }
+
+    /// What a process that claims the dead handle's attach entry `index`
+    /// does first (`livecount::adopt`), with a token of its own.
+    pub fn adopt_entry(dict: &crate::ShmDict, index: u64) {
+        let mine = crate::attach::Token(index | 0x7ff << 12);
+        crate::livecount::adopt(&dict.region, index, mine);
     }
 
     /// The bare slab allocator on a heap region.

@@ -50,8 +50,9 @@ pub(crate) fn is_writing(ctrl: u64) -> bool {
     ctrl & WRITING != 0
 }
 
+/// The token of the writer holding a WRITING control word.
 #[inline]
-fn owner(ctrl: u64) -> Token {
+pub(crate) fn owner(ctrl: u64) -> Token {
     Token((ctrl & !VERSION_MASK) >> OWNER_SHIFT)
 }
 
@@ -164,8 +165,15 @@ pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64, me: &Holder) -> u64 {
         }
         if backoff.snooze() && attach::holder_dead(r, me, owner(c)) {
             // The writer died while holding the slot. Its entry word is either
-            // the old or the new value, both complete blocks: release the slot
-            // as it would have. AcqRel: see `try_lock` and `unlock`.
+            // the old or the new value, both complete blocks. If it was
+            // changing the number of keys, settle its count record first,
+            // while the slot still says what it did (`livecount.rs`). (Our
+            // own token here means a bogus hold: nothing of ours to settle.)
+            if owner(c) != me.token {
+                crate::livecount::settle(r, owner(c));
+            }
+            // Then release the slot as it would have. AcqRel: see `try_lock`
+            // and `unlock`.
             let _ = ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed);
         }
     }

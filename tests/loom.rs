@@ -11,12 +11,14 @@
 //! defragmentation; recovery from dead writers, dead inserters and leaked
 //! blocks (`check()` against a live writer); the Array lock (exclusive vs
 //! shared, read vs chunk mode, claims) and its recovery from dead holders; the
-//! double buffer of large `Value`s and its recovery from a dead writer.
+//! double buffer of large `Value`s and its recovery from a dead writer; the
+//! exact key count (`len()`) across a writer killed at each step of a
+//! counted write, settled concurrently by a writer and an adopter.
 #![cfg(loom)]
 
 use loom::sync::Arc;
 use loom::thread;
-use shmdict::__loom::{dict, home_bucket, Arena};
+use shmdict::__loom::{adopt_entry, dict, home_bucket, kill_counted_write, Arena};
 
 /// Small geometry: 2 buckets of 3 slots, a 1 KiB arena.
 fn small() -> shmdict::ShmDict {
@@ -595,4 +597,50 @@ fn value_dead_writer_neither_blocks_nor_misleads() {
         w.join().unwrap();
         assert_eq!(v.load(), [1; 3]);
     });
+}
+
+/// `len()` is exact after a kill (issue 10, item 9). A writer is killed at
+/// each step of a new-key insert or a removal (before recording its count
+/// change, after recording it, after storing the entry word, after applying
+/// the change); right after, `len()` equals the keys present with nothing
+/// run in between. Then a live writer takes the dead writer's slot over
+/// (settling its record before releasing the slot) while another "process"
+/// claims the dead handle's attach entry (settling it too): the change is
+/// applied exactly once.
+#[test]
+fn len_is_exact_after_a_writer_is_killed_at_any_step() {
+    for insert in [true, false] {
+        for step in 1..=4 {
+            loom::model(move || {
+                let d = Arc::new(small());
+                d.insert("b", "stays").unwrap();
+                if !insert {
+                    d.insert("a", "x").unwrap();
+                }
+                let dead = {
+                    let d = d.clone();
+                    thread::spawn(move || kill_counted_write(&d, b"a", insert, step))
+                        .join()
+                        .unwrap()
+                };
+                let present = d.keys().unwrap().len();
+                assert_eq!(
+                    d.len(),
+                    present,
+                    "insert {insert}, step {step}: after the kill"
+                );
+                let t = {
+                    let d = d.clone();
+                    thread::spawn(move || {
+                        d.insert("a", "new").unwrap();
+                        assert!(d.remove("a").unwrap());
+                    })
+                };
+                adopt_entry(&d, dead);
+                t.join().unwrap();
+                assert_eq!(d.keys().unwrap().len(), 1);
+                assert_eq!(d.len(), 1, "insert {insert}, step {step}: after settling");
+            });
+        }
+    }
 }
