@@ -77,14 +77,16 @@ impl Kind {
 
 /// A store opened by name in a child process.
 enum Store {
-    Shmdict(ShmDict),
+    Shmdict(Box<ShmDict>),
     Floor(Floor),
 }
 
 impl Store {
     fn open(kind: Kind, name: &str) -> Store {
         match kind {
-            Kind::Shmdict => Store::Shmdict(ShmDict::open(name).expect("open the segment")),
+            Kind::Shmdict => {
+                Store::Shmdict(Box::new(ShmDict::open(name).expect("open the segment")))
+            }
             Kind::Floor => Store::Floor(Floor::open(name).expect("open the floor table")),
         }
     }

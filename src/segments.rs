@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::shm::attach;
 use crate::shm::layout::{
     Entry, Geometry, HeaderError, ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, BUCKET_BYTES, B_SLOTS,
-    FORMAT_VERSION, HEADER_BYTES, H_HEADER_BYTES, H_LIVE, H_MAGIC, H_TOTAL_BYTES, H_VERSION_KIND,
+    FORMAT_VERSION, HEADER_BYTES, H_HEADER_BYTES, H_MAGIC, H_TOTAL_BYTES, H_VERSION_KIND,
     KIND_DICT, MAGIC, SLOTS_PER_BUCKET, SLOT_BYTES,
 };
 use crate::shm::region::Region;
@@ -462,7 +462,11 @@ fn probe(name: &str) -> Result<Option<Probe>> {
         match Geometry::read_header(&region, size) {
             Ok(geo) => {
                 info.capacity = Some(geo.capacity);
-                info.len = Some(load(H_LIVE));
+                // The per-entry key counts (`livecount.rs`). Only the
+                // header and attach table are mapped here, so a change that a
+                // writer is publishing (or died publishing) right now is
+                // not added; `ShmDict::len` adds it.
+                info.len = Some(crate::shm::livecount::len(&region));
             }
             Err(HeaderError::Corrupt(m) | HeaderError::Incompatible(m)) => {
                 info.error.get_or_insert(m);

@@ -880,6 +880,106 @@ fn shared_between_threads_without_losing_updates() {
 }
 
 // ---------------------------------------------------------------------------
+// Regressions (issue 10, item 3): user closures run outside the write gate
+// ---------------------------------------------------------------------------
+
+/// Arena bytes free or untouched.
+fn free_bytes(s: &shmdict::Stats) -> usize {
+    let listed: u64 = (0..).zip(&s.free_blocks).map(|(o, n)| n * (64 << o)).sum();
+    listed as usize + s.arena_untouched_bytes
+}
+
+/// Regression: an `update` closure that panicked after an earlier round of
+/// the same `update` had lost a race leaked the block prepared in that
+/// round (it was kept for reuse, and the unwind skipped its release), so
+/// every such panic cost arena space until `check()` reclaimed it.
+#[test]
+fn a_panicking_update_closure_leaks_no_arena_block() {
+    let seg = Segment::new("upd-panic");
+    let d = create(&seg, 64, 1 << 20);
+    d.insert("k", vec![1u8; 100]).unwrap();
+    let clean = d.check().unwrap();
+    assert!(clean.is_ok() && clean.skipped.is_none(), "{clean}");
+    let before = d.stats();
+    for round in 0..50u32 {
+        let mut calls = 0;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            d.update("k", |_old| {
+                calls += 1;
+                if calls == 1 {
+                    // Another write to the key while this closure runs: the
+                    // first result cannot be published, so `f` runs again.
+                    d.insert("k", round.to_le_bytes()).unwrap();
+                    Some(vec![2u8; 100])
+                } else {
+                    panic!("closure panics in its second run");
+                }
+            })
+        }));
+        assert!(r.is_err(), "round {round}: the panic propagates");
+    }
+    d.insert("k", vec![1u8; 100]).unwrap();
+    let after = d.stats();
+    let report = d.check().unwrap();
+    assert!(report.is_ok() && report.skipped.is_none(), "{report}");
+    assert_eq!(
+        (
+            report.leaked_blocks_reclaimed,
+            report.leaked_bytes_reclaimed
+        ),
+        (0, 0),
+        "panicking closures leaked arena blocks:\n{report}"
+    );
+    assert_eq!(
+        free_bytes(&after),
+        free_bytes(&before),
+        "arena use returns to what it was"
+    );
+    assert_eq!(d.get("k").unwrap(), Some(vec![1u8; 100]));
+}
+
+/// Regression: `update` ran its closure inside the write gate, so `check()`
+/// waited for a slow closure (about a second) and then skipped its repairs.
+/// Here the closure blocks until `check()` has returned.
+#[test]
+fn check_does_not_wait_for_a_slow_update_closure() {
+    let seg = Segment::new("upd-slow");
+    let d = create(&seg, 64, 1 << 20);
+    d.insert("k", 1u64.to_le_bytes()).unwrap();
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    thread::scope(|s| {
+        let d = &d;
+        let updater = s.spawn(move || {
+            let mut first = true;
+            d.update("k", |old| {
+                if first {
+                    first = false;
+                    entered_tx.send(()).unwrap();
+                    // Watchdog: never wait forever if check() never returns.
+                    let _ = done_rx.recv_timeout(Duration::from_secs(120));
+                }
+                incr(old)
+            })
+            .unwrap()
+        });
+        entered_rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("watchdog: the closure never ran");
+        let report = d.check().unwrap();
+        done_tx.send(()).unwrap();
+        assert!(report.is_ok(), "{report}");
+        assert_eq!(
+            report.skipped, None,
+            "check() waited for a user closure and skipped its repairs"
+        );
+        let stored = updater.join().unwrap();
+        assert_eq!(stored, Some(2u64.to_le_bytes().to_vec()));
+    });
+    assert_eq!(u64_of(&d.get("k").unwrap().unwrap()), 2);
+}
+
+// ---------------------------------------------------------------------------
 // Garbage segment files
 // ---------------------------------------------------------------------------
 

@@ -489,6 +489,15 @@ fn recover_transfers(d: &ShmDict, round: u64, stats: &mut KillStats) {
 }
 
 fn after_kill(d: &ShmDict, round: u64, mut stats: KillStats) -> KillStats {
+    // Exact right after the kill, with no check() and no write in between
+    // (issue 10, item 9: a kill inside an insert or a removal used to leave
+    // len() one too high until check()).
+    let keys = d.keys().expect("keys");
+    assert_eq!(
+        d.len(),
+        keys.len(),
+        "round {round}: len() vs keys() right after the kill"
+    );
     check_values_after_kill(d, round, &mut stats);
     // Half the rounds check (and repair) before anything else touches the
     // segment; the other half let ordinary writers take over first.
@@ -513,7 +522,7 @@ fn sigkilled_worker_with_locked_transfers() {
     let seg = Segment::new("kill");
     let ctl_seg = Segment::new("kill-ctl");
     let d = create(&seg, 256, 4 << 20);
-    let ctl = create(&ctl_seg, 256, 1 << 16);
+    let ctl = ctl_dict(&ctl_seg);
     for k in 0..KILL_KEYS {
         d.insert(kill_key(k), checked_value(k, 0)).unwrap();
     }
@@ -526,7 +535,7 @@ fn sigkilled_worker_with_locked_transfers() {
     let mut rng = Rng(0x5eed);
     let mut stats = KillStats::default();
     let started = Instant::now();
-    for round in 0..KILL_ROUNDS {
+    for round in 0..kill_rounds(KILL_ROUNDS) {
         let mut worker = Proc::spawn(
             format!("worker of round {round}"),
             "kill-mixed",
@@ -546,7 +555,8 @@ fn sigkilled_worker_with_locked_transfers() {
         });
     }
     eprintln!(
-        "{KILL_ROUNDS} kills in {:?}: {stats:?}\n  final stats: {:?}",
+        "{} kills in {:?}: {stats:?}\n  final stats: {:?}",
+        kill_rounds(KILL_ROUNDS),
         started.elapsed(),
         d.stats()
     );
@@ -1323,9 +1333,9 @@ fn check_after_churn_kills() {
     let seg = Segment::new("churn-kill");
     let ctl_seg = Segment::new("churn-kill-ctl");
     let d = create(&seg, 4096, CHURN_ARENA);
-    let ctl = create(&ctl_seg, 256, 1 << 16);
+    let ctl = ctl_dict(&ctl_seg);
     let mut rng = Rng(0xc0de);
-    for round in 0..CHURN_ROUNDS {
+    for round in 0..kill_rounds(CHURN_ROUNDS) {
         let mut p = Proc::spawn(
             format!("churn {round}"),
             "churn-kill",
@@ -1339,13 +1349,20 @@ fn check_after_churn_kills() {
         thread::sleep(Duration::from_micros(rng.below(20_000)));
         p.assert_running();
         p.kill();
+        // Exact after every kill, before any check() (issue 10, item 9).
+        let keys = d.keys().unwrap();
+        assert_eq!(
+            d.len(),
+            keys.len(),
+            "round {round}: len() vs keys() right after the kill"
+        );
     }
     let d = Arc::new(d);
     let d2 = Arc::clone(&d);
     let r = with_watchdog("check after the churn kills", move || {
         check_and_recheck(&d2, "after churn kills")
     });
-    eprintln!("after {CHURN_ROUNDS} kills:\n{r}");
+    eprintln!("after {} kills:\n{r}", kill_rounds(CHURN_ROUNDS));
     assert_accounting(&d, &r);
     for key in d.keys().unwrap() {
         let text = String::from_utf8_lossy(&key).into_owned();

@@ -11,12 +11,14 @@
 //! defragmentation; recovery from dead writers, dead inserters and leaked
 //! blocks (`check()` against a live writer); the Array lock (exclusive vs
 //! shared, read vs chunk mode, claims) and its recovery from dead holders; the
-//! double buffer of large `Value`s and its recovery from a dead writer.
+//! double buffer of large `Value`s and its recovery from a dead writer; the
+//! exact key count (`len()`) across a writer killed at each step of a
+//! counted write, settled concurrently by a writer and an adopter.
 #![cfg(loom)]
 
 use loom::sync::Arc;
 use loom::thread;
-use shmdict::__loom::{dict, home_bucket, Arena};
+use shmdict::__loom::{adopt_entry, dict, home_bucket, kill_counted_write, Arena};
 
 /// Small geometry: 2 buckets of 3 slots, a 1 KiB arena.
 fn small() -> shmdict::ShmDict {
@@ -595,4 +597,60 @@ fn value_dead_writer_neither_blocks_nor_misleads() {
         w.join().unwrap();
         assert_eq!(v.load(), [1; 3]);
     });
+}
+
+/// `len()` is exact after a kill (issue 10, item 9). A writer is killed at
+/// each step of a new-key insert or a removal (before recording its count
+/// change, after recording it, after storing the entry word, after applying
+/// the change); right after, `len()` equals the keys present with nothing
+/// run in between. Then a live writer takes the dead writer's slot over
+/// (settling its record before releasing the slot), and another "process"
+/// claims the dead handle's attach entry (settling it too): either after
+/// the writer is done, or racing with it. The change is applied exactly
+/// once. (The sequential variant fails if `seqlock::wait_unlocked` releases
+/// the slot without settling first: the claimant then finds the record
+/// naming a released slot and drops a change that was published.)
+#[test]
+fn len_is_exact_after_a_writer_is_killed_at_any_step() {
+    for adopt_races in [false, true] {
+        for insert in [true, false] {
+            for step in 1..=4 {
+                loom::model(move || killed_writer_then_settle(insert, step, adopt_races));
+            }
+        }
+    }
+}
+
+fn killed_writer_then_settle(insert: bool, step: u32, adopt_races: bool) {
+    let what = format!("insert {insert}, step {step}, adopt races {adopt_races}");
+    let d = Arc::new(small());
+    d.insert("b", "stays").unwrap();
+    if !insert {
+        d.insert("a", "x").unwrap();
+    }
+    let dead = {
+        let d = d.clone();
+        thread::spawn(move || kill_counted_write(&d, b"a", insert, step))
+            .join()
+            .unwrap()
+    };
+    let present = d.keys().unwrap().len();
+    assert_eq!(d.len(), present, "{what}: right after the kill");
+    let t = {
+        let d = d.clone();
+        thread::spawn(move || {
+            d.insert("a", "new").unwrap();
+            assert!(d.remove("a").unwrap());
+        })
+    };
+    if adopt_races {
+        adopt_entry(&d, dead);
+        t.join().unwrap();
+    } else {
+        t.join().unwrap();
+        assert_eq!(d.len(), 1, "{what}: after the takeover");
+        adopt_entry(&d, dead);
+    }
+    assert_eq!(d.keys().unwrap().len(), 1);
+    assert_eq!(d.len(), 1, "{what}: after settling");
 }

@@ -6,8 +6,11 @@
 //! exactly:
 //!
 //! - a slot still WRITING, or a bucket's insert lock or the defragmentation
-//!   lock still held, belongs to a dead process: released;
-//! - the live-key counter and each bucket's overflow count are recomputed
+//!   lock still held, belongs to a dead process: released (a dead
+//!   handle's pending change of the key count, `livecount.rs`, is first
+//!   settled from the slot it still holds, so `len()`, exact without
+//!   `check()`, stays exact);
+//! - the capacity counter (`H_LIVE`) and each bucket's overflow count are recomputed
 //!   from the entries actually present (a process killed inside an insert or
 //!   a removal can leave them too high, never too low): corrected;
 //! - every arena granule must be in exactly one place: a published block, a
@@ -21,10 +24,13 @@
 //! reported in `problems`, and leaked blocks are then not reclaimed, since
 //! the accounting they rely on is unreliable.
 //!
-//! Readers are never stopped. Writers wait while the gate is closed; if a
-//! live process stays inside a write operation for longer than about a
-//! second (it is stopped, say), `check` gives up on repairs, reopens the gate
-//! and says so in `skipped`.
+//! Readers are never stopped. Writers wait while the gate is closed. User
+//! code never runs inside the gate (`update`'s closure runs before its write
+//! enters it), so only the library's own work is waited for; if live
+//! handles have not all left their write operations after about a second in
+//! all (a stopped process, say; the budget is shared by all the handles
+//! waited for, not one per handle), `check` gives up on repairs, reopens the
+//! gate and says so in `skipped`.
 
 use std::fmt;
 
@@ -38,8 +44,10 @@ use crate::shm::layout::{
 use crate::shm::seqlock;
 use crate::sync::Ordering;
 
-/// Backoff steps `check` waits for one live handle to leave a write
-/// operation: about one second (see `lockword::Backoff`).
+/// Backoff steps `check` waits, in all (one budget shared by every handle
+/// it waits for, not one per handle), for live handles to leave their write
+/// operations: 2,048 yields, then 5,000 sleeps of at least 200 µs, so a
+/// little over one second (see `lockword::Backoff` and `gate::close`).
 const WRITER_WAIT_STEPS: u32 = 2048 + 5000;
 
 /// What [`ShmDict::check`] found and repaired.
@@ -50,11 +58,17 @@ pub struct CheckReport {
     pub segment: String,
     /// Keys found in the index.
     pub keys: u64,
-    /// The live-key counter before the check (it equals `keys` afterwards,
-    /// if repairs ran).
+    /// The capacity counter (new keys reserve a place in it) before the
+    /// check; it equals `keys` afterwards, if repairs ran. A writer killed
+    /// inside a new-key insert or a removal can leave it one too high.
+    /// (`len()` does not read it: it is exact without `check()`.)
     pub counter_before: u64,
     /// Slots a dead writer left WRITING, released.
     pub slots_released: u64,
+    /// Changes of the key count that dead writers had recorded and not
+    /// finished, settled (applied if published, dropped otherwise; `len()`
+    /// already counted them correctly).
+    pub pending_counts_settled: u64,
     /// Insert or defragmentation locks a dead process left held, released.
     pub locks_released: u64,
     /// Buckets whose overflow count was wrong, corrected.
@@ -90,6 +104,7 @@ impl CheckReport {
     /// Whether anything was repaired.
     pub fn repaired(&self) -> bool {
         self.slots_released
+            + self.pending_counts_settled
             + self.locks_released
             + self.overflow_counts_fixed
             + self.leaked_blocks_reclaimed
@@ -120,8 +135,9 @@ impl fmt::Display for CheckReport {
         )?;
         writeln!(
             f,
-            "  repaired: {} slots released, {} locks released, {} overflow counts fixed, {} leaked blocks ({} bytes) reclaimed",
+            "  repaired: {} slots released, {} pending counts settled, {} locks released, {} overflow counts fixed, {} leaked blocks ({} bytes) reclaimed",
             self.slots_released,
+            self.pending_counts_settled,
             self.locks_released,
             self.overflow_counts_fixed,
             self.leaked_blocks_reclaimed,
@@ -186,10 +202,12 @@ impl ShmDict {
     /// Runs on a live segment. Readers are not stopped; writers in all
     /// processes pause while it runs (it takes time proportional to the
     /// capacity plus the arena size: about 0.2 ms for a 1 MiB arena, 45 ms
-    /// for a 1 GiB arena with a million-key index, in a release build). If a
-    /// live process stays inside a
-    /// write operation for more than about a second, repairs are skipped and
-    /// [`CheckReport::skipped`] says why.
+    /// for a 1 GiB arena with a million-key index, in a release build).
+    /// Before it scans, `check` waits for the write operations in flight to
+    /// finish (never for user code: `update` closures run outside them); if
+    /// they have not all finished after a little over a second in all (one
+    /// budget for all handles, not per handle; a stopped process, say),
+    /// repairs are skipped and [`CheckReport::skipped`] says why.
     ///
     /// `Ok` even when corruption is found: see [`CheckReport::is_ok`].
     pub fn check(&self) -> Result<CheckReport> {
@@ -200,7 +218,7 @@ impl ShmDict {
             Ok(_) => None,
             Err(Busy::OtherChecker) => Some("another process is checking the segment".to_owned()),
             Err(Busy::Writer(i)) => Some(format!(
-                "the process of handle {i} stayed inside a write operation for over a second (stopped?)"
+                "the process of handle {i} stayed inside a write operation past the wait budget of about a second (stopped?)"
             )),
         };
         let mut report = self.scan(skipped.is_none());
@@ -226,6 +244,11 @@ impl ShmDict {
         let ngranules = self.geo.arena_bytes / GRANULE;
         let mut granules = Granules::new(ngranules);
         let mut overflow = vec![0u64; nb as usize];
+        if repair {
+            // Before any slot is released below: a dead writer's record is
+            // settled from the state of the slot it still holds.
+            rep.pending_counts_settled = crate::shm::livecount::settle_all_dead(&self.region);
+        }
         let live_word = self.region.word(H_LIVE);
         // Relaxed: with the gate closed nobody writes it; otherwise a snapshot.
         rep.counter_before = live_word.map_or(0, |w| w.load(Ordering::Relaxed));

@@ -61,6 +61,30 @@ pub(crate) enum Op {
     Remove,
 }
 
+/// An arena block written by `prepare` and not yet published: returned to
+/// the arena when dropped, so an error or an unwind between taking a block
+/// and publishing it leaks nothing. [`Prepared::published`] disarms it.
+struct Prepared<'d> {
+    dict: &'d ShmDict,
+    entry: Entry,
+    armed: bool,
+}
+
+impl Prepared<'_> {
+    /// The block is now an index entry: no longer ours to free.
+    fn published(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Prepared<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.dict.release(self.entry);
+        }
+    }
+}
+
 /// A snapshot of a dictionary's occupancy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -132,7 +156,14 @@ impl ShmDict {
             &region,
             #[cfg(not(loom))]
             file,
-            |_, _, token, lock_fd| Holder::with_lock_fd(token, lock_fd),
+            |r, index, token, lock_fd| {
+                // A dead previous owner of the entry may have died between
+                // publishing a new key or a removal and counting it: settle
+                // that before this handle uses the entry's count (see
+                // `livecount.rs`). Also for the entry a forked child claims.
+                crate::shm::livecount::adopt(r, index, token);
+                Holder::with_lock_fd(token, lock_fd)
+            },
         )
         .ok_or_else(|| attach_table_full(name))?;
         Ok(ShmDict {
@@ -255,26 +286,17 @@ impl ShmDict {
         let (key, value) = (key.as_ref(), value.as_ref());
         let hash = hash_key(key);
         let _op = self.enter_write()?;
-        let new = self.prepare(key, hash, value, &mut None)?;
+        // Declared after `_op`: an unpublished block is freed inside the gate.
+        let new = self.prepare(key, hash, value)?;
         let index = self.index();
-        let result = loop {
-            let found = match index.find(key, hash, None) {
-                Ok(found) => found,
-                Err(c) => break Err(self.corrupt(c)),
-            };
-            match self.publish(key, hash, new, found) {
-                Ok(true) => {
-                    self.notify(hash);
-                    break Ok(());
-                }
-                Ok(false) => {}
-                Err(e) => break Err(e),
+        loop {
+            let found = index.find(key, hash, None).map_err(|c| self.corrupt(c))?;
+            if self.publish(key, hash, new.entry, found)? {
+                new.published();
+                self.notify(hash);
+                return Ok(());
             }
-        };
-        if result.is_err() {
-            self.release(new);
         }
-        result
     }
 
     /// Publishes the prepared block `new` as the value of `key`: over the
@@ -327,8 +349,11 @@ impl ShmDict {
     /// left absent).
     ///
     /// `f` may run more than once (when another process changes the key
-    /// between the read and the write); only its last result is stored. No
-    /// lock is held while `f` runs.
+    /// between the read and the write); only its last result is stored.
+    /// Nothing is held while `f` runs: no lock, no slot, no arena block, and
+    /// not the write gate, so a slow `f` delays neither other writers nor
+    /// [`check`](ShmDict::check), and a panic in `f` propagates and leaves
+    /// nothing behind.
     pub fn update<F>(&self, key: impl AsRef<[u8]>, mut f: F) -> Result<Option<Vec<u8>>>
     where
         F: FnMut(Option<&[u8]>) -> Option<Vec<u8>>,
@@ -341,9 +366,15 @@ impl ShmDict {
         })
     }
 
-    /// The read-modify-write behind `update` and the typed API. `f` decides
-    /// from the current value; an error from `f` aborts with nothing written.
-    /// Returns the value present afterwards.
+    /// The read-modify-write behind `update`, the typed API and the tuple
+    /// space. `f` decides from the current value; an error from `f` aborts
+    /// with nothing written. Returns the value present afterwards.
+    ///
+    /// `f` is user code: it runs outside the write gate with nothing held.
+    /// Only then does the write enter the gate, take a block and publish it,
+    /// if the key is still in the state `f` saw (the slot's version, or the
+    /// key's absence, is re-validated by the publication); otherwise the
+    /// block is freed, the gate left, and `f` runs again on the new state.
     pub(crate) fn read_modify_write(
         &self,
         key: &[u8],
@@ -351,54 +382,38 @@ impl ShmDict {
     ) -> Result<Option<Vec<u8>>> {
         let hash = hash_key(key);
         let index = self.index();
-        let _op = self.enter_write()?;
         let mut current = Vec::new();
-        // A block prepared in an earlier round that lost a race, kept for reuse.
-        let mut spare: Option<Entry> = None;
-        let result = loop {
-            let found = match index.find(key, hash, Some(&mut current)) {
-                Ok(found) => found,
-                Err(c) => break Err(self.corrupt(c)),
-            };
-            let op = match f(found.as_ref().map(|_| current.as_slice())) {
-                Ok(op) => op,
-                Err(e) => break Err(e),
-            };
+        loop {
+            let found = index
+                .find(key, hash, Some(&mut current))
+                .map_err(|c| self.corrupt(c))?;
+            let op = f(found.as_ref().map(|_| current.as_slice()))?;
             match (found, op) {
-                (None, Op::Remove) => break Ok(None),
+                // Absent when read, and to stay absent: linearized at the read.
+                (None, Op::Remove) => return Ok(None),
                 (Some(loc), Op::Remove) => {
+                    let _op = self.enter_write()?;
                     if index.try_remove(&loc, hash, &self.me) {
                         self.release(loc.entry);
                         self.notify(hash);
-                        break Ok(None);
+                        return Ok(None);
                     }
                 }
                 (found, Op::Set(value)) => {
-                    let new = match self.prepare(key, hash, &value, &mut spare) {
-                        Ok(new) => new,
-                        Err(e) => break Err(e),
-                    };
+                    let _op = self.enter_write()?;
+                    // Declared after `_op`: freed inside the gate unless
+                    // published.
+                    let new = self.prepare(key, hash, &value)?;
                     // Publish only over the state `f` saw: if it changed,
                     // run `f` again on the new state.
-                    match self.publish(key, hash, new, found) {
-                        Ok(true) => {
-                            self.notify(hash);
-                            break Ok(Some(value));
-                        }
-                        Ok(false) => spare = Some(new),
-                        Err(e) => {
-                            spare = Some(new);
-                            break Err(e);
-                        }
+                    if self.publish(key, hash, new.entry, found)? {
+                        new.published();
+                        self.notify(hash);
+                        return Ok(Some(value));
                     }
                 }
             }
-        };
-        // Whatever ended the loop, a prepared block not published goes back.
-        if let Some(e) = spare {
-            self.release(e);
         }
-        result
     }
 
     /// A read-modify-write that does not need new room: like
@@ -426,7 +441,7 @@ impl ShmDict {
         let hash = hash_key(key);
         let rhash = hash_key(reserve);
         let index = self.index();
-        let _op = self.enter_write();
+        let _op = self.enter_write()?;
         let mut current = Vec::new();
         // The reserve's block, once removed from the index: ours.
         let mut block: Option<Entry> = None;
@@ -533,15 +548,10 @@ impl ShmDict {
             .map(|loc| loc.entry.order()))
     }
 
-    /// Writes `key` and `value` into a block that is not yet published,
-    /// reusing `spare` if it has the right size.
-    fn prepare(
-        &self,
-        key: &[u8],
-        hash: u64,
-        value: &[u8],
-        spare: &mut Option<Entry>,
-    ) -> Result<Entry> {
+    /// Writes `key` and `value` into a block that is not yet published. Call
+    /// inside the write gate, and publish or drop the result before leaving
+    /// it: `check()` reclaims blocks that nobody inside the gate accounts for.
+    fn prepare(&self, key: &[u8], hash: u64, value: &[u8]) -> Result<Prepared<'_>> {
         let order = layout::order_for(key.len(), value.len())
             .filter(|&o| o <= self.geo.chunk_order)
             .ok_or_else(|| {
@@ -555,26 +565,26 @@ impl ShmDict {
                     ),
                 )
             })?;
-        let granule = match spare.take() {
-            Some(e) if e.order() == order => e.granule() as u64,
-            other => {
-                if let Some(e) = other {
-                    self.release(e);
-                }
-                self.slab()
-                    .alloc(order, &self.me)
-                    .map_err(|c| self.corrupt(c))?
-                    .ok_or_else(|| {
-                        Error::full(
-                            &self.name,
-                            format!(
-                                "arena ({} bytes) for a {}-byte block",
-                                self.geo.arena_bytes,
-                                GRANULE << order
-                            ),
-                        )
-                    })?
-            }
+        let granule = self
+            .slab()
+            .alloc(order, &self.me)
+            .map_err(|c| self.corrupt(c))?
+            .ok_or_else(|| {
+                Error::full(
+                    &self.name,
+                    format!(
+                        "arena ({} bytes) for a {}-byte block",
+                        self.geo.arena_bytes,
+                        GRANULE << order
+                    ),
+                )
+            })?;
+        // From here on the block goes back to the arena if anything fails
+        // (or unwinds) before it is published.
+        let new = Prepared {
+            dict: self,
+            entry: Entry::new(granule as u32, order, hash),
+            armed: true,
         };
         let words = self
             .slab()
@@ -582,7 +592,7 @@ impl ShmDict {
             .ok_or_else(|| self.corrupt(Corrupt("allocator returned an invalid block")))?;
         block::write(words, key, hash, value)
             .ok_or_else(|| self.corrupt(Corrupt("block too small")))?;
-        Ok(Entry::new(granule as u32, order, hash))
+        Ok(new)
     }
 
     /// Frees the block of an entry that is no longer (or never was) published.

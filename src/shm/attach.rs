@@ -15,7 +15,10 @@
 //! | 1    | 0..64  | generation, incremented on every claim              |
 //! | 2    | 0..64  | write operations of this handle in flight (`gate`)  |
 //! | 3    | 0..64  | inode of the process's pid namespace (0: unknown)   |
-//! | 4..8 |        | per kind of segment (zero when claimed)             |
+//! | 4..8 |        | per kind of segment: a dictionary's key count and   |
+//! |      |        | pending change (words 4, 5: `livecount.rs`, kept    |
+//! |      |        | when the entry is claimed again); an `Array`'s      |
+//! |      |        | shared holds (word 4: `rwlock.rs`)                  |
 //!
 //! A token is `index | (generation mod 2^11) << 12`: 23 bits. A token whose
 //! generation no longer matches its entry belongs to a handle that is gone.
@@ -93,6 +96,11 @@ pub(crate) struct Holder {
     pub(crate) lock_fd: LockFd,
     /// Process-local, never in the segment.
     holds: AtomicU64,
+    /// Threads of this handle using its count record (`livecount.rs`), by
+    /// the same rule as `holds`: a thread that finds the record BUSY while
+    /// this is 1 (itself) knows the word is corrupted, not in use.
+    /// Process-local.
+    pub(crate) record_users: AtomicU64,
 }
 
 /// A handle's view of the entries' OFD locks: its own open file description
@@ -142,6 +150,7 @@ impl Holder {
             token,
             lock_fd,
             holds: AtomicU64::new(0),
+            record_users: AtomicU64::new(0),
         }
     }
 

@@ -14,9 +14,16 @@
 //! close are each followed by a SeqCst fence and then a read of the other
 //! side's word, so at least one of them sees the other. A writer that sees the gate closed
 //! undoes its increment and waits for the gate to open (taking it over from
-//! a dead checker, as for any lock word). A checker that waits longer than
-//! its bound for a live handle (a stopped process) gives up and reopens the
-//! gate, reporting that it reclaimed nothing.
+//! a dead checker, as for any lock word). A checker whose wait exceeds its
+//! budget (one budget for all the handles it waits for, not one per handle;
+//! see [`close`]) gives up and reopens the gate, reporting that it repaired
+//! nothing.
+//!
+//! User code never runs inside the gate: `update` runs its closure (and the
+//! tuple space its predicates) before the write enters the gate, and enters
+//! it only to take a block and publish it. So the time a live handle spends
+//! inside is the library's own work (and waiting for slots and locks of
+//! other writers), never a slow or blocked closure.
 //!
 //! Readers never enter the gate: `check()` never stops them.
 
@@ -102,7 +109,9 @@ pub(crate) enum Busy {
 }
 
 /// Closes the gate and waits until no live handle is inside a write
-/// operation, for at most `spins` backoff steps in all.
+/// operation, for at most `spins` backoff steps in all: the steps are
+/// counted across every handle waited for, so the budget bounds the whole
+/// wait, not the wait for each handle.
 ///
 /// `own_index` is the caller's attach index; it must not be inside a write
 /// operation itself (other threads of its process may be: they are waited

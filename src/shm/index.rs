@@ -18,6 +18,10 @@
 //! insert/remove churn never exhausts the index (F14's scheme; see
 //! docs/design.md).
 //!
+//! A new-key insert or a removal records its change of the number of keys
+//! in its handle's attach entry before it stores the entry word, so that
+//! `len()` is exact even after a kill (see `livecount.rs`).
+//!
 //! Keys never move once inserted. New keys are inserted under the insert lock
 //! of their home bucket, so two processes inserting the same new key are
 //! serialized and the second finds the first's entry: exactly one entry per
@@ -29,6 +33,7 @@ use crate::shm::layout::{
     Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, H_LIVE, SLOTS_PER_BUCKET,
     SLOT_BYTES,
 };
+use crate::shm::livecount::Record;
 use crate::shm::lockword;
 use crate::shm::region::Region;
 use crate::shm::seqlock;
@@ -103,6 +108,44 @@ impl<'a> Index<'a> {
         &self.bucket(bucket)[(field / 8) as usize]
     }
 
+    /// Byte offset of the control word of slot `s` of a bucket (the entry
+    /// word follows it).
+    fn slot_off(&self, bucket: u64, s: u64) -> u64 {
+        self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES
+    }
+
+    /// The count record of the handle `me` (see `livecount.rs`).
+    fn record(&self, me: &Holder) -> Option<Record<'a>> {
+        Record::of(self.r, me.token.index())
+    }
+
+    /// Stores `new` into the entry word of a slot this handle holds WRITING,
+    /// for a change of the number of keys (`insert`: a new key, else a
+    /// removal), recording it first so that a kill at any point leaves
+    /// `len()` exact (see `livecount.rs`).
+    fn store_counted(&self, entry: &AtomicU64, ctrl_off: u64, new: u64, insert: bool, me: &Holder) {
+        #[cfg(loom)]
+        if crate::shm::livecount::killed_at(1) {
+            return;
+        }
+        let rec = self.record(me);
+        let pending = rec.map(|rec| rec.begin(ctrl_off, insert, me));
+        #[cfg(loom)]
+        if crate::shm::livecount::killed_at(2) {
+            return;
+        }
+        // Release: pairs with the Acquire entry loads of readers that see
+        // this entry before the unlock; the block was fully written before.
+        entry.store(new, Ordering::Release);
+        #[cfg(loom)]
+        if crate::shm::livecount::killed_at(3) {
+            return;
+        }
+        if let (Some(rec), Some(p)) = (rec, pending) {
+            rec.finish(p, me);
+        }
+    }
+
     /// Slot `s` of a bucket: its control word and entry word.
     pub(crate) fn slot(&self, bucket: u64, s: u64) -> (&'a AtomicU64, &'a AtomicU64) {
         let words = self.bucket(bucket);
@@ -110,6 +153,10 @@ impl<'a> Index<'a> {
         (&words[w], &words[w + 1])
     }
 
+    /// The capacity counter: new keys reserve a place in it before they
+    /// are published, removals give it back afterwards. A process killed in
+    /// between leaves it one too high (new keys then meet `Full` one key
+    /// early) until `check()` recomputes it. `len()` does not read it.
     fn live(&self) -> &'a AtomicU64 {
         self.r.word(H_LIVE).expect("header word")
     }
@@ -133,6 +180,7 @@ impl<'a> Index<'a> {
             let bucket = home + steps;
             for s in 0..SLOTS_PER_BUCKET {
                 let (ctrl, entry) = self.slot(bucket, s);
+                let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     // Acquire: pairs with the Release unlock that published it.
@@ -145,7 +193,10 @@ impl<'a> Index<'a> {
                         None => block::Read::Invalid,
                     };
                     if !seqlock::read_validate(ctrl, begin) {
-                        continue; // Released meanwhile: read the slot again.
+                        // Released meanwhile (a write completed): read the
+                        // slot again.
+                        retry.pause();
+                        continue;
                     }
                     match read {
                         block::Read::Match => {
@@ -194,7 +245,12 @@ impl<'a> Index<'a> {
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
         };
-        entry.store(Entry::EMPTY, Ordering::Release); // Release: as in try_replace.
+        let off = self.slot_off(loc.bucket, loc.slot);
+        self.store_counted(entry, off, Entry::EMPTY, false, me);
+        #[cfg(loom)]
+        if crate::shm::livecount::killed_at(4) {
+            return true;
+        }
         seqlock::unlock(ctrl, locked, me);
         // Only now, with the key gone, do the buckets it passed stop counting it.
         let home = hash & self.mask();
@@ -203,7 +259,8 @@ impl<'a> Index<'a> {
             self.bucket_word(home + step, B_OVERFLOW)
                 .fetch_sub(1, Ordering::SeqCst);
         }
-        self.live().fetch_sub(1, Ordering::Relaxed); // Relaxed: a counter.
+        // Relaxed: the capacity counter (not `len`).
+        self.live().fetch_sub(1, Ordering::Relaxed);
         true
     }
 
@@ -264,7 +321,11 @@ impl<'a> Index<'a> {
                 if let Some(locked) = seqlock::try_lock(ctrl, seen, me) {
                     // The CAS succeeded on the version we saw empty, so no
                     // writer touched the slot since: it is still empty.
-                    entry.store(new.0, Ordering::Release); // Release: as in try_replace.
+                    self.store_counted(entry, self.slot_off(bucket, s), new.0, true, me);
+                    #[cfg(loom)]
+                    if crate::shm::livecount::killed_at(4) {
+                        return Ok(NewKey::Inserted);
+                    }
                     seqlock::unlock(ctrl, locked, me);
                     return Ok(NewKey::Inserted);
                 }
@@ -290,6 +351,7 @@ impl<'a> Index<'a> {
         for bucket in 0..self.g.nbuckets {
             for s in 0..SLOTS_PER_BUCKET {
                 let (ctrl, entry) = self.slot(bucket, s);
+                let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     let e = Entry(entry.load(Ordering::Acquire)); // Acquire: as in find.
@@ -300,6 +362,7 @@ impl<'a> Index<'a> {
                         .block_of(e)
                         .is_some_and(|w| block::read_key(w, &mut key));
                     if !seqlock::read_validate(ctrl, begin) {
+                        retry.pause();
                         continue;
                     }
                     if !ok {
@@ -315,8 +378,8 @@ impl<'a> Index<'a> {
         Ok(seen.into_iter().collect())
     }
 
-    /// Live keys according to the counter.
+    /// Live keys, exact also after kills (see `livecount.rs`).
     pub(crate) fn len(&self) -> u64 {
-        self.live().load(Ordering::Relaxed) // Relaxed: a counter.
+        crate::shm::livecount::len(self.r)
     }
 }

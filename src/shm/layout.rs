@@ -16,7 +16,10 @@ use crate::sync::Ordering;
 /// `b"SHMDICT\0"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMDICT\0");
 /// Bumped whenever the byte layout or the hash changes.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// Version 3: attach entry words 4 and 5 hold each handle's key count and
+/// pending change (`livecount.rs`); a version-2 process would not maintain
+/// them, so `len()` would be wrong.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 /// Segment kinds that share the namespace.
 pub(crate) const KIND_DICT: u32 = 1;
 /// The index hash: xxh3-64 with seed 0 over the key bytes (see `hash_key`).

@@ -25,6 +25,7 @@ pub(crate) mod block;
 pub(crate) mod gate;
 pub(crate) mod index;
 pub(crate) mod layout;
+pub(crate) mod livecount;
 pub(crate) mod lockword;
 pub(crate) mod region;
 pub(crate) mod registration;

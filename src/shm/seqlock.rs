@@ -16,6 +16,21 @@
 //! Readers therefore never wait and never write; an odd word does not stop
 //! them, because the entry word always names a complete block.
 //!
+//! # What readers guarantee
+//!
+//! Reads are lock-free, not wait-free. A read is retried only when its
+//! validation fails, and validation fails only if the slot was *released*
+//! between the read's two loads of the control word: a write to that key
+//! (or a takeover of a dead writer's slot) completed meanwhile. So every
+//! retry is paid for by a completed write, and the system as a whole always
+//! makes progress; a WRITING slot, a stopped writer or a dead one never makes
+//! a reader retry or wait. A single reader can still starve while writers
+//! complete writes to the same key faster than it can copy the value (a
+//! large value against a tight write loop). Retries are paced by [`Retry`]:
+//! a few short spins, then a yield of the CPU before each further attempt,
+//! so a starved reader does not burn a core spinning against the writer
+//! (with whom it may share one); it never sleeps and never blocks anybody.
+//!
 //! A writer killed while WRITING leaves the entry word either old or new.
 //! Another writer that waits on the slot for long checks the owner's liveness
 //! and releases the slot for it (see [`wait_unlocked`]).
@@ -35,8 +50,9 @@ pub(crate) fn is_writing(ctrl: u64) -> bool {
     ctrl & WRITING != 0
 }
 
+/// The token of the writer holding a WRITING control word.
 #[inline]
-fn owner(ctrl: u64) -> Token {
+pub(crate) fn owner(ctrl: u64) -> Token {
     Token((ctrl & !VERSION_MASK) >> OWNER_SHIFT)
 }
 
@@ -109,6 +125,35 @@ pub(crate) fn read_validate(ctrl: &AtomicU64, begin: u64) -> bool {
     ctrl.load(Ordering::Relaxed) & VERSION_MASK == begin & VERSION_MASK
 }
 
+/// Paces the retries of one optimistic read (see the module doc, "What
+/// readers guarantee").
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    attempts: u32,
+}
+
+impl Retry {
+    /// Retries that only spin (1, 2, 4, ... spin hints); later ones yield.
+    const SPIN_RETRIES: u32 = 6;
+
+    pub(crate) fn new() -> Retry {
+        Retry::default()
+    }
+
+    /// Call after a failed [`read_validate`], before reading again.
+    #[inline]
+    pub(crate) fn pause(&mut self) {
+        if self.attempts < Self::SPIN_RETRIES {
+            for _ in 0..1u32 << self.attempts {
+                crate::sync::spin_hint();
+            }
+        } else {
+            crate::sync::yield_now();
+        }
+        self.attempts = self.attempts.saturating_add(1);
+    }
+}
+
 /// Waits until the slot is not WRITING, releasing it on behalf of a dead
 /// writer. Returns the control word seen last (not WRITING).
 pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64, me: &Holder) -> u64 {
@@ -120,8 +165,15 @@ pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64, me: &Holder) -> u64 {
         }
         if backoff.snooze() && attach::holder_dead(r, me, owner(c)) {
             // The writer died while holding the slot. Its entry word is either
-            // the old or the new value, both complete blocks: release the slot
-            // as it would have. AcqRel: see `try_lock` and `unlock`.
+            // the old or the new value, both complete blocks. If it was
+            // changing the number of keys, settle its count record first,
+            // while the slot still says what it did (`livecount.rs`). (Our
+            // own token here means a bogus hold: nothing of ours to settle.)
+            if owner(c) != me.token {
+                crate::shm::livecount::settle(r, owner(c));
+            }
+            // Then release the slot as it would have. AcqRel: see `try_lock`
+            // and `unlock`.
             let _ = ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed);
         }
     }

@@ -11,7 +11,11 @@
 //! | 2     | inbox name length `n` (0 unless claimed by `take_into`)       |
 //! | n     | inbox name                                                     |
 //! | 4     | tuple length `m`                                               |
-//! | m     | the tuple: postcard of its field list                          |
+//! | m     | the tuple, as `Tuple::encode` writes it (see `tuple.rs`)        |
+//!
+//! The tuple's bytes are shmdict's own format, not postcard: its arity, then
+//! per field a kind tag and the field's bytes (only an `Opaque` field's
+//! bytes are postcard, of the serde value it holds).
 //!
 //! All integers little-endian. Nothing read from the segment is trusted:
 //! [`entries`] reports any length that runs past the value as corrupt.

@@ -33,8 +33,14 @@
 //! The futex helpers wrap `FUTEX_WAIT`/`FUTEX_WAKE` on shared (not
 //! process-private) futex words.
 //!
-//! `unsafe` here is limited to the pthread calls and the view of the
-//! mutex's 32-bit words.
+//! `unsafe` code is confined to the modules that talk to the OS or hand out
+//! views of shared memory: `sys/` (this file: pthread and clock calls;
+//! `ofd.rs`, `fork.rs`, `child.rs`: fcntl, open, dup3, process calls),
+//! `shm/region.rs` (the mapping as atomic words), `shm/registration.rs`
+//! (references to a handle's boxed registrations), `prim.rs` and `array.rs`
+//! (typed `Value` and `Array` views of a mapping), `pool/process.rs` and
+//! `space/eval.rs` (`fork`, `_exit` and other process calls). Every block
+//! carries a `// SAFETY:` comment.
 
 use crate::sync::mapped::{AtomicU32, Ordering};
 use std::mem::MaybeUninit;
@@ -210,10 +216,14 @@ impl<'a> RobustMutex<'a> {
                 Some(d) => d.min(Instant::now() + SLICE),
                 None => Instant::now() + SLICE,
             };
-            let ts = realtime_after(slice_end.saturating_duration_since(Instant::now()));
             // SAFETY: `ptr` points to an initialized mutex (validated above)
-            // inside the mapping, which outlives `self`; `ts` is a local.
-            let rc = unsafe { libc::pthread_mutex_timedlock(self.ptr, &ts) };
+            // inside the mapping, which outlives `self`.
+            let rc = unsafe {
+                timed_lock(
+                    self.ptr,
+                    slice_end.saturating_duration_since(Instant::now()),
+                )
+            };
             match rc {
                 0 => return Ok(false),
                 libc::EOWNERDEAD => {
@@ -285,15 +295,61 @@ impl<'a> RobustMutex<'a> {
     }
 }
 
-/// CLOCK_REALTIME now plus `d`, for pthread's absolute timeouts.
-fn realtime_after(d: Duration) -> libc::timespec {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        + d;
+#[cfg(target_env = "gnu")]
+extern "C" {
+    /// glibc (2.30 and later): `pthread_mutex_timedlock` against a chosen
+    /// clock. The `libc` crate does not declare it.
+    fn pthread_mutex_clocklock(
+        mutex: *mut libc::pthread_mutex_t,
+        clock: libc::clockid_t,
+        abstime: *const libc::timespec,
+    ) -> libc::c_int;
+}
+
+/// Tries to lock `m` for at most about `d`: 0, or an error number as
+/// `pthread_mutex_timedlock` returns them (`ETIMEDOUT` when `d` passed).
+///
+/// The slice is timed on `CLOCK_MONOTONIC` (with glibc's
+/// `pthread_mutex_clocklock`), so a jump of the wall clock can neither make
+/// a slice last far longer (a step back) nor end every slice at once (a
+/// step forward, which would turn the wait into a spin). Other C libraries
+/// get `pthread_mutex_timedlock`, which only takes `CLOCK_REALTIME`.
+///
+/// # Safety
+///
+/// `m` points to an initialized mutex that stays mapped during the call.
+unsafe fn timed_lock(m: *mut libc::pthread_mutex_t, d: Duration) -> libc::c_int {
+    #[cfg(target_env = "gnu")]
+    {
+        let ts = clock_after(libc::CLOCK_MONOTONIC, d);
+        // SAFETY: the caller's obligation covers `m`; `ts` is a local.
+        unsafe { pthread_mutex_clocklock(m, libc::CLOCK_MONOTONIC, &ts) }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        let ts = clock_after(libc::CLOCK_REALTIME, d);
+        // SAFETY: the caller's obligation covers `m`; `ts` is a local.
+        unsafe { libc::pthread_mutex_timedlock(m, &ts) }
+    }
+}
+
+/// `clock`'s current reading plus `d`, as an absolute timeout.
+fn clock_after(clock: libc::clockid_t, d: Duration) -> libc::timespec {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec owned by this frame;
+    // clock_gettime writes only into it. (It cannot fail for these clocks.)
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    let end = Duration::new(
+        now.tv_sec.max(0) as u64,
+        now.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+    .saturating_add(d);
     libc::timespec {
-        tv_sec: now.as_secs() as libc::time_t,
-        tv_nsec: now.subsec_nanos() as _,
+        tv_sec: end.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_nsec: end.subsec_nanos() as _,
     }
 }
 

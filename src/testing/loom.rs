@@ -56,6 +56,47 @@ pub fn forge_dead_insert_lock(dict: &crate::ShmDict, key: &[u8]) {
         .store(crate::shm::lockword::HELD | 3, Ordering::Relaxed);
 }
 
+/// A second handle of `dict`'s segment, whose process is killed at kill
+/// point `step` (see `livecount::killed_at`; 0: never) of a new-key
+/// insert of `key` (`insert`) or of the removal of `key`: the real index
+/// code runs on the calling model thread and stops there, leaving what a
+/// SIGKILL at that instruction leaves (its attach entry names a dead
+/// process). Returns the dead handle's attach index.
+pub fn kill_counted_write(dict: &crate::ShmDict, key: &[u8], insert: bool, step: u32) -> u64 {
+    let r = &dict.region;
+    let (index, token) = crate::shm::attach::attach(
+        r,
+        crate::shm::attach::LockFd::NONE,
+        crate::shm::attach::LOOM_DEAD_IDENTITY,
+    )
+    .expect("attach");
+    let dead = crate::shm::attach::Holder::new(token);
+    let hash = crate::shm::layout::hash_key(key);
+    let ix = dict.index();
+    crate::shm::livecount::kill_at(step);
+    if insert {
+        let order = crate::shm::layout::order_for(key.len(), 8).expect("fits");
+        let slab = dict.slab();
+        let g = slab.alloc(order, &dead).expect("sound").expect("room");
+        let words = slab.block(g, order).expect("block");
+        crate::shm::block::write(words, key, hash, &[7; 8]).expect("fits");
+        let e = crate::shm::layout::Entry::new(g as u32, order, hash);
+        ix.insert_new(key, hash, e, &dead).expect("sound");
+    } else {
+        let loc = ix.find(key, hash, None).expect("sound").expect("present");
+        ix.try_remove(&loc, hash, &dead);
+    }
+    crate::shm::livecount::kill_at(0);
+    index
+}
+
+/// What a process that claims the dead handle's attach entry `index`
+/// does first (`livecount::adopt`), with a token of its own.
+pub fn adopt_entry(dict: &crate::ShmDict, index: u64) {
+    let mine = crate::shm::attach::Token(index | 0x7ff << 12);
+    crate::shm::livecount::adopt(&dict.region, index, mine);
+}
+
 /// The bare slab allocator on a heap region.
 #[derive(Debug)]
 pub struct Arena {

@@ -446,3 +446,20 @@ pub(crate) fn write_everything(d: &ShmDict, round: u64) -> u64 {
     }
     ctr
 }
+
+/// The number of kill rounds a kill storm runs: `default`, or
+/// `SHMDICT_KILL_ROUNDS` from the environment (to run a storm long enough
+/// to catch rare interleavings, e.g. 1000).
+pub(crate) fn kill_rounds(default: u64) -> u64 {
+    std::env::var("SHMDICT_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The control dictionary of a kill storm: room for one `alive-<round>` key
+/// per round however many rounds `SHMDICT_KILL_ROUNDS` asks for.
+pub(crate) fn ctl_dict(seg: &Segment) -> ShmDict {
+    let keys = 256.max(kill_rounds(0) as usize + 64);
+    create(seg, keys, (keys * 256).max(1 << 16))
+}
