@@ -53,19 +53,37 @@ impl Token {
 }
 
 /// The handle on whose behalf this process takes slots and lock words: its
-/// token, and the number of holds its threads have in flight.
+/// token, and the holds its threads have in flight.
 ///
-/// The count is what lets a waiter tell a word held by another thread of
-/// its own handle (count > 0: wait) from a word that merely *names* its token
-/// because the segment was corrupted (count 0: nobody here holds anything, so
-/// the hold is bogus and is released like a dead holder's). Without it a
-/// corrupted word naming the waiter's own token would make it wait forever.
+/// All threads of a handle put the same token into the words they hold, so
+/// a word naming our token may be held by another thread of ours (wait for
+/// it) or may merely *name* our token because the segment was corrupted
+/// (nobody will ever release it: release it ourselves, or a waiter waits for
+/// itself forever). The process-local `holds` word tells them apart, and
+/// lets a thread release such a word without racing with its own threads:
+///
+/// | bits   | meaning                                                    |
+/// |--------|------------------------------------------------------------|
+/// | 0..63  | holds in flight: threads between `begin_hold` and `end_hold` |
+/// | 63     | `CLEARING`: a thread is releasing a word that names our token |
+///
+/// [`Holder::release_own`] sets `CLEARING` only from 0 (no thread of ours
+/// holds anything), and while it is set no thread of ours can begin a hold
+/// (`begin_hold` backs out and waits). So between the two, no word naming
+/// our token is held by a thread of ours, and the CAS that releases one
+/// cannot hit a hold that began after the check. (Reading "count is 0" and
+/// then CASing the word, as before issue 10, raced: another thread could
+/// unlock and relock the same word in between, the word's value was the
+/// same, and two threads held it.)
 #[derive(Debug)]
 pub(crate) struct Holder {
     pub(crate) token: Token,
-    /// Process-local, never in the segment.
+    /// Process-local, never in the segment. See the table above.
     holds: AtomicU64,
 }
+
+/// Bit of `Holder::holds`: a word naming our token is being released.
+const CLEARING: u64 = 1 << 63;
 
 impl Holder {
     pub(crate) fn new(token: Token) -> Holder {
@@ -80,30 +98,77 @@ impl Holder {
         self.token.index() % crate::layout::FREE_SHARDS
     }
 
-    /// Call before trying to take a word for this handle.
+    /// Call before trying to take a word for this handle. Waits while
+    /// another thread of this handle releases a word naming our token.
+    #[inline]
     pub(crate) fn begin_hold(&self) {
-        // Release (as part of AcqRel): ordered before the CAS that takes the
-        // word, so a waiter that sees the word taken sees this count (it reads
-        // the word with Acquire, then the count).
-        self.holds.fetch_add(1, Ordering::AcqRel);
+        loop {
+            // Acquire: pairs with the Release that ends `release_own`, so
+            // the word it released is seen released by our CAS that follows.
+            let before = self.holds.fetch_add(1, Ordering::Acquire);
+            if before & CLEARING == 0 {
+                return;
+            }
+            self.back_out();
+        }
+    }
+
+    #[cold]
+    fn back_out(&self) {
+        // Relaxed: this increment granted nothing; `release_own` ignores
+        // the count while CLEARING is set.
+        self.holds.fetch_sub(1, Ordering::Relaxed);
+        // Relaxed: a hint; the fetch_add in `begin_hold` decides.
+        while self.holds.load(Ordering::Relaxed) & CLEARING != 0 {
+            crate::sync::spin_hint();
+        }
     }
 
     /// Call after releasing a word, or after failing to take it.
+    #[inline]
     pub(crate) fn end_hold(&self) {
-        // Release: the word's release happened before; a waiter reading 0 here
-        // and then CASing the old held value fails, because it changed.
-        self.holds.fetch_sub(1, Ordering::AcqRel);
+        // Release: pairs with the Acquire CAS of `release_own`: the word's
+        // release, made before this, is visible to its CAS of the word.
+        self.holds.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Runs `release` (a CAS of a word naming our token, from the value
+    /// seen, to its released value) if no thread of this handle holds
+    /// anything, with every thread of this handle kept from beginning a hold
+    /// meanwhile. Returns what `release` returned, or `false` if some thread
+    /// of ours holds something (then the word may be one of its holds).
+    pub(crate) fn release_own(&self, release: impl FnOnce() -> bool) -> bool {
+        // Acquire: pairs with the Release of `end_hold`, so every hold of
+        // ours that ended (and the word it released) is visible.
+        if self
+            .holds
+            .compare_exchange(0, CLEARING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let released = release();
+        // Release: pairs with the Acquire of `begin_hold`: our CAS of the
+        // word happens before any later hold of ours.
+        self.holds.fetch_sub(CLEARING, Ordering::Release);
+        released
     }
 }
 
-/// Whether whoever `t` names can no longer release what it holds: a dead or
-/// detached handle, or our own handle when none of its threads holds anything.
-pub(crate) fn holder_dead(r: &Region, me: &Holder, t: Token) -> bool {
+/// Releases something `t` holds, through `release` (a CAS from the value
+/// seen), if its holder can no longer release it: a dead or detached handle,
+/// or our own handle when none of its threads holds anything (see
+/// [`Holder::release_own`]). Returns whether `release` ran and succeeded.
+pub(crate) fn release_if_dead(
+    r: &Region,
+    me: &Holder,
+    t: Token,
+    release: impl FnOnce() -> bool,
+) -> bool {
     if t == me.token {
-        // Acquire: pairs with `begin_hold`/`end_hold`.
-        me.holds.load(Ordering::Acquire) == 0
+        me.release_own(release)
     } else {
-        !token_alive(r, t)
+        !token_alive(r, t) && release()
     }
 }
 

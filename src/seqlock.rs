@@ -81,7 +81,8 @@ pub(crate) fn unlock(ctrl: &AtomicU64, locked: u64, me: &Holder) {
     // visible to whoever sees the new version. A plain store suffices: while
     // we hold the slot only we change it; others release a WRITING word only
     // for a holder that is dead (a stopped process counts as alive) or, for
-    // our own token, only while our hold count is 0 (`attach::holder_dead`).
+    // our own token, only while no thread of ours holds anything
+    // (`attach::release_if_dead`).
     ctrl.store(released(locked), Ordering::Release);
     me.end_hold();
 }
@@ -118,11 +119,14 @@ pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64, me: &Holder) -> u64 {
         if !is_writing(c) {
             return c;
         }
-        if backoff.snooze() && attach::holder_dead(r, me, owner(c)) {
-            // The writer died while holding the slot. Its entry word is either
-            // the old or the new value, both complete blocks: release the slot
-            // as it would have. AcqRel: see `try_lock` and `unlock`.
-            let _ = ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed);
+        if backoff.snooze() {
+            // If the writer died while holding the slot, its entry word is
+            // either the old or the new value, both complete blocks: release
+            // the slot as it would have. AcqRel: see `try_lock` and `unlock`.
+            attach::release_if_dead(r, me, owner(c), || {
+                ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            });
         }
     }
 }
