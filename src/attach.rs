@@ -14,10 +14,28 @@
 //! | 0    | 23..64 | its start time in clock ticks after boot, truncated |
 //! | 1    | 0..64  | generation, incremented on every claim              |
 //! | 2    | 0..64  | write operations of this handle in flight (`gate`)  |
-//! | 3..8 |        | reserved (zero)                                     |
+//! | 3    | 0..64  | dictionaries: generation epoch (`generation >> 11`) whose slots were swept (`index::sweep_slots_on_attach`) |
+//! | 4..8 |        | reserved (zero; `Value`/`Array` segments use word 4) |
 //!
-//! A token is `index | (generation mod 2^11) << 12`: 23 bits. A token whose
-//! generation no longer matches its entry belongs to a handle that is gone.
+//! A [`Token`] names the handle that holds something:
+//!
+//! | bits   | meaning                                          |
+//! |--------|--------------------------------------------------|
+//! | 0..12  | attach index                                     |
+//! | 12..62 | generation mod 2^50                              |
+//!
+//! 62 bits: a lock word is `HELD (bit 63) | token`, bit 62 always clear. A
+//! token whose generation no longer matches its entry belongs to a handle
+//! that is gone; 2^50 claims of one entry (a claim per microsecond for 35
+//! years) would be needed before a dead holder looked alive again.
+//!
+//! A slot's control word has room for only 23 bits of owner
+//! ([`Token::short`]: index and generation mod 2^11), so 2,048 claims of an
+//! entry make its short tokens repeat. The claimer of a dictionary entry
+//! therefore releases every slot still WRITING under that entry's index
+//! whenever the generation enters a new epoch of 2^11 claims, before it uses
+//! its token (`index::sweep_slots_on_attach`): a slot's short owner then
+//! never names a live handle it does not belong to.
 
 use crate::layout::{ATTACH_ENTRIES, ATTACH_ENTRY_BYTES, HEADER_BYTES};
 use crate::region::Region;
@@ -31,10 +49,20 @@ const PID_MASK: u64 = (1 << PID_BITS) - 1;
 /// Mask applied to start times before storing them.
 pub(crate) const START_MASK: u64 = (1 << (64 - PID_BITS)) - 1;
 const INDEX_BITS: u32 = 12;
-const GEN_MASK: u64 = (1 << 11) - 1;
-/// Number of bits a token occupies.
-pub(crate) const TOKEN_BITS: u32 = 23;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+const GEN_BITS: u32 = 50;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+/// Number of bits a token occupies (see the module docs).
+pub(crate) const TOKEN_BITS: u32 = INDEX_BITS + GEN_BITS;
+/// Generation bits of a [`Token::short`].
+pub(crate) const SHORT_GEN_BITS: u32 = 11;
+/// Number of bits a short token (a slot's owner) occupies.
+pub(crate) const SHORT_TOKEN_BITS: u32 = INDEX_BITS + SHORT_GEN_BITS;
+const SHORT_MASK: u64 = (1 << SHORT_TOKEN_BITS) - 1;
 const _: () = assert!(ATTACH_ENTRIES <= 1 << INDEX_BITS);
+const _: () = assert!(TOKEN_BITS <= 62, "a lock word is HELD (bit 63) | token");
+/// Offset, inside an entry, of the generation epoch whose slots were swept.
+pub(crate) const E_SWEPT: u64 = 24;
 
 /// Names the handle that holds something in the segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,11 +73,39 @@ impl Token {
         Token(index | (generation & GEN_MASK) << INDEX_BITS)
     }
     pub(crate) fn index(self) -> u64 {
-        self.0 & ((1 << INDEX_BITS) - 1)
+        self.0 & INDEX_MASK
     }
     fn generation(self) -> u64 {
         self.0 >> INDEX_BITS
     }
+    /// The generation epoch: which run of 2^11 claims of the entry the
+    /// token belongs to (see the module docs).
+    pub(crate) fn epoch(self) -> u64 {
+        self.generation() >> SHORT_GEN_BITS
+    }
+    /// The token truncated to the 23 bits a slot's control word holds:
+    /// index and generation mod 2^11.
+    pub(crate) fn short(self) -> u64 {
+        self.0 & SHORT_MASK
+    }
+}
+
+/// The attach index a short token (see [`Token::short`]) names.
+pub(crate) fn short_index(short: u64) -> u64 {
+    short & INDEX_MASK
+}
+
+/// Whether the handle a short token names is still attached and alive: the
+/// entry's generation agrees mod 2^11 and [`token_alive`] says so for the
+/// full token. Short tokens that name no valid entry count as dead.
+pub(crate) fn short_token_alive(r: &Region, short: u64) -> bool {
+    let index = short_index(short);
+    let Some(gen) = r.word(entry_off(index) + 8) else {
+        return false;
+    };
+    // Acquire: pairs with the claim in `attach`.
+    let full = Token::new(index, gen.load(Ordering::Acquire));
+    full.short() == short & SHORT_MASK && token_alive(r, full)
 }
 
 /// The handle on whose behalf this process takes slots and lock words: its
@@ -169,6 +225,21 @@ pub(crate) fn release_if_dead(
         me.release_own(release)
     } else {
         !token_alive(r, t) && release()
+    }
+}
+
+/// [`release_if_dead`] for a slot's owner, a short token (see
+/// [`Token::short`]).
+pub(crate) fn release_slot_if_dead(
+    r: &Region,
+    me: &Holder,
+    short: u64,
+    release: impl FnOnce() -> bool,
+) -> bool {
+    if short == me.token.short() {
+        me.release_own(release)
+    } else {
+        !short_token_alive(r, short) && release()
     }
 }
 

@@ -243,6 +243,8 @@ impl ShmDict {
         let ident = attach::process_identity();
         let (attach_index, token) = attach::attach(&region, ident)
             .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
+        // Before the token is used (issue 10, item 5): see the hook's docs.
+        crate::index::sweep_slots_on_attach(&region, &geo, attach_index, token);
         Ok(ShmDict {
             name: name.to_owned(),
             region,

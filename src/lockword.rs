@@ -7,7 +7,8 @@
 //! | value                  | state                               |
 //! |------------------------|-------------------------------------|
 //! | `0`                    | free                                |
-//! | `HELD \| token`        | held by the handle named by `token` |
+//! | `HELD \| token`        | held by the handle named by `token` (62 bits, see `attach`) |
+//! | anything else          | garbage (a corrupted segment): cleared by waiters |
 //!
 //! A waiter that finds the word held for a while asks whether the holder is
 //! still attached and alive ([`attach::token_alive`]); if not, it clears the
@@ -151,7 +152,17 @@ mod tests {
         let r = Region::heap(INDEX_OFF as usize + 64);
         let me = Holder::new(Token(3));
         let word = r.word(INDEX_OFF).unwrap();
-        for garbage in [1, 0x8000, HELD, HELD | 1 << 40 | 3, u64::MAX] {
+        // `HELD | 1 << 40 | 3` is well formed (entry 3, generation 2^28)
+        // but names a handle that is not attached; bit 62 is never part of
+        // a token.
+        for garbage in [
+            1,
+            0x8000,
+            HELD,
+            HELD | 1 << 40 | 3,
+            HELD | 1 << 62 | 3,
+            u64::MAX,
+        ] {
             word.store(garbage, Ordering::Relaxed);
             lock(&r, word, &me);
             assert_eq!(word.load(Ordering::Relaxed), HELD | 3, "after {garbage:#x}");

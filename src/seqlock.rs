@@ -4,8 +4,15 @@
 //! | bits   | meaning                                              |
 //! |--------|------------------------------------------------------|
 //! | 0      | WRITING: a writer holds the slot                     |
-//! | 1..24  | the writer's [`Token`] while WRITING, else 0         |
+//! | 1..24  | the writer's short token (`Token::short`) while WRITING, else 0 |
 //! | 24..64 | version: incremented by every release of the slot    |
+//!
+//! The owner is the 23-bit short token (attach index, generation mod
+//! 2^11): the version needs its 40 bits (a reader's snapshot is validated
+//! by it). Short tokens repeat every 2,048 claims of an attach entry; the
+//! claimer of a dictionary entry releases its index's WRITING slots when
+//! they could (see `index::sweep_slots_on_attach` and `attach`'s module
+//! docs), so a slot's owner never names a live handle it is not.
 //!
 //! Values are copy-on-write: a writer prepares a complete block in the arena,
 //! takes the slot (WRITING, the word is odd), stores the new entry word,
@@ -20,7 +27,7 @@
 //! Another writer that waits on the slot for long checks the owner's liveness
 //! and releases the slot for it (see [`wait_unlocked`]).
 
-use crate::attach::{self, Holder, Token};
+use crate::attach::{self, Holder, SHORT_TOKEN_BITS};
 use crate::lockword::Backoff;
 use crate::region::Region;
 use crate::sync::{AtomicU64, Ordering};
@@ -35,9 +42,12 @@ pub(crate) fn is_writing(ctrl: u64) -> bool {
     ctrl & WRITING != 0
 }
 
+const _: () = assert!(OWNER_SHIFT + SHORT_TOKEN_BITS == VERSION_SHIFT);
+
+/// The short token of a control word's owner (0 if not WRITING).
 #[inline]
-fn owner(ctrl: u64) -> Token {
-    Token((ctrl & !VERSION_MASK) >> OWNER_SHIFT)
+pub(crate) fn owner(ctrl: u64) -> u64 {
+    (ctrl & !VERSION_MASK) >> OWNER_SHIFT
 }
 
 /// The version field of a control word (40 bits).
@@ -59,7 +69,7 @@ pub(crate) fn try_lock(ctrl: &AtomicU64, seen: u64, me: &Holder) -> Option<u64> 
     if is_writing(seen) {
         return None;
     }
-    let locked = (seen & VERSION_MASK) | me.token.0 << OWNER_SHIFT | WRITING;
+    let locked = (seen & VERSION_MASK) | me.token.short() << OWNER_SHIFT | WRITING;
     me.begin_hold();
     // AcqRel: Acquire pairs with the previous writer's Release in `unlock`, so
     // we see the entry it left; Release orders our block writes (done before)
@@ -123,7 +133,7 @@ pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64, me: &Holder) -> u64 {
             // If the writer died while holding the slot, its entry word is
             // either the old or the new value, both complete blocks: release
             // the slot as it would have. AcqRel: see `try_lock` and `unlock`.
-            attach::release_if_dead(r, me, owner(c), || {
+            attach::release_slot_if_dead(r, me, owner(c), || {
                 ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             });
@@ -138,11 +148,11 @@ mod tests {
     #[test]
     fn versions_and_owners() {
         let w = AtomicU64::new(0);
-        let me = &Holder::new(Token(0x5a5a5));
+        let me = &Holder::new(crate::attach::Token(0x5a5a5));
         let begin = read_begin(&w);
         let locked = try_lock(&w, begin, me).unwrap();
         assert!(is_writing(w.load(Ordering::Relaxed)));
-        assert_eq!(owner(locked), me.token);
+        assert_eq!(owner(locked), me.token.short());
         assert!(
             try_lock(&w, locked, me).is_none(),
             "cannot lock a WRITING word"
