@@ -23,9 +23,12 @@
 //!
 //! Defragmentation (the slow path before reporting `Full`) takes the
 //! owner-tagged defragmentation lock, drains every free list, merges free
-//! buddies, and pushes the merged blocks back. Allocators that fail while it
-//! runs wait for it and try again, so a defragmentation never causes a
-//! spurious `Full`.
+//! buddies, pushes the merged blocks back and bumps the defragmentation
+//! epoch. Allocators that fail while it runs wait for it and try again; an
+//! allocator whose retry fails while another defragmentation runs or ran
+//! since its own (which drained the lists it looked at) waits for that one
+//! and tries again too. So a defragmentation never causes a spurious
+//! `Full`.
 //!
 //! Memory ordering rule for recycled blocks: after taking a block off a free
 //! list and before storing into it, a process issues a Release fence (in
@@ -104,7 +107,8 @@ impl<'a> Slab<'a> {
 
     fn pop(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
         let head = self.head(order, shard);
-        // Acquire: pairs with the Release CAS in `push` that installed `cur`.
+        // Acquire: pairs with the Release CAS in `push` that installed `cur`,
+        // or in `pop` that emptied the list.
         let mut cur = head.load(Ordering::Acquire);
         loop {
             let top = cur & LINK_MASK;
@@ -119,8 +123,12 @@ impl<'a> Slab<'a> {
             // garbage, but then the tag changed and the CAS below fails.
             let next = words[0].load(Ordering::Relaxed) & LINK_MASK;
             let new = (cur >> 32).wrapping_add(1) << 32 | next;
-            // Acquire (both outcomes): pairs with `push`'s Release.
-            match head.compare_exchange_weak(cur, new, Ordering::Acquire, Ordering::Acquire) {
+            // Acquire (both outcomes): pairs with `push`'s Release. Release
+            // (on success): an allocator that then finds this list empty
+            // (Acquire load) sees what we did before, notably taking the
+            // defragmentation lock when this pop drains the list (see
+            // `alloc`).
+            match head.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(Some(granule)),
                 Err(seen) => cur = seen,
             }
@@ -168,18 +176,33 @@ impl<'a> Slab<'a> {
         if order > self.g.chunk_order {
             return Ok(None);
         }
-        for round in 0..2 {
+        let lock = self.r.word(H_DEFRAG_LOCK).ok_or(Corrupt("header"))?;
+        let epoch = self.r.word(H_DEFRAG_EPOCH).ok_or(Corrupt("header"))?;
+        let mut after = None;
+        loop {
             if let Some(g) = self.take(order, me.shard())? {
                 // Release fence: see the module docs; the caller stores into
                 // the block next.
                 fence(Ordering::Release);
                 return Ok(Some(g));
             }
-            if round == 0 {
-                self.defragment(me)?;
+            if let Some(seen) = after {
+                // Our take after a defragmentation failed. If another one
+                // ran meanwhile, it had drained every list into its own
+                // memory, so what we saw empty may have been in transit:
+                // then wait for it and look again. Acquire (both): pairs
+                // with the Release unlock and epoch bump of a defragmenter
+                // (a drain that emptied a list we saw empty happened after
+                // its lock was taken: `pop`'s Release).
+                if lock.load(Ordering::Acquire) == 0 && epoch.load(Ordering::Acquire) == seen {
+                    return Ok(None);
+                }
             }
+            self.defragment(me)?;
+            // Acquire: pairs with the Release bump of the defragmentation
+            // that produced this value: its pushes are visible to our take.
+            after = Some(epoch.load(Ordering::Acquire));
         }
-        Ok(None)
     }
 
     fn take(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
@@ -218,7 +241,9 @@ impl<'a> Slab<'a> {
             }
         }
         let result = self.merge_all(me.shard());
-        epoch.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
+        // Release: pairs with the Acquire loads in `alloc`: whoever sees
+        // the new epoch sees the merged blocks pushed back.
+        epoch.fetch_add(1, Ordering::Release);
         lockword::unlock(lock, me);
         result
     }
