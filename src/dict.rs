@@ -240,6 +240,13 @@ impl ShmDict {
     }
 
     fn attach_region(name: &str, region: Region, geo: Geometry) -> Result<ShmDict> {
+        #[cfg(not(loom))]
+        if !crate::slab::heads_lock_free() {
+            return Err(Error::incompatible(
+                name,
+                "this CPU has no lock-free 16-byte compare-and-swap (cmpxchg16b), which the free lists need",
+            ));
+        }
         let ident = attach::process_identity();
         let (attach_index, token) = attach::attach(&region, ident)
             .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
