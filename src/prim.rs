@@ -492,7 +492,7 @@ pub(crate) fn attach_region(
         &region,
         #[cfg(not(loom))]
         file,
-        make_local,
+        Box::new(make_local),
     )
     .ok_or_else(|| Error::full(name, "attach table (4096 live handles)"))?;
     Ok(Segment {

@@ -6,6 +6,14 @@
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
+/// A 16-byte atomic with a lock-free compare-and-swap where the CPU has one
+/// (`cmpxchg16b` on x86_64, found at run time; `casp`/`ldxp`+`stxp` on
+/// AArch64). Only the free-list heads use it (`slab.rs`), and only after
+/// checking [`AtomicU128::is_lock_free`]: the crate's fallback is a
+/// process-local lock, which would not exclude other processes. Loom has
+/// no 16-byte atomic; under loom the heads are modelled on one word.
+#[cfg(not(loom))]
+pub(crate) use portable_atomic::AtomicU128;
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicU64, Ordering};
 

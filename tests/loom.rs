@@ -309,6 +309,33 @@ fn check_reclaims_leaks_but_never_a_block_in_flight() {
     });
 }
 
+/// Issue 10, item 2: threads of one handle share its owner token, so a
+/// lock word held by one of them names the token of the others too. A
+/// waiter must never clear such a word while another thread of its handle
+/// holds it. The bug: the waiter read its handle's hold count as 0 between
+/// the other thread's unlock and relock, then cleared the relocked word
+/// (same value, so the CAS succeeded): two holders, a lost increment.
+/// Three preemptions: with the fix's exclusion removed (`begin_hold`
+/// ignoring `CLEARING`) the steal needs three.
+#[test]
+fn threads_of_one_handle_never_steal_a_lock_word() {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        let l = Arc::new(shmdict::__loom::LockWord::new());
+        let t = {
+            let l = l.clone();
+            thread::spawn(move || {
+                l.increment();
+                l.increment();
+            })
+        };
+        l.increment();
+        t.join().unwrap();
+        assert_eq!(l.get(), 3, "an increment was lost");
+    });
+}
+
 // ---------------------------------------------------------------------------
 // The robust lock of Array segments (`rwlock.rs`) and the double buffer of
 // large Values (`value.rs`). The elements of `ArrayLock` are loom cells:

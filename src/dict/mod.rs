@@ -152,18 +152,28 @@ impl ShmDict {
         #[cfg(not(loom))] file: Option<std::fs::File>,
         #[cfg(loom)] _file: Option<()>,
     ) -> Result<ShmDict> {
+        #[cfg(not(loom))]
+        if !crate::shm::slab::heads_lock_free() {
+            return Err(Error::incompatible(
+                name,
+                "this CPU has no lock-free 16-byte compare-and-swap (cmpxchg16b), which the free lists need",
+            ));
+        }
         let me = Owner::new(
             &region,
             #[cfg(not(loom))]
             file,
-            |r, index, token, lock_fd| {
+            Box::new(move |r: &Region, index, token, lock_fd| {
                 // A dead previous owner of the entry may have died between
                 // publishing a new key or a removal and counting it: settle
                 // that before this handle uses the entry's count (see
                 // `livecount.rs`). Also for the entry a forked child claims.
                 crate::shm::livecount::adopt(r, index, token);
+                // Before the token is used (issue 10, item 5): see the
+                // hook's docs.
+                crate::shm::index::sweep_slots_on_attach(r, &geo, index, token);
                 Holder::with_lock_fd(token, lock_fd)
-            },
+            }),
         )
         .ok_or_else(|| attach_table_full(name))?;
         Ok(ShmDict {

@@ -17,11 +17,30 @@
 //! | 3    | 0..64  | inode of the process's pid namespace (0: unknown)   |
 //! | 4..8 |        | per kind of segment: a dictionary's key count and   |
 //! |      |        | pending change (words 4, 5: `livecount.rs`, kept    |
-//! |      |        | when the entry is claimed again); an `Array`'s      |
+//! |      |        | when the entry is claimed again) and the generation |
+//! |      |        | epoch whose slots were swept (word 6,               |
+//! |      |        | `index::sweep_slots_on_attach`); an `Array`'s       |
 //! |      |        | shared holds (word 4: `rwlock.rs`)                  |
 //!
-//! A token is `index | (generation mod 2^11) << 12`: 23 bits. A token whose
-//! generation no longer matches its entry belongs to a handle that is gone.
+//! A [`Token`] names the handle that holds something:
+//!
+//! | bits   | meaning                                          |
+//! |--------|--------------------------------------------------|
+//! | 0..12  | attach index                                     |
+//! | 12..62 | generation mod 2^50                              |
+//!
+//! 62 bits: a lock word is `HELD (bit 63) | token`, bit 62 always clear. A
+//! token whose generation no longer matches its entry belongs to a handle
+//! that is gone; 2^50 claims of one entry (a claim per microsecond for 35
+//! years) would be needed before a dead holder looked alive again.
+//!
+//! A slot's control word has room for only 23 bits of owner
+//! ([`Token::short`]: index and generation mod 2^11), so 2,048 claims of an
+//! entry make its short tokens repeat. The claimer of a dictionary entry
+//! therefore releases every slot still WRITING under that entry's index
+//! whenever the generation enters a new epoch of 2^11 claims, before it uses
+//! its token (`index::sweep_slots_on_attach`): a slot's short owner then
+//! never names a live handle it does not belong to.
 //!
 //! # Who is alive: facts the kernel keeps
 //!
@@ -54,16 +73,25 @@ use crate::sync::{AtomicU64, Ordering};
 pub(crate) const E_ACTIVE: u64 = 16;
 /// Byte offset, inside an entry, of the owner's pid namespace inode.
 pub(crate) const E_PIDNS: u64 = 24;
-
 const PID_BITS: u32 = 23;
 const PID_MASK: u64 = (1 << PID_BITS) - 1;
 /// Mask applied to start times before storing them.
 pub(crate) const START_MASK: u64 = (1 << (64 - PID_BITS)) - 1;
 const INDEX_BITS: u32 = 12;
-const GEN_MASK: u64 = (1 << 11) - 1;
-/// Number of bits a token occupies.
-pub(crate) const TOKEN_BITS: u32 = 23;
+const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+const GEN_BITS: u32 = 50;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+/// Number of bits a token occupies (see the module docs).
+pub(crate) const TOKEN_BITS: u32 = INDEX_BITS + GEN_BITS;
+/// Generation bits of a [`Token::short`].
+pub(crate) const SHORT_GEN_BITS: u32 = 11;
+/// Number of bits a short token (a slot's owner) occupies.
+pub(crate) const SHORT_TOKEN_BITS: u32 = INDEX_BITS + SHORT_GEN_BITS;
+const SHORT_MASK: u64 = (1 << SHORT_TOKEN_BITS) - 1;
 const _: () = assert!(ATTACH_ENTRIES <= 1 << INDEX_BITS);
+const _: () = assert!(TOKEN_BITS <= 62, "a lock word is HELD (bit 63) | token");
+/// Offset, inside an entry, of the generation epoch whose slots were swept.
+pub(crate) const E_SWEPT: u64 = 48;
 
 /// Names the handle that holds something in the segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,27 +102,70 @@ impl Token {
         Token(index | (generation & GEN_MASK) << INDEX_BITS)
     }
     pub(crate) fn index(self) -> u64 {
-        self.0 & ((1 << INDEX_BITS) - 1)
+        self.0 & INDEX_MASK
     }
     fn generation(self) -> u64 {
         self.0 >> INDEX_BITS
     }
+    /// The generation epoch: which run of 2^11 claims of the entry the
+    /// token belongs to (see the module docs).
+    pub(crate) fn epoch(self) -> u64 {
+        self.generation() >> SHORT_GEN_BITS
+    }
+    /// The token truncated to the 23 bits a slot's control word holds:
+    /// index and generation mod 2^11.
+    pub(crate) fn short(self) -> u64 {
+        self.0 & SHORT_MASK
+    }
+}
+
+/// The attach index a short token (see [`Token::short`]) names.
+pub(crate) fn short_index(short: u64) -> u64 {
+    short & INDEX_MASK
+}
+
+/// Whether the handle a short token names is still attached and alive: the
+/// entry's generation agrees mod 2^11 and [`token_alive`] says so for the
+/// full token. Short tokens that name no valid entry count as dead.
+pub(crate) fn short_token_alive(r: &Region, fd: LockFd, short: u64) -> bool {
+    let index = short_index(short);
+    let Some(gen) = r.word(entry_off(index) + 8) else {
+        return false;
+    };
+    // Acquire: pairs with the claim in `attach`.
+    let full = Token::new(index, gen.load(Ordering::Acquire));
+    full.short() == short & SHORT_MASK && token_alive(r, fd, full)
 }
 
 /// The handle on whose behalf this process takes slots and lock words: its
-/// token, and the number of holds its threads have in flight.
+/// token, and the holds its threads have in flight.
 ///
-/// The count is what lets a waiter tell a word held by another thread of
-/// its own handle (count > 0: wait) from a word that merely *names* its token
-/// because the segment was corrupted (count 0: nobody here holds anything, so
-/// the hold is bogus and is released like a dead holder's). Without it a
-/// corrupted word naming the waiter's own token would make it wait forever.
+/// All threads of a handle put the same token into the words they hold, so
+/// a word naming our token may be held by another thread of ours (wait for
+/// it) or may merely *name* our token because the segment was corrupted
+/// (nobody will ever release it: release it ourselves, or a waiter waits for
+/// itself forever). The process-local `holds` word tells them apart, and
+/// lets a thread release such a word without racing with its own threads:
+///
+/// | bits   | meaning                                                    |
+/// |--------|------------------------------------------------------------|
+/// | 0..63  | holds in flight: threads between `begin_hold` and `end_hold` |
+/// | 63     | `CLEARING`: a thread is releasing a word that names our token |
+///
+/// [`Holder::release_own`] sets `CLEARING` only from 0 (no thread of ours
+/// holds anything), and while it is set no thread of ours can begin a hold
+/// (`begin_hold` backs out and waits). So between the two, no word naming
+/// our token is held by a thread of ours, and the CAS that releases one
+/// cannot hit a hold that began after the check. (Reading "count is 0" and
+/// then CASing the word, as before issue 10, raced: another thread could
+/// unlock and relock the same word in between, the word's value was the
+/// same, and two threads held it.)
 #[derive(Debug)]
 pub(crate) struct Holder {
     pub(crate) token: Token,
     /// How this handle asks the kernel about other entries.
     pub(crate) lock_fd: LockFd,
-    /// Process-local, never in the segment.
+    /// Process-local, never in the segment. See the table above.
     holds: AtomicU64,
     /// Threads of this handle using its count record (`livecount.rs`), by
     /// the same rule as `holds`: a thread that finds the record BUSY while
@@ -139,6 +210,9 @@ impl LockFd {
     }
 }
 
+/// Bit of `Holder::holds`: a word naming our token is being released.
+const CLEARING: u64 = 1 << 63;
+
 impl Holder {
     #[cfg(any(test, loom))]
     pub(crate) fn new(token: Token) -> Holder {
@@ -159,30 +233,92 @@ impl Holder {
         self.token.index() % crate::shm::layout::FREE_SHARDS
     }
 
-    /// Call before trying to take a word for this handle.
+    /// Call before trying to take a word for this handle. Waits while
+    /// another thread of this handle releases a word naming our token.
+    #[inline]
     pub(crate) fn begin_hold(&self) {
-        // Release (as part of AcqRel): ordered before the CAS that takes the
-        // word, so a waiter that sees the word taken sees this count (it reads
-        // the word with Acquire, then the count).
-        self.holds.fetch_add(1, Ordering::AcqRel);
+        loop {
+            // Acquire: pairs with the Release that ends `release_own`, so
+            // the word it released is seen released by our CAS that follows.
+            let before = self.holds.fetch_add(1, Ordering::Acquire);
+            if before & CLEARING == 0 {
+                return;
+            }
+            self.back_out();
+        }
+    }
+
+    #[cold]
+    fn back_out(&self) {
+        // Relaxed: this increment granted nothing; `release_own` ignores
+        // the count while CLEARING is set.
+        self.holds.fetch_sub(1, Ordering::Relaxed);
+        // Relaxed: a hint; the fetch_add in `begin_hold` decides.
+        while self.holds.load(Ordering::Relaxed) & CLEARING != 0 {
+            crate::sync::spin_hint();
+        }
     }
 
     /// Call after releasing a word, or after failing to take it.
+    #[inline]
     pub(crate) fn end_hold(&self) {
-        // Release: the word's release happened before; a waiter reading 0 here
-        // and then CASing the old held value fails, because it changed.
-        self.holds.fetch_sub(1, Ordering::AcqRel);
+        // Release: pairs with the Acquire CAS of `release_own`: the word's
+        // release, made before this, is visible to its CAS of the word.
+        self.holds.fetch_sub(1, Ordering::Release);
+    }
+
+    /// Runs `release` (a CAS of a word naming our token, from the value
+    /// seen, to its released value) if no thread of this handle holds
+    /// anything, with every thread of this handle kept from beginning a hold
+    /// meanwhile. Returns what `release` returned, or `false` if some thread
+    /// of ours holds something (then the word may be one of its holds).
+    pub(crate) fn release_own(&self, release: impl FnOnce() -> bool) -> bool {
+        // Acquire: pairs with the Release of `end_hold`, so every hold of
+        // ours that ended (and the word it released) is visible.
+        if self
+            .holds
+            .compare_exchange(0, CLEARING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let released = release();
+        // Release: pairs with the Acquire of `begin_hold`: our CAS of the
+        // word happens before any later hold of ours.
+        self.holds.fetch_sub(CLEARING, Ordering::Release);
+        released
     }
 }
 
-/// Whether whoever `t` names can no longer release what it holds: a dead or
-/// detached handle, or our own handle when none of its threads holds anything.
-pub(crate) fn holder_dead(r: &Region, me: &Holder, t: Token) -> bool {
+/// Releases something `t` holds, through `release` (a CAS from the value
+/// seen), if its holder can no longer release it: a dead or detached handle,
+/// or our own handle when none of its threads holds anything (see
+/// [`Holder::release_own`]). Returns whether `release` ran and succeeded.
+pub(crate) fn release_if_dead(
+    r: &Region,
+    me: &Holder,
+    t: Token,
+    release: impl FnOnce() -> bool,
+) -> bool {
     if t == me.token {
-        // Acquire: pairs with `begin_hold`/`end_hold`.
-        me.holds.load(Ordering::Acquire) == 0
+        me.release_own(release)
     } else {
-        !token_alive(r, me.lock_fd, t)
+        !token_alive(r, me.lock_fd, t) && release()
+    }
+}
+
+/// [`release_if_dead`] for a slot's owner, a short token (see
+/// [`Token::short`]).
+pub(crate) fn release_slot_if_dead(
+    r: &Region,
+    me: &Holder,
+    short: u64,
+    release: impl FnOnce() -> bool,
+) -> bool {
+    if short == me.token.short() {
+        me.release_own(release)
+    } else {
+        !short_token_alive(r, me.lock_fd, short) && release()
     }
 }
 

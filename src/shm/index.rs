@@ -27,7 +27,7 @@
 //! serialized and the second finds the first's entry: exactly one entry per
 //! key. Overwrites and removals of existing keys take only their slot.
 
-use crate::shm::attach::Holder;
+use crate::shm::attach::{self, Holder, Token};
 use crate::shm::block;
 use crate::shm::layout::{
     Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, H_LIVE, SLOTS_PER_BUCKET,
@@ -381,5 +381,143 @@ impl<'a> Index<'a> {
     /// Live keys, exact also after kills (see `livecount.rs`).
     pub(crate) fn len(&self) -> u64 {
         crate::shm::livecount::len(self.r)
+    }
+
+    /// Releases every slot left WRITING by a former handle of attach entry
+    /// `entry`, as a waiter would for a dead writer (the entry word is the
+    /// old or the new block, both complete). Returns how many it released.
+    ///
+    /// Only for the claimer of `entry`, between its claim and the first use
+    /// of its token: then no live handle owns the index but the claimer,
+    /// which holds nothing yet, so every such slot is a dead writer's.
+    pub(crate) fn release_slots_of(&self, entry: u64) -> u64 {
+        let mut released = 0;
+        for bucket in 0..self.g.nbuckets {
+            for s in 0..SLOTS_PER_BUCKET {
+                let (ctrl, _) = self.slot(bucket, s);
+                let c = ctrl.load(Ordering::Acquire); // Acquire: as seqlock::read_begin.
+                if seqlock::is_writing(c)
+                    && attach::short_index(seqlock::owner(c)) == entry
+                    // AcqRel: as seqlock::wait_unlocked.
+                    && ctrl
+                        .compare_exchange(c, seqlock::released(c), Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    released += 1;
+                }
+            }
+        }
+        released
+    }
+}
+
+/// The attach hook of dictionaries: call it after claiming attach entry
+/// `entry` for a new dictionary handle whose token is `token`, before the
+/// handle writes anything (every path that hands out a dictionary token:
+/// opening, and re-registering a handle inherited through `fork`).
+///
+/// Slots name their writer by a short token (generation mod 2^11, see
+/// `attach`'s module docs), so a slot a dead handle of this entry left
+/// WRITING 2,048 claims ago would name the new handle and look alive:
+/// writers of that key would wait as long as the new handle lives. When
+/// `token` starts a new epoch of 2^11 generations (the entry's word
+/// `attach::E_SWEPT` records the last epoch swept), this releases every
+/// WRITING slot of the entry's index ([`Index::release_slots_of`]) and then
+/// records the epoch. A claimer killed while sweeping leaves the epoch
+/// unrecorded, so the next claimer of the entry sweeps again. Returns the
+/// number of slots released.
+pub(crate) fn sweep_slots_on_attach(r: &Region, g: &Geometry, entry: u64, token: Token) -> u64 {
+    let Some(swept) = r.word(attach::entry_off(entry) + attach::E_SWEPT) else {
+        return 0;
+    };
+    // Relaxed: the entry is ours (claimed with AcqRel, which ordered the
+    // previous owners' stores before this load).
+    if swept.load(Ordering::Relaxed) == token.epoch() {
+        return 0;
+    }
+    let released = Index::new(r, g).release_slots_of(entry);
+    // Relaxed: read only by later claimers of this entry, ordered by their
+    // claim (the detach is Release).
+    swept.store(token.epoch(), Ordering::Relaxed);
+    released
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    //! Regression (issue 10, item 5): a slot's owner is a short token
+    //! (generation mod 2^11). A writer killed holding a slot, 2,048 claims
+    //! of its attach entry later, looked like the entry's new live handle,
+    //! and every writer of the key waited for it as long as that lived.
+
+    use super::*;
+    use crate::dict::ShmDict;
+    use crate::shm::attach::{attach, process_identity, short_token_alive, E_SWEPT};
+
+    #[test]
+    fn a_dead_writers_slot_is_released_when_its_short_token_comes_back() {
+        let d = std::sync::Arc::new(ShmDict::on_heap(16, 1 << 16));
+        d.insert("k", "old").unwrap(); // by attach entry 0
+        let (r, g) = (&d.region, &d.geo);
+        let index = Index::new(r, g);
+        let loc = index
+            .find(b"k", crate::shm::layout::hash_key(b"k"), None)
+            .unwrap()
+            .unwrap();
+        let (ctrl, _) = index.slot(loc.bucket, loc.slot);
+        // A handle of entry 1, generation 5, killed holding the slot.
+        let dead_gen = 5u64;
+        let dead_short = 1 | dead_gen << 12;
+        let c = ctrl.load(Ordering::Relaxed);
+        ctrl.store(c | dead_short << 1 | seqlock::WRITING, Ordering::Relaxed);
+        // 2,047 more claims of entry 1 went by; the next one repeats the
+        // dead writer's short token.
+        let gen_word = r.word(attach::entry_off(1) + 8).unwrap();
+        gen_word.store(dead_gen + 2047, Ordering::Relaxed);
+        let (entry, token) = attach(r, crate::shm::attach::LockFd::NONE, process_identity()).unwrap();
+        assert_eq!((entry, token.short()), (1, dead_short));
+        assert!(
+            short_token_alive(r, crate::shm::attach::LockFd::NONE, dead_short),
+            "the dead writer's short token names the new live handle"
+        );
+
+        assert_eq!(sweep_slots_on_attach(r, g, entry, token), 1);
+        assert!(!seqlock::is_writing(ctrl.load(Ordering::Relaxed)));
+        let swept = r.word(attach::entry_off(1) + E_SWEPT).unwrap();
+        assert_eq!(swept.load(Ordering::Relaxed), token.epoch());
+        assert_eq!(
+            sweep_slots_on_attach(r, g, entry, token),
+            0,
+            "once per epoch"
+        );
+
+        // Without the sweep this waited for the live handle of entry 1.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d2 = d.clone();
+        std::thread::spawn(move || {
+            d2.insert("k", "new").unwrap();
+            tx.send(())
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the insert finished");
+        assert_eq!(d.get("k").unwrap().as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn a_claimer_killed_while_sweeping_leaves_the_sweep_to_the_next() {
+        let d = ShmDict::on_heap(16, 1 << 16);
+        let (r, g) = (&d.region, &d.geo);
+        r.word(attach::entry_off(1) + 8)
+            .unwrap()
+            .store(2047, Ordering::Relaxed);
+        let (_, first) = attach(r, crate::shm::attach::LockFd::NONE, process_identity()).unwrap();
+        assert_eq!(first.epoch(), 1);
+        // Killed before recording the epoch: the entry is reclaimed.
+        attach::detach(r, crate::shm::attach::LockFd::NONE, 1, process_identity());
+        let (_, next) = attach(r, crate::shm::attach::LockFd::NONE, process_identity()).unwrap();
+        assert_eq!(next.epoch(), 1);
+        let swept = r.word(attach::entry_off(1) + E_SWEPT).unwrap();
+        assert_eq!(swept.load(Ordering::Relaxed), 0, "not recorded");
+        sweep_slots_on_attach(r, g, 1, next);
+        assert_eq!(swept.load(Ordering::Relaxed), 1);
     }
 }

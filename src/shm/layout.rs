@@ -16,9 +16,12 @@ use crate::sync::Ordering;
 /// `b"SHMDICT\0"` read as a little-endian u64.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMDICT\0");
 /// Bumped whenever the byte layout or the hash changes.
-/// Version 3: attach entry words 4 and 5 hold each handle's key count and
-/// pending change (`livecount.rs`); a version-2 process would not maintain
-/// them, so `len()` would be wrong.
+/// Version 3: attach entries are claimed by OFD locks and record the pid
+/// namespace (word 3); words 4 and 5 hold each handle's key count and
+/// pending change (`livecount.rs`), word 6 the swept generation epoch; lock
+/// words carry 62-bit tokens; free-list heads are 16 bytes (top and a 64-bit
+/// tag); tuple-space claims name attach tokens. A version-2 process would
+/// misread all of these.
 pub(crate) const FORMAT_VERSION: u32 = 3;
 /// Segment kinds that share the namespace.
 pub(crate) const KIND_DICT: u32 = 1;
@@ -42,7 +45,7 @@ pub(crate) const PAGE: u64 = 64;
 /// operations in flight (see `gate.rs`), padding to a cache line of its own.
 pub(crate) const ATTACH_ENTRY_BYTES: u64 = 64;
 /// The free-list table: one head per (order, shard), each on its own cache
-/// line, after the attach table. A handle pushes to and pops from the shard
+/// line (two words, 16-aligned: see `slab.rs`), after the attach table. A handle pushes to and pops from the shard
 /// of its attach index first, so processes writing at once do not contend
 /// on one head.
 pub(crate) const FREE_OFF: u64 = HEADER_BYTES + ATTACH_ENTRIES * ATTACH_ENTRY_BYTES;
@@ -53,6 +56,7 @@ pub(crate) const FREE_SHARDS: u64 = 2;
 /// The key-lock table (`lock_keys`): robust mutexes, one per stripe, each
 /// on its own cache line, after the free-list table.
 pub(crate) const KEYLOCK_OFF: u64 = FREE_OFF + MAX_ORDERS * FREE_SHARDS * 64;
+const _: () = assert!(FREE_OFF % 16 == 0, "free-list heads are 16-aligned pairs");
 #[cfg(not(loom))]
 pub(crate) const KEYLOCK_STRIPES: u64 = 256;
 #[cfg(loom)]

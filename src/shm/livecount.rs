@@ -210,8 +210,8 @@ fn ctrl_of(r: &Region, slot_word: u64) -> Option<&AtomicU64> {
 /// caller releases a slot it left WRITING. Only a record that names a slot
 /// still WRITING by `dead` is settled (otherwise the entry may have a new
 /// owner whose record this is). Idempotent.
-pub(crate) fn settle(r: &Region, dead: Token) {
-    let Some(rec) = Record::of(r, dead.index()) else {
+pub(crate) fn settle(r: &Region, dead: u64) {
+    let Some(rec) = Record::of(r, attach::short_index(dead)) else {
         return;
     };
     // Acquire: pairs with the Release store of PENDING in `begin`.
@@ -261,8 +261,8 @@ pub(crate) fn adopt(r: &Region, index: u64, me: Token) -> bool {
         // the slot was released meanwhile, its releaser settled the record
         // first (and our CAS below fails), or the record is stale: dropped.
         if seqlock::is_writing(c)
-            && owner.index() == index
-            && owner != me
+            && attach::short_index(owner) == index
+            && owner != me.short()
             && published(r, s) == Some(true)
         {
             delta = delta_of(s);
@@ -293,7 +293,7 @@ pub(crate) fn settle_all_dead(r: &Region) -> u64 {
                                                       // Acquire: as seqlock::read_begin.
             let c = ctrl_of(r, s).map_or(0, |w| w.load(Ordering::Acquire));
             if seqlock::is_writing(c)
-                && seqlock::owner(c).index() == i
+                && attach::short_index(seqlock::owner(c)) == i
                 && published(r, s) == Some(true)
             {
                 delta = delta_of(s);

@@ -7,7 +7,8 @@
 //! | value                  | state                               |
 //! |------------------------|-------------------------------------|
 //! | `0`                    | free                                |
-//! | `HELD \| token`        | held by the handle named by `token` |
+//! | `HELD \| token`        | held by the handle named by `token` (62 bits, see `attach`) |
+//! | anything else          | garbage (a corrupted segment): cleared by waiters |
 //!
 //! A waiter that finds the word held for a while asks whether the holder is
 //! still attached and alive ([`attach::token_alive`]); if not, it clears the
@@ -48,6 +49,7 @@ impl Backoff {
 
     /// Waits a little. Returns `true` when the caller should check whether the
     /// holder it waits for is still alive.
+    #[cfg(not(loom))]
     pub(crate) fn snooze(&mut self) -> bool {
         if self.step < Self::SPIN_STEPS {
             for _ in 0..1u32 << self.step {
@@ -56,14 +58,22 @@ impl Backoff {
         } else if self.step < Self::SLEEP_AFTER {
             yield_now();
         } else {
-            #[cfg(not(loom))]
             std::thread::sleep(std::time::Duration::from_micros(200));
-            #[cfg(loom)]
-            yield_now();
         }
         self.step = self.step.saturating_add(1);
         self.step == Self::FIRST_CHECK
             || (self.step > Self::FIRST_CHECK && self.step % Self::CHECK_EVERY == 0)
+    }
+
+    /// Under loom: yields to the model scheduler once, and asks for a
+    /// liveness check every time. Loom does not model time, so a check may
+    /// come at any point of a wait, which is what this explores (as
+    /// `rwlock::wait_until` does under loom).
+    #[cfg(loom)]
+    pub(crate) fn snooze(&mut self) -> bool {
+        yield_now();
+        self.step = self.step.saturating_add(1);
+        true
     }
 }
 
@@ -98,25 +108,24 @@ pub(crate) fn try_lock(word: &AtomicU64, me: &Holder) -> bool {
 }
 
 /// Clears `word` if it still holds `seen` and `seen`'s holder is dead (see
-/// [`attach::holder_dead`]), or if `seen` is not a value a lock word can
-/// hold (only a corrupted segment has those). Returns whether the word is
-/// (now) free.
+/// [`attach::release_if_dead`]: a word naming our own handle is cleared only
+/// while none of its threads holds anything), or if `seen` is not a value a
+/// lock word can hold (only a corrupted segment has those). Returns whether
+/// the word is (now) free.
 pub(crate) fn clear_if_dead(r: &Region, word: &AtomicU64, seen: u64, me: &Holder) -> bool {
     let malformed = seen != 0 && seen & !(HELD | TOKEN_MASK) != 0 || seen == HELD;
+    // AcqRel: acquire what the dead holder published; release our clearing
+    // to the next locker. Fails harmlessly if the word changed.
+    let clear = || {
+        word.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    };
     match holder(seen) {
         None if seen == 0 => true,
-        Some(t) if malformed || attach::holder_dead(r, me, t) => {
-            // AcqRel: acquire what the dead holder published; release our
-            // clearing to the next locker. Fails harmlessly if it changed.
-            word.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        }
-        Some(_) => false,
-        None => {
-            // Non-zero without HELD: garbage. AcqRel: as above.
-            word.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        }
+        Some(_) if malformed => clear(),
+        Some(t) => attach::release_if_dead(r, me, t, clear),
+        // Non-zero without HELD: garbage.
+        None => clear(),
     }
 }
 
@@ -143,7 +152,17 @@ mod tests {
         let r = Region::heap(INDEX_OFF as usize + 64);
         let me = Holder::new(Token(3));
         let word = r.word(INDEX_OFF).unwrap();
-        for garbage in [1, 0x8000, HELD, HELD | 1 << 40 | 3, u64::MAX] {
+        // `HELD | 1 << 40 | 3` is well formed (entry 3, generation 2^28)
+        // but names a handle that is not attached; bit 62 is never part of
+        // a token.
+        for garbage in [
+            1,
+            0x8000,
+            HELD,
+            HELD | 1 << 40 | 3,
+            HELD | 1 << 62 | 3,
+            u64::MAX,
+        ] {
             word.store(garbage, Ordering::Relaxed);
             lock(&r, word, &me);
             assert_eq!(word.load(Ordering::Relaxed), HELD | 3, "after {garbage:#x}");

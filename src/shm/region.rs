@@ -12,14 +12,26 @@
 
 #[cfg(not(loom))]
 use crate::sync::mapped::AtomicU32;
+#[cfg(not(loom))]
+use crate::sync::AtomicU128;
 use crate::sync::AtomicU64;
+
+/// Heap regions outside loom are built of these, so that 16-byte pairs
+/// ([`Region::pair`]) are aligned as they are in a (page-aligned) mapping.
+#[cfg(all(test, not(loom)))]
+#[repr(C, align(16))]
+struct HeapPair([AtomicU64; 2]);
+#[cfg(all(test, not(loom)))]
+const _: () = assert!(std::mem::size_of::<HeapPair>() == 16);
 
 /// Who keeps the memory behind a [`Region`] alive.
 enum Backing {
     #[cfg(not(loom))]
     Map(#[allow(dead_code)] memmap2::MmapRaw),
-    #[cfg(any(test, loom))]
+    #[cfg(loom)]
     Heap(#[allow(dead_code)] Box<[AtomicU64]>),
+    #[cfg(all(test, not(loom)))]
+    Heap(#[allow(dead_code)] Box<[HeapPair]>),
 }
 
 /// Shared memory seen as an array of `AtomicU64`, addressed by byte offset.
@@ -47,12 +59,12 @@ impl std::fmt::Debug for Region {
 impl Region {
     /// Views a shared mapping as atomic words.
     ///
-    /// Returns `None` if the mapping is not 8-byte aligned (mmap returns
+    /// Returns `None` if the mapping is not 16-byte aligned (mmap returns
     /// page-aligned addresses, so this does not happen in practice).
     #[cfg(not(loom))]
     pub(crate) fn from_map(map: memmap2::MmapRaw) -> Option<Region> {
         let ptr = map.as_ptr();
-        if (ptr as usize) % std::mem::align_of::<AtomicU64>() != 0 {
+        if (ptr as usize) % std::mem::align_of::<AtomicU128>() != 0 {
             return None;
         }
         Some(Region {
@@ -63,13 +75,28 @@ impl Region {
     }
 
     /// A zero-filled region on the heap (tests and loom models).
-    #[cfg(any(test, loom))]
+    #[cfg(loom)]
     pub(crate) fn heap(bytes: usize) -> Region {
         let words: Box<[AtomicU64]> = (0..bytes / 8).map(|_| AtomicU64::new(0)).collect();
         Region {
             base: words.as_ptr(),
             len_words: words.len(),
             _backing: Backing::Heap(words),
+        }
+    }
+
+    /// A zero-filled, 16-byte aligned region on the heap (tests).
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn heap(bytes: usize) -> Region {
+        let pairs: Box<[HeapPair]> = (0..bytes.div_ceil(16))
+            .map(|_| HeapPair([AtomicU64::new(0), AtomicU64::new(0)]))
+            .collect();
+        Region {
+            // A HeapPair is two AtomicU64 with no padding (asserted above),
+            // so the pairs are a contiguous array of words.
+            base: pairs.as_ptr().cast::<AtomicU64>(),
+            len_words: bytes / 8,
+            _backing: Backing::Heap(pairs),
         }
     }
 
@@ -107,6 +134,28 @@ impl Region {
         // bytes other than through atomics, so no non-atomic access races with
         // these. Other processes' accesses are atomic operations too.
         Some(unsafe { std::slice::from_raw_parts(self.base.add(first), n) })
+    }
+
+    /// The 16-byte pair of words at byte offset `off`, if 16-aligned and in
+    /// bounds, as one 16-byte atomic: for the free-list heads (`slab.rs`).
+    /// Those 16 bytes must never be accessed through [`Region::word`]: the
+    /// layout keeps each head on a cache line of its own.
+    #[cfg(not(loom))]
+    #[inline]
+    pub(crate) fn pair(&self, off: u64) -> Option<&AtomicU128> {
+        if off % 16 != 0 || off.checked_add(16)? > self.len() {
+            return None;
+        }
+        let off = usize::try_from(off).ok()?;
+        // SAFETY: `off..off + 16` lies inside the region (checked above),
+        // which `_backing` keeps alive for the borrow's lifetime; `base` is
+        // 16-aligned (checked in `from_map`; heap regions are built of
+        // 16-aligned pairs) and `off` is a multiple of 16, so the pointer is
+        // aligned for AtomicU128, which has the size of two words. These
+        // bytes are only ever accessed as AtomicU128, by us and by other
+        // processes, all atomically (the caller checks that the operations
+        // are lock-free, i.e. real 16-byte instructions).
+        Some(unsafe { &*self.base.cast::<u8>().add(off).cast::<AtomicU128>() })
     }
 
     /// The 32-bit word at byte offset `off`, if 4-aligned and in bounds: for

@@ -56,7 +56,7 @@ impl<L> Registration<L> {
 
 /// Builds a registration's local state from its entry index, token and
 /// lock descriptor (and may prepare kind-specific words of the entry).
-pub(crate) type MakeLocal<L> = fn(&Region, u64, Token, LockFd) -> L;
+pub(crate) type MakeLocal<L> = Box<dyn Fn(&Region, u64, Token, LockFd) -> L + Send + Sync>;
 
 /// The attach entries of one handle: see the module doc.
 pub(crate) struct Owner<L> {
@@ -81,7 +81,7 @@ impl<L> std::fmt::Debug for Owner<L> {
     }
 }
 
-fn register<L>(r: &Region, raw_fd: Option<i32>, make: MakeLocal<L>) -> Option<Registration<L>> {
+fn register<L>(r: &Region, raw_fd: Option<i32>, make: &MakeLocal<L>) -> Option<Registration<L>> {
     let ident = crate::shm::attach::process_identity();
     let probe = |own| {
         #[cfg(not(loom))]
@@ -124,7 +124,7 @@ impl<L> Owner<L> {
         });
         #[cfg(loom)]
         let raw_fd = None;
-        let Some(home) = register(r, raw_fd, make) else {
+        let Some(home) = register(r, raw_fd, &make) else {
             #[cfg(not(loom))]
             if let Some(fd) = raw_fd {
                 crate::sys::fork::unregister(fd);
@@ -192,7 +192,7 @@ impl<L> Owner<L> {
         });
         #[cfg(loom)]
         let raw_fd = None;
-        let reg = Box::new(register(r, raw_fd, self.make)?);
+        let reg = Box::new(register(r, raw_fd, &self.make)?);
         let p: *mut Registration<L> = &*reg as *const _ as *mut _;
         children.push(reg);
         // Release: pairs with the Acquire in `current`.

@@ -4,8 +4,15 @@
 //! | bits   | meaning                                              |
 //! |--------|------------------------------------------------------|
 //! | 0      | WRITING: a writer holds the slot                     |
-//! | 1..24  | the writer's [`Token`] while WRITING, else 0         |
+//! | 1..24  | the writer's short token (`Token::short`) while WRITING, else 0 |
 //! | 24..64 | version: incremented by every release of the slot    |
+//!
+//! The owner is the 23-bit short token (attach index, generation mod
+//! 2^11): the version needs its 40 bits (a reader's snapshot is validated
+//! by it). Short tokens repeat every 2,048 claims of an attach entry; the
+//! claimer of a dictionary entry releases its index's WRITING slots when
+//! they could (see `index::sweep_slots_on_attach` and `attach`'s module
+//! docs), so a slot's owner never names a live handle it is not.
 //!
 //! Values are copy-on-write: a writer prepares a complete block in the arena,
 //! takes the slot (WRITING, the word is odd), stores the new entry word,
@@ -35,7 +42,7 @@
 //! Another writer that waits on the slot for long checks the owner's liveness
 //! and releases the slot for it (see [`wait_unlocked`]).
 
-use crate::shm::attach::{self, Holder, Token};
+use crate::shm::attach::{self, Holder, SHORT_TOKEN_BITS};
 use crate::shm::lockword::Backoff;
 use crate::shm::region::Region;
 use crate::sync::{AtomicU64, Ordering};
@@ -50,10 +57,12 @@ pub(crate) fn is_writing(ctrl: u64) -> bool {
     ctrl & WRITING != 0
 }
 
-/// The token of the writer holding a WRITING control word.
+const _: () = assert!(OWNER_SHIFT + SHORT_TOKEN_BITS == VERSION_SHIFT);
+
+/// The short token of a control word's owner (0 if not WRITING).
 #[inline]
-pub(crate) fn owner(ctrl: u64) -> Token {
-    Token((ctrl & !VERSION_MASK) >> OWNER_SHIFT)
+pub(crate) fn owner(ctrl: u64) -> u64 {
+    (ctrl & !VERSION_MASK) >> OWNER_SHIFT
 }
 
 /// The version field of a control word (40 bits).
@@ -75,7 +84,7 @@ pub(crate) fn try_lock(ctrl: &AtomicU64, seen: u64, me: &Holder) -> Option<u64> 
     if is_writing(seen) {
         return None;
     }
-    let locked = (seen & VERSION_MASK) | me.token.0 << OWNER_SHIFT | WRITING;
+    let locked = (seen & VERSION_MASK) | me.token.short() << OWNER_SHIFT | WRITING;
     me.begin_hold();
     // AcqRel: Acquire pairs with the previous writer's Release in `unlock`, so
     // we see the entry it left; Release orders our block writes (done before)
@@ -97,7 +106,8 @@ pub(crate) fn unlock(ctrl: &AtomicU64, locked: u64, me: &Holder) {
     // visible to whoever sees the new version. A plain store suffices: while
     // we hold the slot only we change it; others release a WRITING word only
     // for a holder that is dead (a stopped process counts as alive) or, for
-    // our own token, only while our hold count is 0 (`attach::holder_dead`).
+    // our own token, only while no thread of ours holds anything
+    // (`attach::release_if_dead`).
     ctrl.store(released(locked), Ordering::Release);
     me.end_hold();
 }
@@ -163,18 +173,22 @@ pub(crate) fn wait_unlocked(r: &Region, ctrl: &AtomicU64, me: &Holder) -> u64 {
         if !is_writing(c) {
             return c;
         }
-        if backoff.snooze() && attach::holder_dead(r, me, owner(c)) {
-            // The writer died while holding the slot. Its entry word is either
-            // the old or the new value, both complete blocks. If it was
-            // changing the number of keys, settle its count record first,
-            // while the slot still says what it did (`livecount.rs`). (Our
-            // own token here means a bogus hold: nothing of ours to settle.)
-            if owner(c) != me.token {
-                crate::shm::livecount::settle(r, owner(c));
-            }
-            // Then release the slot as it would have. AcqRel: see `try_lock`
-            // and `unlock`.
-            let _ = ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed);
+        if backoff.snooze() {
+            // If the writer died while holding the slot, its entry word is
+            // either the old or the new value, both complete blocks. If it
+            // was changing the number of keys, settle its count record
+            // first, while the slot still says what it did (`livecount.rs`;
+            // our own token here means a bogus hold: nothing of ours to
+            // settle). Then release the slot as it would have. AcqRel: see
+            // `try_lock` and `unlock`.
+            let o = owner(c);
+            attach::release_slot_if_dead(r, me, o, || {
+                if o != me.token.short() {
+                    crate::shm::livecount::settle(r, o);
+                }
+                ctrl.compare_exchange(c, released(c), Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            });
         }
     }
 }
@@ -186,11 +200,11 @@ mod tests {
     #[test]
     fn versions_and_owners() {
         let w = AtomicU64::new(0);
-        let me = &Holder::new(Token(0x5a5a5));
+        let me = &Holder::new(crate::shm::attach::Token(0x5a5a5));
         let begin = read_begin(&w);
         let locked = try_lock(&w, begin, me).unwrap();
         assert!(is_writing(w.load(Ordering::Relaxed)));
-        assert_eq!(owner(locked), me.token);
+        assert_eq!(owner(locked), me.token.short());
         assert!(
             try_lock(&w, locked, me).is_none(),
             "cannot lock a WRITING word"

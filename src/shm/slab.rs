@@ -5,15 +5,28 @@
 //! multiple of `1 << o` (buddy alignment), so two free buddies of order `o`
 //! can be merged into one block of order `o + 1`.
 //!
-//! Each order has a free list in the header: a Treiber stack whose head word
-//! is
+//! Each order has a free list in the header: a Treiber stack whose head is
+//! two words, 16-aligned at the start of the head's cache line, that change
+//! together by one 16-byte compare-and-swap:
 //!
-//! | bits   | meaning                                             |
-//! |--------|-----------------------------------------------------|
-//! | 0..32  | granule index + 1 of the top block (0 = empty list) |
-//! | 32..64 | tag, incremented by every push and pop (ABA guard)  |
+//! | word | meaning                                                    |
+//! |------|------------------------------------------------------------|
+//! | 0    | granule index + 1 of the top block (0 = empty list)       |
+//! | 1    | tag, incremented by every push and pop (ABA guard)         |
 //!
 //! and whose links live in word 0 of each free block (granule index + 1).
+//! The tag is what keeps a `pop` that stalled between reading the top's
+//! link and its CAS from succeeding after the list changed under it (the
+//! same top, a different next: one block handed to two owners). With 64
+//! bits it would take 2^64 pushes and pops during one stall to wrap; the
+//! 32-bit tag of format 2 (top and tag in one word) wrapped after 2^32,
+//! about a minute of churn at tens of millions of operations a second
+//! (issue 10, item 5). The 16-byte CAS is `cmpxchg16b` on
+//! x86_64 and `casp` (or `ldxp`/`stxp`) on AArch64, through
+//! `portable-atomic`; a CPU without one cannot open a dictionary
+//! ([`heads_lock_free`]). Under loom, which has no 16-byte atomic, the head
+//! is modelled as one word holding both halves (32 bits each): the same
+//! code, a narrower tag.
 //!
 //! `alloc(o)` pops order `o`; failing that, pops a larger order and splits it,
 //! pushing the unused halves; failing that, carves a fresh chunk (a counter in
@@ -23,9 +36,12 @@
 //!
 //! Defragmentation (the slow path before reporting `Full`) takes the
 //! owner-tagged defragmentation lock, drains every free list, merges free
-//! buddies, and pushes the merged blocks back. Allocators that fail while it
-//! runs wait for it and try again, so a defragmentation never causes a
-//! spurious `Full`.
+//! buddies, pushes the merged blocks back and bumps the defragmentation
+//! epoch. Allocators that fail while it runs wait for it and try again; an
+//! allocator whose retry fails while another defragmentation runs or ran
+//! since its own (which drained the lists it looked at) waits for that one
+//! and tries again too. So a defragmentation never causes a spurious
+//! `Full`.
 //!
 //! Memory ordering rule for recycled blocks: after taking a block off a free
 //! list and before storing into it, a process issues a Release fence (in
@@ -40,7 +56,104 @@ use crate::shm::lockword::{self, Backoff};
 use crate::shm::region::Region;
 use crate::sync::{fence, AtomicU64, Ordering};
 
+/// Links and tops are granule index + 1; an arena has fewer than 2^32
+/// granules (checked by `layout::Geometry`).
 const LINK_MASK: u64 = 0xffff_ffff;
+
+/// Whether this CPU changes a free-list head with a real 16-byte atomic
+/// instruction. If not, `portable-atomic` would fall back to a lock that
+/// only this process sees, and free lists shared with other processes
+/// would break: dictionaries refuse to open instead.
+#[cfg(not(loom))]
+pub(crate) fn heads_lock_free() -> bool {
+    crate::sync::AtomicU128::is_lock_free()
+}
+
+/// A free list's head as read: the top block and the tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    /// Granule index + 1 of the top block; 0 = empty.
+    top: u64,
+    tag: u64,
+}
+
+impl Head {
+    /// The head after a push or pop that leaves `top` on top.
+    fn next(self, top: u64) -> Head {
+        Head {
+            top,
+            tag: self.tag.wrapping_add(1),
+        }
+    }
+}
+
+/// The two words of a free list's head, changed together.
+#[derive(Debug, Clone, Copy)]
+struct HeadWords<'a> {
+    #[cfg(not(loom))]
+    pair: &'a crate::sync::AtomicU128,
+    /// Under loom: top in bits 0..32, tag in bits 32..64.
+    #[cfg(loom)]
+    word: &'a AtomicU64,
+}
+
+impl HeadWords<'_> {
+    #[cfg(not(loom))]
+    #[inline]
+    fn load(self, order: Ordering) -> Head {
+        let v = self.pair.load(order);
+        Head {
+            top: v as u64,
+            tag: (v >> 64) as u64,
+        }
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn compare_exchange_weak(
+        self,
+        cur: Head,
+        new: Head,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<(), Head> {
+        let pack = |h: Head| h.top as u128 | (h.tag as u128) << 64;
+        self.pair
+            .compare_exchange_weak(pack(cur), pack(new), success, failure)
+            .map(|_| ())
+            .map_err(|v| Head {
+                top: v as u64,
+                tag: (v >> 64) as u64,
+            })
+    }
+
+    #[cfg(loom)]
+    fn load(self, order: Ordering) -> Head {
+        let v = self.word.load(order);
+        Head {
+            top: v & LINK_MASK,
+            tag: v >> 32,
+        }
+    }
+
+    #[cfg(loom)]
+    fn compare_exchange_weak(
+        self,
+        cur: Head,
+        new: Head,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<(), Head> {
+        let pack = |h: Head| (h.top & LINK_MASK) | h.tag << 32;
+        self.word
+            .compare_exchange_weak(pack(cur), pack(new), success, failure)
+            .map(|_| ())
+            .map_err(|v| Head {
+                top: v & LINK_MASK,
+                tag: v >> 32,
+            })
+    }
+}
 
 /// The allocator over one segment's arena.
 #[derive(Debug, Clone, Copy)]
@@ -62,7 +175,10 @@ impl<'a> Slab<'a> {
     pub(crate) fn block_ok(&self, granule: u64, order: u32) -> bool {
         order <= self.g.chunk_order
             && granule % (1u64 << order) == 0
-            && (granule + (1u64 << order)) * GRANULE <= self.g.arena_bytes
+            && granule
+                .checked_add(1u64 << order)
+                .and_then(|end| end.checked_mul(GRANULE))
+                .is_some_and(|end| end <= self.g.arena_bytes)
     }
 
     /// The words of a block, bounds- and alignment-checked.
@@ -74,10 +190,20 @@ impl<'a> Slab<'a> {
             .words(self.g.arena_off + granule * GRANULE, (GRANULE << order) / 8)
     }
 
-    fn head(&self, order: u32, shard: u64) -> &'a AtomicU64 {
-        self.r
-            .word(FREE_OFF + (order as u64 * FREE_SHARDS + shard % FREE_SHARDS) * 64)
-            .expect("free-list heads lie inside the validated table")
+    fn head(&self, order: u32, shard: u64) -> HeadWords<'a> {
+        let off = FREE_OFF + (order as u64 * FREE_SHARDS + shard % FREE_SHARDS) * 64;
+        HeadWords {
+            #[cfg(not(loom))]
+            pair: self
+                .r
+                .pair(off)
+                .expect("free-list heads lie inside the validated table"),
+            #[cfg(loom)]
+            word: self
+                .r
+                .word(off)
+                .expect("free-list heads lie inside the validated table"),
+        }
     }
 
     fn push(&self, granule: u64, order: u32, shard: u64) {
@@ -91,12 +217,16 @@ impl<'a> Slab<'a> {
         let head = self.head(order, shard);
         let mut cur = head.load(Ordering::Relaxed); // Relaxed: validated by the CAS.
         loop {
-            link.store(cur & LINK_MASK, Ordering::Relaxed); // Relaxed: published by the CAS.
-            let new = (cur >> 32).wrapping_add(1) << 32 | (granule + 1);
-            // Release: pairs with the Acquire in `pop`; the popper sees the
-            // link and everything we did to the block before freeing it.
-            match head.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => return,
+            link.store(cur.top & LINK_MASK, Ordering::Relaxed); // Relaxed: published by the CAS.
+                                                                // Release: pairs with the Acquire in `pop`; the popper sees the
+                                                                // link and everything we did to the block before freeing it.
+            match head.compare_exchange_weak(
+                cur,
+                cur.next(granule + 1),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(()) => return,
                 Err(seen) => cur = seen,
             }
         }
@@ -104,24 +234,32 @@ impl<'a> Slab<'a> {
 
     fn pop(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
         let head = self.head(order, shard);
-        // Acquire: pairs with the Release CAS in `push` that installed `cur`.
+        // Acquire: pairs with the Release CAS in `push` that installed `cur`,
+        // or in `pop` that emptied the list.
         let mut cur = head.load(Ordering::Acquire);
         loop {
-            let top = cur & LINK_MASK;
-            if top == 0 {
+            if cur.top == 0 {
                 return Ok(None);
             }
-            let granule = top - 1;
+            let granule = cur.top - 1;
             let words = self
                 .block(granule, order)
                 .ok_or(Corrupt("free-list entry out of bounds"))?;
             // Relaxed: if the block was popped and reused meanwhile this is
             // garbage, but then the tag changed and the CAS below fails.
             let next = words[0].load(Ordering::Relaxed) & LINK_MASK;
-            let new = (cur >> 32).wrapping_add(1) << 32 | next;
-            // Acquire (both outcomes): pairs with `push`'s Release.
-            match head.compare_exchange_weak(cur, new, Ordering::Acquire, Ordering::Acquire) {
-                Ok(_) => return Ok(Some(granule)),
+            // Acquire (both outcomes): pairs with `push`'s Release. Release
+            // (on success): an allocator that then finds this list empty
+            // (Acquire load) sees what we did before, notably taking the
+            // defragmentation lock when this pop drains the list (see
+            // `alloc`).
+            match head.compare_exchange_weak(
+                cur,
+                cur.next(next),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(()) => return Ok(Some(granule)),
                 Err(seen) => cur = seen,
             }
         }
@@ -168,18 +306,33 @@ impl<'a> Slab<'a> {
         if order > self.g.chunk_order {
             return Ok(None);
         }
-        for round in 0..2 {
+        let lock = self.r.word(H_DEFRAG_LOCK).ok_or(Corrupt("header"))?;
+        let epoch = self.r.word(H_DEFRAG_EPOCH).ok_or(Corrupt("header"))?;
+        let mut after = None;
+        loop {
             if let Some(g) = self.take(order, me.shard())? {
                 // Release fence: see the module docs; the caller stores into
                 // the block next.
                 fence(Ordering::Release);
                 return Ok(Some(g));
             }
-            if round == 0 {
-                self.defragment(me)?;
+            if let Some(seen) = after {
+                // Our take after a defragmentation failed. If another one
+                // ran meanwhile, it had drained every list into its own
+                // memory, so what we saw empty may have been in transit:
+                // then wait for it and look again. Acquire (both): pairs
+                // with the Release unlock and epoch bump of a defragmenter
+                // (a drain that emptied a list we saw empty happened after
+                // its lock was taken: `pop`'s Release).
+                if lock.load(Ordering::Acquire) == 0 && epoch.load(Ordering::Acquire) == seen {
+                    return Ok(None);
+                }
             }
+            self.defragment(me)?;
+            // Acquire: pairs with the Release bump of the defragmentation
+            // that produced this value: its pushes are visible to our take.
+            after = Some(epoch.load(Ordering::Acquire));
         }
-        Ok(None)
     }
 
     fn take(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
@@ -218,7 +371,9 @@ impl<'a> Slab<'a> {
             }
         }
         let result = self.merge_all(me.shard());
-        epoch.fetch_add(1, Ordering::Relaxed); // Relaxed: a statistic.
+        // Release: pairs with the Acquire loads in `alloc`: whoever sees
+        // the new epoch sees the merged blocks pushed back.
+        epoch.fetch_add(1, Ordering::Release);
         lockword::unlock(lock, me);
         result
     }
@@ -277,7 +432,7 @@ impl<'a> Slab<'a> {
                 let mut n = 0;
                 for shard in 0..FREE_SHARDS {
                     // Acquire: pairs with push's Release, so links are visible.
-                    let mut cur = self.head(o, shard).load(Ordering::Acquire) & LINK_MASK;
+                    let mut cur = self.head(o, shard).load(Ordering::Acquire).top & LINK_MASK;
                     while cur != 0 && n <= max_blocks {
                         n += 1;
                         cur = match self.block(cur - 1, o) {
@@ -300,7 +455,7 @@ impl<'a> Slab<'a> {
         for o in 0..=self.g.chunk_order {
             for shard in 0..FREE_SHARDS {
                 // Acquire: pairs with push's Release, so links are visible.
-                let mut cur = self.head(o, shard).load(Ordering::Acquire) & LINK_MASK;
+                let mut cur = self.head(o, shard).load(Ordering::Acquire).top & LINK_MASK;
                 let mut n = 0;
                 while cur != 0 {
                     n += 1;
@@ -396,11 +551,72 @@ mod tests {
     fn corrupt_free_list_is_reported_not_followed() {
         let (r, g) = setup(64 * 1024);
         let s = Slab::new(&r, &g);
-        r.word(FREE_OFF)
+        r.pair(FREE_OFF)
             .unwrap()
-            .store(u32::MAX as u64, Ordering::Relaxed);
+            .store(u32::MAX as u128, Ordering::Relaxed);
         assert!(s
             .alloc(0, &Holder::new(crate::shm::attach::Token(1)))
             .is_err());
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tag_tests {
+    //! Regression (issue 10, item 5): the free-list tag was 32 bits, in one
+    //! word with the top. A `pop` that read the top and its link, then
+    //! stalled while 2^32 pushes and pops went by, found the head value it
+    //! had read (same top, same tag after the wrap) with a different list
+    //! under it; its CAS succeeded and installed a stale link, so a block
+    //! still in use went back on the list: one block, two owners.
+
+    use super::*;
+
+    /// The stalled pop, replayed on a head whose tag is about to wrap at
+    /// 32 bits: the popper reads head `h` and the link of the top block;
+    /// meanwhile the top is popped (and kept by its new owner), its link
+    /// block popped too, and the top pushed back after 2^32 - 2 other
+    /// operations, leaving top and low 32 tag bits as the popper saw them.
+    #[test]
+    fn a_stalled_pop_does_not_succeed_after_the_tag_wraps_32_bits() {
+        let g = Geometry::new(16, 64 * 1024).unwrap();
+        let r = Region::heap(g.total_bytes as usize);
+        let s = Slab::new(&r, &g);
+        let me = &Holder::new(crate::shm::attach::Token(1));
+        let (a, b) = (
+            s.alloc(0, me).unwrap().unwrap(),
+            s.alloc(0, me).unwrap().unwrap(),
+        );
+        let shard = me.shard();
+        s.push(b, 0, shard);
+        s.push(a, 0, shard); // list: a -> b
+        let head = s.head(0, shard);
+        // The popper's reads.
+        let seen = head.load(Ordering::Acquire);
+        assert_eq!(seen.top, a + 1);
+        let next = s.block(a, 0).unwrap()[0].load(Ordering::Relaxed);
+        assert_eq!(next, b + 1);
+        // Meanwhile: `a` and `b` popped (b stays in use), `a` pushed back.
+        assert_eq!(s.pop(0, shard), Ok(Some(a)));
+        assert_eq!(s.pop(0, shard), Ok(Some(b)));
+        s.push(a, 0, shard); // list: a, its link now 0
+                             // ... and 2^32 - 3 further operations, as far as the tag goes.
+        let now = head.load(Ordering::Relaxed);
+        let wrapped = Head {
+            top: now.top,
+            tag: now.tag + (1u64 << 32) - 3,
+        };
+        assert!(head
+            .compare_exchange_weak(now, wrapped, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok());
+        let now = head.load(Ordering::Relaxed);
+        assert_eq!(now.top, seen.top, "the same top");
+        assert_eq!(now.tag as u32, seen.tag as u32, "the same 32-bit tag");
+        // The stalled popper's CAS: with a 32-bit tag it succeeded and made
+        // `b` (in use) the top of the list.
+        let stale =
+            head.compare_exchange_weak(seen, seen.next(next), Ordering::Acquire, Ordering::Acquire);
+        assert!(stale.is_err(), "a stale pop succeeded");
+        assert_eq!(s.pop(0, shard), Ok(Some(a)));
+        assert_eq!(s.pop(0, shard), Ok(None), "b is not on the list");
     }
 }

@@ -97,6 +97,69 @@ pub fn adopt_entry(dict: &crate::ShmDict, index: u64) {
     crate::shm::livecount::adopt(&dict.region, index, mine);
 }
 
+/// One lock word (`lockword.rs`) on a heap region, taken for one
+/// attached handle whose [`Holder`](crate::shm::attach::Holder) the model's
+/// threads share (as the threads of one process share a handle), and a
+/// counter in a loom cell that the lock guards: loom reports two holders
+/// at once as a data race on the cell, and a census asserts it too.
+#[derive(Debug)]
+pub struct LockWord {
+    region: Region,
+    me: crate::shm::attach::Holder,
+    data: loom::cell::UnsafeCell<u64>,
+    inside: loom::sync::atomic::AtomicU64,
+}
+
+// SAFETY: the cell is accessed only by `increment` while it holds the
+// lock word, and by `get` through `&mut`-free reads after the threads
+// joined; loom checks every access for races (which is what the model
+// tests).
+unsafe impl Sync for LockWord {}
+
+impl LockWord {
+    /// Byte offset of the lock word: the first word after the attach
+    /// table.
+    const OFF: u64 = crate::prim::DATA_OFF;
+
+    /// A free lock word and a handle attached by a live process.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> LockWord {
+        let region = Region::heap(Self::OFF as usize + 64);
+        let (_, token) = crate::shm::attach::attach(
+            &region,
+            crate::shm::attach::LockFd::NONE,
+            crate::shm::attach::process_identity(),
+        )
+        .expect("attach");
+        LockWord {
+            region,
+            me: crate::shm::attach::Holder::new(token),
+            data: loom::cell::UnsafeCell::new(0),
+            inside: loom::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Takes the word (`lockword::lock`), increments the counter with a
+    /// non-atomic read-modify-write, releases the word.
+    pub fn increment(&self) {
+        let word = self.region.word(Self::OFF).expect("in bounds");
+        crate::shm::lockword::lock(&self.region, word, &self.me);
+        enter(&self.inside, 1, u64::MAX, "lock word");
+        // SAFETY: under the lock word (loom reports a race otherwise).
+        self.data.with_mut(|p| unsafe { *p += 1 });
+        // A holder can be descheduled while it holds the word.
+        loom::thread::yield_now();
+        leave(&self.inside, 1);
+        crate::shm::lockword::unlock(word, &self.me);
+    }
+
+    /// The counter (call after the incrementing threads joined).
+    pub fn get(&self) -> u64 {
+        // SAFETY: as in `increment`.
+        self.data.with(|p| unsafe { *p })
+    }
+}
+
 /// The bare slab allocator on a heap region.
 #[derive(Debug)]
 pub struct Arena {
