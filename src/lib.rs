@@ -10,6 +10,8 @@ compile_error!("shmdict needs 64-bit atomics");
 #[cfg(not(loom))]
 mod array;
 mod attach;
+#[cfg(not(loom))]
+mod backend;
 mod block;
 mod check;
 mod dict;
@@ -43,6 +45,10 @@ mod wait;
 
 #[cfg(not(loom))]
 pub use array::{Array, ArrayOptions, ChunkGuard, ReadGuard, WriteGuard};
+#[cfg(all(not(loom), feature = "redis"))]
+pub use backend::redis::{RedisDict, RedisLock, RedisOptions};
+#[cfg(not(loom))]
+pub use backend::{connect, Dict, DictLock};
 pub use check::CheckReport;
 pub use dict::{Options, ShmDict, Stats};
 pub use error::{Error, Result};
