@@ -123,13 +123,21 @@ fn semantics(target: &str) {
     d.insert(b"empty", b"").expect("empty value");
     let big: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
     d.insert(b"big", &big).expect("1 MiB value");
-    assert_eq!(d.get(&bin_key).expect("get").as_deref(), Some(&[0u8, 0, 7][..]));
+    assert_eq!(
+        d.get(&bin_key).expect("get").as_deref(),
+        Some(&[0u8, 0, 7][..])
+    );
     assert_eq!(d.get(b"empty").expect("get").as_deref(), Some(&b""[..]));
     assert_eq!(d.get(b"big").expect("get"), Some(big));
     assert_eq!(d.len().expect("len"), 4);
     let mut keys = d.keys().expect("keys");
     keys.sort();
-    let mut want = vec![b"a".to_vec(), bin_key.to_vec(), b"empty".to_vec(), b"big".to_vec()];
+    let mut want = vec![
+        b"a".to_vec(),
+        bin_key.to_vec(),
+        b"empty".to_vec(),
+        b"big".to_vec(),
+    ];
     want.sort();
     assert_eq!(keys, want, "each live key exactly once");
     // update: absent -> stored, present -> changed, None -> removed.
@@ -160,7 +168,11 @@ fn semantics(target: &str) {
     assert_eq!(d.len().expect("len"), 3 + 250);
     let keys = d.keys().expect("keys");
     assert_eq!(keys.len(), 253);
-    assert_eq!(keys.iter().collect::<HashSet<_>>().len(), 253, "no duplicates");
+    assert_eq!(
+        keys.iter().collect::<HashSet<_>>().len(),
+        253,
+        "no duplicates"
+    );
     // get_or_insert_with: present -> f not called.
     let v = d
         .get_or_insert_with(b"k1", &mut || panic!("f must not run for a present key"))
@@ -170,7 +182,10 @@ fn semantics(target: &str) {
         .get_or_insert_with(b"memo", &mut || b"computed".to_vec())
         .expect("absent");
     assert_eq!(v, b"computed");
-    assert_eq!(d.get(b"memo").expect("get").as_deref(), Some(&b"computed"[..]));
+    assert_eq!(
+        d.get(b"memo").expect("get").as_deref(),
+        Some(&b"computed"[..])
+    );
     // The lock: a first acquisition on a fresh dictionary did not recover.
     let g = d.lock().expect("lock");
     assert!(!g.recovered());
@@ -183,7 +198,13 @@ const INCREMENTS: u64 = 300;
 
 fn no_lost_updates(target: &str) {
     let mut procs: Vec<Proc> = (0..4)
-        .map(|i| Proc::spawn(format!("incrementer {i}"), "incr", &[target, &INCREMENTS.to_string()]))
+        .map(|i| {
+            Proc::spawn(
+                format!("incrementer {i}"),
+                "incr",
+                &[target, &INCREMENTS.to_string()],
+            )
+        })
         .collect();
     common::wait_all(&mut procs);
     let d = open(target);
@@ -201,7 +222,11 @@ fn same_key_races(target: &str) {
     let d = open(target);
     let keys = d.keys().expect("keys");
     assert_eq!(d.len().expect("len"), keys.len(), "len exact after races");
-    assert_eq!(keys.len(), 50, "every key ends inserted (the last op of each racer)");
+    assert_eq!(
+        keys.len(),
+        50,
+        "every key ends inserted (the last op of each racer)"
+    );
     for k in &keys {
         let v = d.get(k).expect("get").expect("present");
         assert!(
@@ -233,12 +258,22 @@ fn wait_for_wakes(target: &str) {
     let d = open(target);
     // Timeout: None, and not before the timeout.
     let t = Instant::now();
-    assert_eq!(d.wait_for(b"never", Duration::from_millis(300)).expect("wait"), None);
-    assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+    assert_eq!(
+        d.wait_for(b"never", Duration::from_millis(300))
+            .expect("wait"),
+        None
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
     // Present: at once.
     d.insert(b"here", b"v").expect("insert");
     assert_eq!(
-        d.wait_for(b"here", Duration::ZERO).expect("wait").as_deref(),
+        d.wait_for(b"here", Duration::ZERO)
+            .expect("wait")
+            .as_deref(),
         Some(&b"v"[..])
     );
     // Written by another process while we wait.
@@ -276,8 +311,15 @@ fn wait_for_race(target: &str) {
         }
         d.insert(key.as_bytes(), b"x").expect("insert");
         let (v, took) = waiter.join().expect("waiter");
-        assert_eq!(v.expect("wait_for").as_deref(), Some(&b"x"[..]), "round {round}");
-        assert!(took < Duration::from_secs(10), "round {round}: woke after {took:?}");
+        assert_eq!(
+            v.expect("wait_for").as_deref(),
+            Some(&b"x"[..]),
+            "round {round}"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "round {round}: woke after {took:?}"
+        );
     }
 }
 
@@ -302,7 +344,10 @@ fn lock_holder_killed(target: &str) {
     }
     holder.kill();
     let g = d.lock().expect("lock after the holder died");
-    assert!(g.recovered(), "the dead holder's lock is reported as recovered");
+    assert!(
+        g.recovered(),
+        "the dead holder's lock is reported as recovered"
+    );
     drop(g);
     let g = d.lock().expect("lock");
     assert!(!g.recovered());
@@ -395,7 +440,13 @@ const LIN_OPS: u64 = 40;
 fn linearizable(target: &str) {
     let dir = std::env::temp_dir();
     let files: Vec<std::path::PathBuf> = (0..3)
-        .map(|i| dir.join(format!("shmdict-lin-{}-{i}-{}", std::process::id(), now_ns())))
+        .map(|i| {
+            dir.join(format!(
+                "shmdict-lin-{}-{i}-{}",
+                std::process::id(),
+                now_ns()
+            ))
+        })
         .collect();
     let mut procs: Vec<Proc> = files
         .iter()
@@ -437,12 +488,23 @@ fn linearizable(target: &str) {
     );
     // Linearizability is local: the map is linearizable iff each key is.
     for (k, ops) in &per_key {
-        assert!(linearizable_register(ops), "key {k}: history not linearizable: {ops:#?}");
+        assert!(
+            linearizable_register(ops),
+            "key {k}: history not linearizable: {ops:#?}"
+        );
     }
     // The checker itself rejects an impossible history.
     let bad = [
-        Op { start: 0, end: 1, kind: OpKind::Insert(5) },
-        Op { start: 2, end: 3, kind: OpKind::Get(None) },
+        Op {
+            start: 0,
+            end: 1,
+            kind: OpKind::Insert(5),
+        },
+        Op {
+            start: 2,
+            end: 3,
+            kind: OpKind::Get(None),
+        },
     ];
     assert!(!linearizable_register(&bad), "checker accepts a stale read");
 }
@@ -482,15 +544,18 @@ fn child(role: &str, args: &[String]) {
             let v = d
                 .get_or_insert_with(b"memo", &mut || {
                     // f may use the dictionary's other operations.
-                    d.update(b"calls", &mut |v| incr(v)).expect("count the call");
+                    d.update(b"calls", &mut |v| incr(v))
+                        .expect("count the call");
                     std::thread::sleep(Duration::from_millis(300));
                     format!("computed by {me}").into_bytes()
                 })
                 .expect("get_or_insert_with");
-            d.insert(format!("seen-{me}").as_bytes(), &v).expect("report");
+            d.insert(format!("seen-{me}").as_bytes(), &v)
+                .expect("report");
         }
         "write" => {
-            d.insert(args[1].as_bytes(), args[2].as_bytes()).expect("insert");
+            d.insert(args[1].as_bytes(), args[2].as_bytes())
+                .expect("insert");
         }
         "locked_incr" => {
             let n: u64 = args[1].parse().expect("count");

@@ -123,6 +123,16 @@ static WAIT_CHECK: Script = Script::new(concat!(
     "return {0, id}"
 ));
 
+/// `watch`'s check. KEYS: hash, flag, stream. ARGV: key, flag lifetime
+/// (ms). Raises the flag; returns {last stream id, value or nothing}.
+static WATCH_CHECK: Script = Script::new(concat!(
+    "if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then \
+       redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) \
+     end ",
+    last_id!("KEYS[3]"),
+    "return {id, redis.call('HGET', KEYS[1], ARGV[1])}"
+));
+
 /// `lock()`. KEYS: lock, held, fence, releases stream. ARGV: lease (ms).
 /// Returns {1, token, recovered} or {0, remaining lease (ms), last id}.
 static LOCK: Script = Script::new(concat!(
@@ -449,6 +459,74 @@ impl RedisDict {
                 .query::<i64>(c)
                 .map(|_| ())
         })
+    }
+
+    /// Opens `redis://HOST:PORT/NAME` or
+    /// `redis+cluster://HOST:PORT,HOST:PORT/NAME` with the default options.
+    pub fn open_target(target: &str) -> Result<RedisDict> {
+        RedisDict::connect_target(target)
+    }
+
+    /// Calls `each` with the value of `key` now (`None` if absent), then
+    /// after every write or removal of it, until `each` returns `Ok(true)`
+    /// (or an error). Blocks in Redis between writes (`XREAD BLOCK` on the
+    /// dictionary's writes stream); writes in quick succession may be seen
+    /// as one, and the latest value is always passed.
+    pub fn watch(
+        &self,
+        key: &[u8],
+        mut each: impl FnMut(Option<Vec<u8>>) -> Result<bool>,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let keys = self.write_keys();
+        let flag_ms = millis(MAX_BLOCK + inner.timeout + Duration::from_secs(1)).to_string();
+        let check = || {
+            inner.call("watch (check)", true, |c| {
+                let v = eval(c, &WATCH_CHECK, &keys, &[key, flag_ms.as_bytes()])?;
+                let mut a = as_array(v, "watch")?.into_iter();
+                let id = as_string(a.next(), "watch")?;
+                let value = match a.next() {
+                    None | Some(Value::Nil) => None,
+                    v => Some(as_bytes(v, "watch")?),
+                };
+                Ok((id, value))
+            })
+        };
+        let (mut id, value) = check()?;
+        if each(value)? {
+            return Ok(());
+        }
+        loop {
+            // Entries after `id`: (last id seen, whether one names `key`).
+            let (last, hit) = inner.call("watch (XREAD BLOCK)", true, |c| {
+                c.set_read_timeout(Some(MAX_BLOCK + inner.timeout))?;
+                let r = redis::cmd("XREAD")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("BLOCK")
+                    .arg(millis(MAX_BLOCK))
+                    .arg("STREAMS")
+                    .arg(&inner.keys.writes)
+                    .arg(&id)
+                    .query::<Value>(c);
+                c.set_read_timeout(Some(inner.timeout))?;
+                stream_entries_name(r?, key)
+            })?;
+            match last {
+                // Timed out: raise the flag again and go on.
+                None => {
+                    check()?;
+                }
+                Some(last) if !hit => id = last,
+                Some(_) => {
+                    let (now, value) = check()?;
+                    id = now;
+                    if each(value)? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     /// The dictionary's name.
@@ -798,6 +876,40 @@ fn block_on_stream(
         c.set_read_timeout(Some(inner.timeout))?;
         r.map(|_| ())
     })
+}
+
+/// From an `XREAD` reply on one stream: the id of its last entry (`None`
+/// if the read timed out) and whether an entry's `k` field is `key`.
+fn stream_entries_name(v: Value, key: &[u8]) -> RedisResult<(Option<String>, bool)> {
+    let streams = match v {
+        Value::Nil => return Ok((None, false)),
+        Value::Array(a) => a,
+        Value::Map(m) => m
+            .into_iter()
+            .map(|(k, v)| Value::Array(vec![k, v]))
+            .collect(),
+        v => return Err(bad_reply("XREAD", &v)),
+    };
+    let mut last = None;
+    let mut hit = false;
+    for s in streams {
+        let mut s = as_array(s, "XREAD stream")?.into_iter();
+        s.next();
+        for e in as_array(s.next().unwrap_or(Value::Nil), "XREAD entries")? {
+            let mut e = as_array(e, "XREAD entry")?.into_iter();
+            last = Some(as_string(e.next(), "XREAD entry id")?);
+            let fields = as_array(e.next().unwrap_or(Value::Nil), "XREAD fields")?;
+            let mut f = fields.into_iter();
+            while let (Some(name), Some(value)) = (f.next(), f.next()) {
+                if as_bytes(Some(name), "XREAD field")? == b"k"
+                    && as_bytes(Some(value), "XREAD value")? == key
+                {
+                    hit = true;
+                }
+            }
+        }
+    }
+    Ok((last, hit))
 }
 
 /// A lease renewed by a background thread every third of its length until
