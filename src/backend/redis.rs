@@ -848,8 +848,12 @@ fn as_string(v: Option<Value>, what: &str) -> RedisResult<String> {
     String::from_utf8(b).map_err(|e| bad_reply(what, &Value::BulkString(e.into_bytes())))
 }
 
+/// `d` in whole milliseconds, rounded up (a block of `millis(d)` ends no
+/// earlier than `d`), at least 1 (0 means "forever" to Redis).
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(d.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Blocks on a stream until an entry after `id` arrives or `block` passes.
@@ -1222,6 +1226,10 @@ impl Dict for RedisDict {
             let remaining =
                 deadline.map_or(MAX_BLOCK, |d| d.saturating_duration_since(Instant::now()));
             let block = remaining.min(MAX_BLOCK);
+            if block.is_zero() {
+                // No time left: a plain read (raising no flag).
+                return self.get(key);
+            }
             // The flag outlives this wait's block and the socket timeout.
             let flag_ms = millis(block + inner.timeout + Duration::from_secs(1)).to_string();
             let r = inner.call("wait_for (check)", true, |c| {
@@ -1234,7 +1242,6 @@ impl Dict for RedisDict {
             })?;
             match r {
                 (true, value) => return Ok(Some(value)),
-                (false, _) if block.is_zero() => return Ok(None),
                 (false, id) => {
                     let id = String::from_utf8_lossy(&id).into_owned();
                     block_on_stream(
