@@ -61,6 +61,8 @@ fn fresh_redis() -> Fresh {
 }
 
 type Test = fn(&str);
+/// A backend: its trial-name prefix and how to get a fresh dictionary.
+type Backend = (&'static str, fn() -> Fresh);
 
 const TESTS: &[(&str, Test)] = &[
     ("semantics", semantics),
@@ -80,9 +82,11 @@ fn main() {
         child(&argv[2], &argv[3..]);
         return;
     }
-    let mut backends: Vec<(&str, fn() -> Fresh)> = vec![("shm", fresh_shm)];
-    #[cfg(feature = "redis")]
-    backends.push(("redis", fresh_redis));
+    let backends: Vec<Backend> = vec![
+        ("shm", fresh_shm),
+        #[cfg(feature = "redis")]
+        ("redis", fresh_redis),
+    ];
     let mut args = libtest_mimic::Arguments::from_args();
     if args.test_threads.is_none() {
         args.test_threads = Some(1);

@@ -3,7 +3,7 @@
 //! backend from one string.
 //!
 //! The shared-memory dictionary serves the processes of one machine; with
-//! the cargo feature `redis`, [`RedisDict`](crate::RedisDict) serves the
+//! the cargo feature `redis`, `RedisDict` serves the
 //! same operations from a Redis server or cluster, so a program moves from
 //! one machine to several by changing the string it passes to [`connect`].
 //! `docs/design.md` ("The Redis backend") has the table of what differs.
@@ -130,7 +130,7 @@ impl Dict for ShmDict {
 /// | target | backend |
 /// |--------|---------|
 /// | `shm:NAME` | [`ShmDict::open`]`(NAME)` (attach, or create with default sizing) |
-/// | `redis://HOST:PORT/NAME` | [`RedisDict`](crate::RedisDict) on one Redis server (feature `redis`) |
+/// | `redis://HOST:PORT/NAME` | `RedisDict` on one Redis server (feature `redis`) |
 /// | `redis+cluster://HOST:PORT,HOST:PORT/NAME` | the same on a Redis Cluster, any of whose nodes are listed (feature `redis`) |
 ///
 /// NAME follows the segment name rules on every backend (`InvalidName`
