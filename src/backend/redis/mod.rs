@@ -220,6 +220,8 @@ impl RedisDict {
             })
         };
         let (mut id, value) = check()?;
+        let mut raised = Instant::now();
+        let mut last_value = value.clone();
         if each(value)? {
             return Ok(());
         }
@@ -239,18 +241,22 @@ impl RedisDict {
                 c.set_read_timeout(Some(inner.timeout))?;
                 stream_entries_name(r?, key)
             })?;
-            match last {
-                // Timed out: raise the flag again and go on.
-                None => {
-                    check()?;
+            if let (Some(last), false) = (&last, hit) {
+                id = last.clone();
+                if raised.elapsed() < MAX_BLOCK {
+                    continue;
                 }
-                Some(last) if !hit => id = last,
-                Some(_) => {
-                    let (now, value) = check()?;
-                    id = now;
-                    if each(value)? {
-                        return Ok(());
-                    }
+            }
+            // The key was written, or the flag needs raising again (before
+            // it expires; if it did expire, a write may have gone
+            // unannounced, so a changed value is passed on too).
+            let (now, value) = check()?;
+            raised = Instant::now();
+            id = now;
+            if hit || value != last_value {
+                last_value = value.clone();
+                if each(value)? {
+                    return Ok(());
                 }
             }
         }
