@@ -135,7 +135,7 @@ impl Drop for RedisLock<'_> {
 }
 
 impl RedisDict {
-    /// [`Dict::lock`] with the concrete guard type (fencing token,
+    /// [`Dict::lock`](crate::Dict::lock) with the concrete guard type (fencing token,
     /// [`still_held`](RedisLock::still_held)).
     pub fn lock_lease(&self) -> Result<RedisLock<'_>> {
         let inner = &self.inner;

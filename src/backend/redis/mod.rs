@@ -59,7 +59,7 @@ const MAX_BLOCK: Duration = Duration::from_secs(30);
 /// the new primary after a failover).
 ///
 /// Every call has a socket timeout (default 5 s, [`RedisOptions::timeout`]):
-/// an unreachable, closed or frozen server gives [`Error::Io`] whose message
+/// an unreachable, closed or frozen server gives [`Error::Io`](crate::Error::Io) whose message
 /// names `host:port` and the dictionary. A failed call leaves unknown
 /// whether a write it sent took effect (as with any network store).
 ///
