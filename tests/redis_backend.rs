@@ -432,6 +432,33 @@ fn cluster() {
     let got = waiter.join().expect("waiter").expect("wait_for");
     assert_eq!(got.as_deref(), Some(&b"yes"[..]));
     assert_eq!(d.get(b"ctr").expect("get").map(|v| u64_of(&v)), Some(600));
+    // Move a dictionary's slot to another master under an open handle: its
+    // next call is answered MOVED, follows it, and finds every key there.
+    let mover = open(&url, "mover");
+    for k in 0..50u32 {
+        mover
+            .insert(format!("k{k}").as_bytes(), b"v")
+            .expect("insert");
+    }
+    let from_port: u16 = port_of(&mover.target());
+    let to = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port != from_port)
+        .expect("another master");
+    migrate_slot(&cluster, "shmdict:{mover}:h", from_port, to.port);
+    assert_eq!(
+        mover.get(b"k7").expect("get after the move").as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(
+        port_of(&mover.target()),
+        to.port,
+        "the handle follows MOVED"
+    );
+    assert_eq!(mover.len().expect("len"), 50);
+    mover.insert(b"k50", b"v").expect("insert after the move");
+    assert_eq!(mover.len().expect("len"), 51);
     // A seed list with a dead node first still finds the dictionary.
     let dead = free_port();
     let with_dead = url.replacen(
@@ -441,6 +468,51 @@ fn cluster() {
     );
     let d2 = open(&with_dead, "busy");
     assert_eq!(d2.get(b"done").expect("get").as_deref(), Some(&b"yes"[..]));
+}
+
+/// The port in a `…://HOST:PORT/NAME` target.
+fn port_of(target: &str) -> u16 {
+    target
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {target}"))
+}
+
+/// Moves the slot of `key` from the master on `from` to the one on `to`,
+/// keys included, as `redis-cli --cluster reshard` does for one slot.
+fn migrate_slot(cluster: &RedisCluster, key: &str, from: u16, to: u16) {
+    use redis_server::raw_command;
+    let cmd = |port: u16, c: &str| {
+        let r = raw_command(port, c).unwrap_or_else(|| panic!("no reply to {c}"));
+        assert!(!r.starts_with('-'), "{c} on {port}: {r}");
+        r
+    };
+    let id = |port: u16| {
+        let r = cmd(port, "CLUSTER MYID");
+        r.lines().nth(1).expect("bulk reply").trim().to_owned()
+    };
+    let slot: u16 = cmd(from, &format!("CLUSTER KEYSLOT {key}"))
+        .trim_start_matches(':')
+        .trim()
+        .parse()
+        .expect("slot");
+    let (from_id, to_id) = (id(from), id(to));
+    cmd(to, &format!("CLUSTER SETSLOT {slot} IMPORTING {from_id}"));
+    cmd(from, &format!("CLUSTER SETSLOT {slot} MIGRATING {to_id}"));
+    let keys = cmd(from, &format!("CLUSTER GETKEYSINSLOT {slot} 1000"));
+    let keys: Vec<&str> = keys
+        .lines()
+        .filter(|l| !l.starts_with('*') && !l.starts_with('$') && !l.is_empty())
+        .collect();
+    assert!(!keys.is_empty(), "the slot holds the dictionary's keys");
+    cmd(
+        from,
+        &format!("MIGRATE 127.0.0.1 {to} \"\" 0 5000 KEYS {}", keys.join(" ")),
+    );
+    for n in &cluster.nodes {
+        cmd(n.port, &format!("CLUSTER SETSLOT {slot} NODE {to_id}"));
+    }
 }
 
 fn cli() {
