@@ -296,22 +296,26 @@ fn wait_for_wakes(target: &str) {
 }
 
 fn wait_for_race(target: &str) {
-    // The write lands right after the waiter starts, in many rounds: some of
-    // them fall between its check and its wait. None may be missed (a miss
-    // would wait the full 20 s and fail the round).
+    // The write lands at staggered moments (0-400 µs) after the waiter
+    // starts, over many rounds: some fall between its check and its sleep
+    // (on Redis: between the check script and the blocking XREAD, one round
+    // trip apart). None may be missed: a miss waits the full 20 s and fails
+    // the round.
     let d = open(target);
-    for round in 0..100 {
+    let waiter_dict: std::sync::Arc<dyn Dict> = open(target).into();
+    for round in 0..200u64 {
         let key = format!("r{round}");
-        let target2 = target.to_owned();
+        let w = waiter_dict.clone();
         let key2 = key.clone();
         let waiter = std::thread::spawn(move || {
-            let d = open(&target2);
             let t = Instant::now();
-            let v = d.wait_for(key2.as_bytes(), Duration::from_secs(20));
+            let v = w.wait_for(key2.as_bytes(), Duration::from_secs(20));
             (v, t.elapsed())
         });
-        if round % 2 == 0 {
-            std::thread::yield_now();
+        let delay = Duration::from_micros(round * 37 % 400);
+        let t = Instant::now();
+        while t.elapsed() < delay {
+            std::hint::spin_loop();
         }
         d.insert(key.as_bytes(), b"x").expect("insert");
         let (v, took) = waiter.join().expect("waiter");
