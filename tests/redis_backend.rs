@@ -33,6 +33,10 @@ const TRIALS: &[(&str, fn())] = &[
         "paused_holder_loses_lease_fencing_token_grows",
         paused_holder,
     ),
+    (
+        "get_or_insert_with_computer_killed_is_replaced",
+        memo_killed,
+    ),
     ("wait_for_blocks_in_redis_without_polling", no_polling),
     (
         "threads_and_processes_update_without_loss",
@@ -319,6 +323,57 @@ fn paused_holder() {
     assert_eq!(d.last_fencing_token().expect("fence"), g.token());
     common::signal(&holder, libc::SIGCONT);
     holder.kill();
+}
+
+fn memo_killed() {
+    let server = RedisServer::start();
+    let target = server.target("memo");
+    let lease = Duration::from_millis(1000);
+    let d = RedisDict::options()
+        .lease(lease)
+        .open(&server.url(), "memo")
+        .expect("open");
+    let mut computer = Proc::spawn("computer", "memo_forever", &[&target]);
+    let deadline = Instant::now() + common::WATCHDOG;
+    while d.get(b"computing").expect("get").is_none() {
+        computer.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the child never started computing"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // While the child computes, its renewed lease keeps us waiting, for
+    // well over the lease.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let mut ran = false;
+            let v = d
+                .get_or_insert_with(b"memo", &mut || {
+                    ran = true;
+                    b"ours".to_vec()
+                })
+                .expect("get_or_insert_with");
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (ran, v)
+        });
+        std::thread::sleep(3 * lease);
+        assert!(
+            !done.load(std::sync::atomic::Ordering::SeqCst),
+            "f ran here while the live computer held its lease"
+        );
+        let killed = Instant::now();
+        computer.kill();
+        let (ran, v) = waiter.join().expect("waiter");
+        assert!(ran, "after the computer died, this caller computed");
+        assert_eq!(v, b"ours");
+        eprintln!(
+            "took over {:?} after the kill (lease {lease:?})",
+            killed.elapsed()
+        );
+    });
+    assert_eq!(d.get(b"memo").expect("get").as_deref(), Some(&b"ours"[..]));
 }
 
 fn no_polling() {
@@ -619,6 +674,19 @@ fn child(role: &str, args: &[String]) {
                     Err(e) => panic!("not an Io error naming {hostport}: {e}"),
                 }
             }
+        }
+        "memo_forever" => {
+            let (url, name) = args[0].rsplit_once('/').expect("target");
+            let d = RedisDict::options()
+                .lease(Duration::from_millis(1000))
+                .open(url, name)
+                .expect("open");
+            d.get_or_insert_with(b"memo", &mut || {
+                d.insert(b"computing", b"1").expect("insert");
+                std::thread::sleep(common::WATCHDOG);
+                b"never".to_vec()
+            })
+            .expect("get_or_insert_with");
         }
         "hold_lock_1s_lease" => {
             let (url, name) = args[0].rsplit_once('/').expect("target");
