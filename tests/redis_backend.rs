@@ -37,6 +37,7 @@ const TRIALS: &[(&str, fn())] = &[
         "get_or_insert_with_computer_killed_is_replaced",
         memo_killed,
     ),
+    ("reentrant_lock_and_memo_are_refused_not_hung", reentrant),
     ("wait_for_blocks_in_redis_without_polling", no_polling),
     (
         "threads_and_processes_update_without_loss",
@@ -374,6 +375,49 @@ fn memo_killed() {
         );
     });
     assert_eq!(d.get(b"memo").expect("get").as_deref(), Some(&b"ours"[..]));
+}
+
+fn reentrant() {
+    let server = RedisServer::start();
+    let d = open(&server.url(), "reentrant");
+    let same = open(&server.url(), "reentrant");
+    {
+        let _g = d.lock().expect("lock");
+        // Through another handle too: it is the same lock.
+        let e = same.lock().err();
+        assert!(matches!(e, Some(Error::InvalidArgument { .. })), "{e:?}");
+        // Other operations (and another dictionary's lock) work meanwhile.
+        d.insert(b"k", b"v").expect("insert under the lock");
+        drop(open(&server.url(), "other").lock().expect("another lock"));
+    }
+    drop(d.lock().expect("lock again after the release"));
+    let mut inner_err = None;
+    let v = d
+        .get_or_insert_with(b"memo", &mut || {
+            inner_err = same
+                .get_or_insert_with(b"memo", &mut || b"inner".to_vec())
+                .err();
+            // Other keys, and the other operations, are fine inside f.
+            let o = d
+                .get_or_insert_with(b"other", &mut || b"o".to_vec())
+                .expect("another key inside f");
+            assert_eq!(o, b"o");
+            b"outer".to_vec()
+        })
+        .expect("get_or_insert_with");
+    assert_eq!(v, b"outer");
+    assert!(
+        matches!(inner_err, Some(Error::InvalidArgument { .. })),
+        "{inner_err:?}"
+    );
+    // Another thread is not refused: it waits, then gets the value.
+    std::thread::scope(|s| {
+        let g = d.lock().expect("lock");
+        let t = s.spawn(|| same.lock().map(|g| g.recovered()));
+        std::thread::sleep(Duration::from_millis(200));
+        drop(g);
+        assert!(!t.join().expect("thread").expect("lock in another thread"));
+    });
 }
 
 fn no_polling() {

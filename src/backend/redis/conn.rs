@@ -161,6 +161,14 @@ pub(super) fn parse_server(url: &str) -> Result<(Endpoint, String)> {
 }
 
 impl Inner {
+    /// The server (or cluster seeds) this handle was opened on.
+    pub(super) fn server_id(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Single(a) => a.clone(),
+            Endpoint::Cluster(seeds) => seeds.join(","),
+        }
+    }
+
     pub(super) fn target(&self) -> String {
         let addr = self.state().addr.clone();
         match (&self.endpoint, addr) {

@@ -2,6 +2,9 @@
 //! per-key lease, each renewed by a background thread while held and
 //! released on drop.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -13,7 +16,46 @@ use super::conn::{block_on_stream, millis, Inner};
 use super::scripts::{as_array, as_int, as_string, eval, LOCK, RELEASE, RENEW};
 use super::RedisDict;
 use crate::backend::DictLock;
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+thread_local! {
+    /// The leases this thread holds or waits for, as (server, lease key):
+    /// asking for one of them again would wait for itself.
+    static HELD: RefCell<HashSet<(String, Vec<u8>)>> = RefCell::new(HashSet::new());
+}
+
+/// This thread's claim on a lease (see [`HELD`]); not `Send`, since it is
+/// registered in this thread's set.
+#[derive(Debug)]
+pub(super) struct Held {
+    id: (String, Vec<u8>),
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Held {
+    /// `InvalidArgument` if this thread already holds (or waits for) the
+    /// lease `key` of `inner`'s server.
+    pub(super) fn enter(inner: &Inner, key: &[u8], what: &str) -> Result<Held> {
+        let id = (inner.server_id(), key.to_vec());
+        let fresh = HELD.with(|h| h.borrow_mut().insert(id.clone()));
+        if !fresh {
+            return Err(Error::InvalidArgument {
+                segment: inner.target(),
+                reason: format!("{what} again while this thread holds it would wait for itself"),
+            });
+        }
+        Ok(Held {
+            id,
+            _not_send: PhantomData,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = HELD.try_with(|h| h.borrow_mut().remove(&self.id));
+    }
+}
 
 /// A lease renewed by a background thread every third of its length until
 /// dropped.
@@ -71,6 +113,8 @@ pub struct RedisLock<'a> {
     pub(super) token: u64,
     pub(super) recovered: bool,
     pub(super) renewer: Option<RenewerHandle>,
+    /// Refuses a second `lock()` by this thread; makes the guard `!Send`.
+    pub(super) _held: Held,
 }
 
 /// Opaque renewal state (for `Debug`).
@@ -141,6 +185,7 @@ impl RedisDict {
         let inner = &self.inner;
         let k = &inner.keys;
         let lease = millis(inner.lease).to_string();
+        let held = Held::enter(inner, k.lock.as_bytes(), "lock()")?;
         loop {
             let r = inner.call("lock", false, |c| {
                 let v = eval(
@@ -175,6 +220,7 @@ impl RedisDict {
                         token,
                         recovered,
                         renewer: Some(RenewerHandle(renewer)),
+                        _held: held,
                     });
                 }
                 Err((pttl, id)) => {

@@ -31,7 +31,7 @@ use redis::Value;
 
 use self::conn::{block_on_stream, millis, parse_server, split_target, Inner, Keys, NodeState};
 pub use self::lease::RedisLock;
-use self::lease::{KeyLease, KeyLeaseGuard, Renewer};
+use self::lease::{Held, KeyLease, KeyLeaseGuard, Renewer};
 use self::scripts::{
     as_array, as_bytes, as_int, as_string, eval, stream_entries_name, CAS, INSERT, KEY_LEASE,
     REMOVE, WAIT_CHECK, WATCH_CHECK,
@@ -458,6 +458,7 @@ impl Dict for RedisDict {
         let inner = &self.inner;
         let k = &inner.keys;
         let lease_key = k.key_lease(key);
+        let _held = Held::enter(inner, &lease_key, "get_or_insert_with of the same key")?;
         let lease = millis(inner.lease).to_string();
         loop {
             let r = inner.call("get_or_insert_with (lease)", false, |c| {
