@@ -305,15 +305,13 @@ impl Inner {
             }
             (addr, st.epoch)
         };
-        let addr = if addr.is_empty() {
-            let Endpoint::Cluster(seeds) = &self.endpoint else {
-                unreachable!("a single server always has an address")
-            };
-            let a = self.resolve(seeds)?;
-            self.set_addr(Some(a.clone()), epoch);
-            a
-        } else {
-            addr
+        let addr = match &self.endpoint {
+            Endpoint::Cluster(seeds) if addr.is_empty() => {
+                let a = self.resolve(seeds)?;
+                self.set_addr(Some(a.clone()), epoch);
+                a
+            }
+            _ => addr,
         };
         let con = self
             .connect(&addr)
