@@ -483,6 +483,10 @@ fn threads_and_processes() {
     common::wait_all(&mut procs);
     let total = shared.get(b"ctr").expect("get").map(|v| u64_of(&v));
     assert_eq!(total, Some(8 * 200), "lost increments");
+    eprintln!(
+        "{} compare-and-set conflicts retried in this process",
+        RedisDict::update_retries()
+    );
 }
 
 fn cluster() {
