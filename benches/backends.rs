@@ -5,7 +5,7 @@
 //! | group    | `redis_dict`                         | `raw_redis`                                  | `shm_dyn`               |
 //! |----------|--------------------------------------|----------------------------------------------|-------------------------|
 //! | `get`    | `Dict::get` (HGET)                   | `GET`                                        | `Dict::get` on `shm:`   |
-//! | `insert` | `Dict::insert` (EVALSHA: HSET + notify check) | `SET`                               | `Dict::insert` on `shm:` |
+//! | `insert` | `Dict::insert` (HSET + EXISTS of the waiters' flag, pipelined) | `SET`                  | `Dict::insert` on `shm:` |
 //! | `update` | `Dict::update` +1 (HGET, then a CAS script) | `WATCH`, `GET`, `MULTI` `SET` `EXEC` (+1) | `Dict::update` on `shm:` |
 //!
 //! 1,000 keys of 16 bytes, values of 64 bytes, one client, loopback. The

@@ -363,19 +363,22 @@ impl Inner {
                     return Ok(v);
                 }
                 Err(e) => {
-                    if let Some((addr, _slot)) = e.redirect_node() {
-                        let moved = matches!(
-                            e.kind(),
-                            redis::ErrorKind::Server(redis::ServerErrorKind::Moved)
-                        );
-                        if moved
-                            && matches!(self.endpoint, Endpoint::Cluster(_))
-                            && redirects < MAX_REDIRECTS
-                        {
-                            redirects += 1;
-                            self.set_addr(Some(addr.to_owned()), c.epoch);
-                            continue;
-                        }
+                    let moved = matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(redis::ServerErrorKind::Moved)
+                    );
+                    if moved
+                        && matches!(self.endpoint, Endpoint::Cluster(_))
+                        && redirects < MAX_REDIRECTS
+                    {
+                        // The command was not executed: send it where the
+                        // slot is now (named in the reply, or, for a
+                        // pipeline, whose error does not carry the
+                        // address, as the cluster says).
+                        redirects += 1;
+                        let to = e.redirect_node().map(|(addr, _slot)| addr.to_owned());
+                        self.set_addr(to, c.epoch);
+                        continue;
                     }
                     let dropped = e.is_connection_dropped() || e.is_io_error();
                     if dropped && matches!(self.endpoint, Endpoint::Cluster(_)) {

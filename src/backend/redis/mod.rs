@@ -1,23 +1,14 @@
 //! [`RedisDict`]: the [`Dict`] operations on a Redis server or cluster.
 //!
-//! Key layout (all keys of a dictionary share the hash tag `{NAME}`, so in a
-//! cluster they live on one slot, and scripts may touch several of them):
-//!
-//! | key                        | type   | holds                                              |
-//! |----------------------------|--------|----------------------------------------------------|
-//! | `shmdict:{NAME}:h`         | hash   | the dictionary: field = key bytes, value = value   |
-//! | `shmdict:{NAME}:w`         | stream | one entry per write while someone waits (`wait_for`) |
-//! | `shmdict:{NAME}:wf`        | string | "someone waits" flag, expiring with the last waiter |
-//! | `shmdict:{NAME}:r`         | stream | one entry per release of the lock or a key lease   |
-//! | `shmdict:{NAME}:lock`      | string | fencing token of the `lock()` holder, with the lease as TTL |
-//! | `shmdict:{NAME}:held`      | string | the same token, no TTL: deleted only by a release  |
-//! | `shmdict:{NAME}:fence`     | string | the fencing counter (INCR)                         |
-//! | `shmdict:{NAME}:g:KEY`     | string | lease of `get_or_insert_with` on KEY               |
-//!
-//! Every write runs as one Lua script (atomic on the server): the hash
-//! change and the notification of waiters together. `len` is `HLEN` of the
-//! hash, exact by construction. See `docs/design.md` for why each guarantee
-//! holds.
+//! A dictionary NAME is the hash `shmdict:{NAME}:h` (field = key, value =
+//! value) plus a few keys for waiting and leases, all with the hash tag
+//! `{NAME}`, so that in a cluster they live on one slot. `insert` and
+//! `remove` are one `HSET`/`HDEL` (pipelined with a check for waiters, who
+//! are then woken through a stream); `update` and the leases are Lua
+//! scripts (`scripts.rs`), each one atomic step. Connections, timeouts and the cluster are in
+//! `conn.rs`, the lock and the per-key leases in `lease.rs`. The key layout,
+//! the scripts and why each guarantee holds: `docs/design.md`, "The Redis
+//! backend".
 
 mod conn;
 mod lease;
@@ -33,8 +24,8 @@ use self::conn::{block_on_stream, millis, parse_server, split_target, Inner, Key
 pub use self::lease::RedisLock;
 use self::lease::{Held, KeyLease, KeyLeaseGuard, Renewer};
 use self::scripts::{
-    as_array, as_bytes, as_int, as_string, eval, stream_entries_name, CAS, INSERT, KEY_LEASE,
-    REMOVE, WAIT_CHECK, WATCH_CHECK,
+    as_array, as_bytes, as_int, as_string, eval, stream_entries_name, CAS, KEY_LEASE, WAIT_CHECK,
+    WATCH_CHECK,
 };
 use super::{Dict, DictLock};
 use crate::error::Result;
@@ -287,6 +278,30 @@ impl RedisDict {
 }
 
 impl RedisDict {
+    /// Tells waiters that `key` was written: appends it to the writes
+    /// stream. Called after a plain `HSET`/`HDEL` whose pipelined `EXISTS`
+    /// found the waiters' flag up. No waiter is missed although the write
+    /// and this are separate steps: the server runs the write, then the
+    /// `EXISTS`, in order, and a waiter's check script (which reads the key,
+    /// raises the flag and reads the stream's last id, atomically) runs
+    /// either before the write (so the `EXISTS` sees its flag, and this
+    /// entry comes after the id it read) or after it (so it sees the value).
+    fn announce(&self, key: &[u8]) -> Result<()> {
+        let w = &self.inner.keys.writes;
+        self.inner.call("notifying waiters (XADD)", false, |c| {
+            redis::cmd("XADD")
+                .arg(w)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(100)
+                .arg("*")
+                .arg("k")
+                .arg(key)
+                .query::<Value>(c)
+                .map(|_| ())
+        })
+    }
+
     fn write_keys(&self) -> [&[u8]; 3] {
         let k = &self.inner.keys;
         [k.hash.as_bytes(), k.flag.as_bytes(), k.writes.as_bytes()]
@@ -314,18 +329,42 @@ impl Dict for RedisDict {
     }
 
     fn insert(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        let keys = self.write_keys();
-        self.inner.call("insert", false, |c| {
-            eval(c, &INSERT, &keys, &[key, value]).map(|_| ())
-        })
+        let k = &self.inner.keys;
+        // HSET, then (same round trip, executed after it) is a waiter's
+        // flag up? See `announce`.
+        let waiting = self.inner.call("insert (HSET)", false, |c| {
+            let (_, flag): (i64, i64) = redis::pipe()
+                .cmd("HSET")
+                .arg(&k.hash)
+                .arg(key)
+                .arg(value)
+                .cmd("EXISTS")
+                .arg(&k.flag)
+                .query(c)?;
+            Ok(flag == 1)
+        })?;
+        if waiting {
+            self.announce(key)?;
+        }
+        Ok(())
     }
 
     fn remove(&self, key: &[u8]) -> Result<bool> {
-        let keys = self.write_keys();
-        self.inner.call("remove", false, |c| {
-            let v = eval(c, &REMOVE, &keys, &[key])?;
-            Ok(as_int(Some(&v), "remove")? == 1)
-        })
+        let k = &self.inner.keys;
+        let (removed, waiting) = self.inner.call("remove (HDEL)", false, |c| {
+            let (n, flag): (i64, i64) = redis::pipe()
+                .cmd("HDEL")
+                .arg(&k.hash)
+                .arg(key)
+                .cmd("EXISTS")
+                .arg(&k.flag)
+                .query(c)?;
+            Ok((n == 1, flag == 1))
+        })?;
+        if removed && waiting {
+            self.announce(key)?;
+        }
+        Ok(removed)
     }
 
     fn contains_key(&self, key: &[u8]) -> Result<bool> {

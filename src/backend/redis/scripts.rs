@@ -44,21 +44,6 @@ macro_rules! last_id {
     };
 }
 
-/// KEYS: hash, flag, stream. ARGV: key, value.
-pub(super) static INSERT: Script = Script::new(concat!(
-    "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) ",
-    notify!(),
-    "return 1"
-));
-
-/// KEYS: hash, flag, stream. ARGV: key. Returns 1 if the key was present.
-pub(super) static REMOVE: Script = Script::new(concat!(
-    "local n = redis.call('HDEL', KEYS[1], ARGV[1]) \
-     if n == 1 then ",
-    notify!(),
-    "end return n"
-));
-
 /// Compare-and-set. KEYS: hash, flag, stream. ARGV: key, expected present
 /// ('1'/'0'), expected value, new present ('1'/'0'), new value. Returns {1}
 /// on success, {0} or {0, current} on a conflict.
