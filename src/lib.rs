@@ -28,12 +28,18 @@ pub mod segments;
 mod value;
 
 #[cfg(not(loom))]
+mod backend;
+#[cfg(not(loom))]
 pub mod pool;
 #[cfg(not(loom))]
 pub mod space;
 
 #[cfg(not(loom))]
 pub use array::{Array, ArrayOptions, ChunkGuard, ReadGuard, WriteGuard};
+#[cfg(all(not(loom), feature = "redis"))]
+pub use backend::redis::{RedisDict, RedisLock, RedisOptions};
+#[cfg(not(loom))]
+pub use backend::{connect, Dict, DictLock};
 pub use dict::check::CheckReport;
 #[cfg(not(loom))]
 pub use dict::locks::{DictGuard, KeysGuard};

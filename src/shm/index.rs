@@ -473,7 +473,8 @@ mod tests {
         // dead writer's short token.
         let gen_word = r.word(attach::entry_off(1) + 8).unwrap();
         gen_word.store(dead_gen + 2047, Ordering::Relaxed);
-        let (entry, token) = attach(r, crate::shm::attach::LockFd::NONE, process_identity()).unwrap();
+        let (entry, token) =
+            attach(r, crate::shm::attach::LockFd::NONE, process_identity()).unwrap();
         assert_eq!((entry, token.short()), (1, dead_short));
         assert!(
             short_token_alive(r, crate::shm::attach::LockFd::NONE, dead_short),

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use shmdict::segments::{self, SegmentInfo, SegmentKind};
-use shmdict::{Error, ShmDict};
+use shmdict::{Dict, Error, ShmDict};
 
 use crate::enc::{self, Enc};
 
@@ -23,6 +23,11 @@ Examples:
   shmdict get jobs job/7
   shmdict dump jobs > jobs.jsonl    and back: shmdict load copy --create < jobs.jsonl
   shmdict gc --dry-run              segments whose processes all died
+  shmdict get redis://10.0.0.5:6379/jobs job/7
+                                    get, set, del, keys, dump, load and watch also take a
+                                    Redis target (redis://HOST:PORT/NAME or
+                                    redis+cluster://HOST:PORT,HOST:PORT/NAME) in place of
+                                    the segment name (a build with the `redis` feature)
 
 Inspecting commands never create a segment. `set` and `load` create one only
 with --create.
@@ -445,6 +450,44 @@ fn open_existing(name: &str, allow_other_owner: bool) -> Result<ShmDict, Failure
         .open(name)?)
 }
 
+/// Whether NAME is a Redis target (`redis://HOST:PORT/NAME`,
+/// `redis+cluster://HOST:PORT,…/NAME`) rather than a segment name.
+fn is_remote(name: &str) -> bool {
+    name.starts_with("redis://") || name.starts_with("redis+cluster://")
+}
+
+/// A segment to read (whoever owns it, see [`open_for_reading`]) or a Redis
+/// target.
+fn open_dict_for_reading(name: &str) -> Result<Box<dyn Dict>, Failure> {
+    if is_remote(name) {
+        // Without the `redis` feature: a clear InvalidArgument.
+        return Ok(shmdict::connect(name)?);
+    }
+    Ok(Box::new(open_for_reading(name)?))
+}
+
+/// A segment to change (attached, never created; see [`open_existing`]) or
+/// a Redis target.
+fn open_dict(name: &str, allow_other_owner: bool) -> Result<Box<dyn Dict>, Failure> {
+    if is_remote(name) {
+        return Ok(shmdict::connect(name)?);
+    }
+    Ok(Box::new(open_existing(name, allow_other_owner)?))
+}
+
+/// A segment (created only with --create) or a Redis target (where a
+/// dictionary exists once it has a key, so --create changes nothing).
+fn open_dict_for_writing(
+    name: &str,
+    c: &CreateArgs,
+    allow_other_owner: bool,
+) -> Result<Box<dyn Dict>, Failure> {
+    if is_remote(name) {
+        return Ok(shmdict::connect(name)?);
+    }
+    Ok(Box::new(open_for_writing(name, c, allow_other_owner)?))
+}
+
 /// Attaches to a dictionary to change it, creating it only with --create.
 fn open_for_writing(
     name: &str,
@@ -754,7 +797,7 @@ fn stat(a: StatArgs) -> Outcome {
 
 fn get(a: GetArgs) -> Outcome {
     let key = a.key_enc.key(&a.key)?;
-    let d = open_for_reading(&a.name)?;
+    let d = open_dict_for_reading(&a.name)?;
     let value = d.get(&key)?;
     if a.json {
         print_json(&enc::key_value(&key, value.as_deref()))?;
@@ -801,14 +844,14 @@ fn set(a: SetArgs, allow: bool) -> Outcome {
             }
         }
     };
-    let d = open_for_writing(&a.name, &a.create, allow)?;
+    let d = open_dict_for_writing(&a.name, &a.create, allow)?;
     d.insert(&key, &value)?;
     Ok(())
 }
 
 fn del(a: DelArgs, allow: bool) -> Outcome {
     let key = a.key_enc.key(&a.key)?;
-    let d = open_existing(&a.name, allow)?;
+    let d = open_dict(&a.name, allow)?;
     if d.remove(&key)? {
         Ok(())
     } else {
@@ -822,7 +865,7 @@ fn keys(a: KeysArgs) -> Outcome {
         Some(p) => enc.decode(p, "prefix").map_err(Failure::msg)?,
         None => Vec::new(),
     };
-    let d = open_for_reading(&a.name)?;
+    let d = open_dict_for_reading(&a.name)?;
     let mut keys: Vec<Vec<u8>> = d
         .keys()?
         .into_iter()
@@ -870,15 +913,14 @@ fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 fn dump(a: DumpArgs) -> Outcome {
-    let d = open_for_reading(&a.name)?;
+    let d = open_dict_for_reading(&a.name)?;
     let mut keys = d.keys()?;
     keys.sort();
     let pb = progress(keys.len() as u64, "dump");
     let mut out = BufWriter::new(io::stdout().lock());
-    let mut value = Vec::new();
     for k in &keys {
         // A key removed since the scan is skipped.
-        if d.get_into(k, &mut value)? {
+        if let Some(value) = d.get(k)? {
             serde_json::to_writer(&mut out, &enc::key_value(k, Some(&value)))
                 .map_err(io::Error::from)?;
             writeln!(out)?;
@@ -907,7 +949,7 @@ fn load(a: LoadArgs, allow: bool) -> Outcome {
         })?;
         entries.push((i + 1, k, v));
     }
-    let d = open_for_writing(&a.name, &a.create, allow)?;
+    let d = open_dict_for_writing(&a.name, &a.create, allow)?;
     let pb = progress(entries.len() as u64, "load");
     for (n, (line, k, v)) in entries.iter().enumerate() {
         if let Err(e) = d.insert(k, v) {
@@ -925,6 +967,9 @@ fn load(a: LoadArgs, allow: bool) -> Outcome {
 fn watch(a: WatchArgs) -> Outcome {
     let key = a.key_enc.key(&a.key)?;
     let enc = Enc::from_flags(a.hex, a.base64);
+    if is_remote(&a.name) {
+        return watch_remote(&a, &key, enc);
+    }
     let d = open_for_reading(&a.name)?;
     let mut out = io::stdout().lock();
     let mut printed = 0u64;
@@ -962,6 +1007,57 @@ fn watch(a: WatchArgs) -> Outcome {
             }
         }
     }
+}
+
+/// `watch` on a Redis target: blocks in Redis between writes.
+#[cfg(feature = "redis")]
+fn watch_remote(a: &WatchArgs, key: &[u8], enc: Enc) -> Outcome {
+    let d = shmdict::RedisDict::open_target(&a.name)?;
+    let mut out = io::stdout().lock();
+    let mut printed = 0u64;
+    let mut first = true;
+    let mut failure = None;
+    d.watch(key, |value| {
+        let initial = std::mem::take(&mut first);
+        if initial && value.is_none() {
+            return Ok(false);
+        }
+        let r = (|| -> Result<bool, Failure> {
+            if a.json {
+                serde_json::to_writer(&mut out, &enc::key_value(key, value.as_deref()))
+                    .map_err(io::Error::from)?;
+                writeln!(out)?;
+            } else {
+                match &value {
+                    Some(v) => {
+                        let s = enc
+                            .encode(v, &format!("the value of {}", printable(key)))
+                            .map_err(Failure::msg)?;
+                        writeln!(out, "{s}")?;
+                    }
+                    None => eprintln!("shmdict: key {} was removed", printable(key)),
+                }
+            }
+            out.flush()?;
+            printed += 1;
+            Ok(a.count.is_some_and(|c| printed >= c))
+        })();
+        match r {
+            Ok(stop) => Ok(stop),
+            Err(f) => {
+                failure = Some(f);
+                Ok(true)
+            }
+        }
+    })?;
+    failure.map_or(Ok(()), Err)
+}
+
+#[cfg(not(feature = "redis"))]
+fn watch_remote(a: &WatchArgs, _key: &[u8], _enc: Enc) -> Outcome {
+    // Gives the clear "no Redis support in this build" error.
+    shmdict::connect(&a.name)?;
+    Ok(())
 }
 
 fn rm(a: RmArgs, allow: bool) -> Outcome {
