@@ -26,10 +26,29 @@ def cli():
     return path
 
 
-def run(cli, *args, input=None):
-    return subprocess.run(
-        [cli, *args], capture_output=True, input=input, timeout=60, check=False
+@pytest.fixture(scope="session")
+def peer():
+    """The Rust peer `examples/python_peer.rs`, built with cargo."""
+    subprocess.run(
+        ["cargo", "build", "--quiet", "--example", "python_peer"],
+        cwd=ROOT,
+        check=True,
+        timeout=1200,
     )
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    path = os.path.join(target, "debug", "examples", "python_peer")
+    assert os.access(path, os.X_OK), path
+    return path
+
+
+def ask(peer, *args):
+    r = subprocess.run([peer, *args], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def run(cli, *args, input=None):
+    return subprocess.run([cli, *args], capture_output=True, input=input, timeout=60, check=False)
 
 
 @pytest.mark.timeout(1300)
@@ -88,3 +107,41 @@ def test_wait_for_wakes_on_cli_write(cli, name):
     assert r.returncode == 0, r.stderr
     t.join(30)
     assert got == [b"go"]
+
+
+@pytest.mark.timeout(1300)
+def test_rust_reads_and_writes_python_dict(peer, name):
+    d = shmdict.ShmDict(name)
+    d["from-python"] = b"written by python"
+    assert ask(peer, "dict", name) == "written by python"
+    assert d["from-rust"] == b"written by rust"
+
+
+@pytest.mark.timeout(1300)
+def test_value_and_array_shared_with_rust(peer, names):
+    import numpy as np
+
+    v = shmdict.Value(names(), "i", 5)  # Rust's Value<i32>
+    assert ask(peer, "value", v.name) == "5"
+    assert v.value == 15
+    a = shmdict.Array(names(), "d", 10)  # Rust's Array<f64>
+    with a.write() as m:
+        np.asarray(m)[:] = 1.5
+    assert float(ask(peer, "array", a.name, "10")) == 15.0
+    assert a.tolist() == [2.0 * i for i in range(10)]
+
+
+@pytest.mark.timeout(1300)
+def test_space_tuples_shared_with_rust(peer, name):
+    s = shmdict.Space(name)
+    assert ask(peer, "space-out", name) == "posted"
+    assert s.take(("from-rust", int, float, str, bytes, bool), timeout=10) == (
+        "from-rust",
+        7,
+        2.5,
+        "text",
+        b"bytes",
+        True,
+    )
+    s.out(("from-python", 42, 0.5, "ñ", b"\x00b", False))
+    assert ask(peer, "space-take", name) == "42 0.5 ñ \x00b false"
