@@ -442,6 +442,9 @@ impl ShmDict {
     /// let r = dict.try_update("n", |_| Err::<Option<Vec<u8>>, _>("no"))?;
     /// assert_eq!(r, Err("no"));
     /// assert_eq!(dict.get("n")?.as_deref(), Some(&b"1"[..]));
+    /// let r = dict.try_update("n", |old| Ok::<_, &str>(old.map(|v| [v, b"2"].concat())))?;
+    /// assert_eq!(r, Ok(Some(b"12".to_vec())));
+    /// assert_eq!(dict.get("n")?.as_deref(), Some(&b"12"[..]));
     /// # shmdict::ShmDict::unlink(&name)?;
     /// # Ok::<(), shmdict::Error>(())
     /// ```

@@ -8,9 +8,11 @@ dict between processes) and a plain dict (in-process, the ceiling). Keys are
 16 bytes, values 64 bytes (PickleDict and the Manager store a 64-byte bytes
 object); reads and overwrites hit existing keys in a random order. Each
 figure is the median of --runs runs of at least --seconds each, from one
-process. `update` is an atomic read-modify-write: `update_key` for shmdict,
-`with lock: d[k] = f(d[k])` with a Manager lock for the Manager (it has no
-atomic read-modify-write), and `d[k] = f(d[k])` for the plain dict.
+process, then from --procs spawned processes at once (their sum; the
+plain dict has no multi-process row). `update` is an atomic
+read-modify-write: `update_key` for shmdict, `with lock: d[k] = f(d[k])`
+with a Manager lock for the Manager (it has no atomic read-modify-write),
+and `d[k] = f(d[k])` for the plain dict.
 
 Also: summing a float64 array with numpy over a shared `shmdict.Array`
 (through `read()`, no copy) against a private numpy array.
@@ -89,6 +91,61 @@ def mapping_ops(d, lock=None) -> dict[str, Callable[[list], None]]:
     return {"get": get, "set": set_, "update": update}
 
 
+def _worker(kind, target, batches, runs, seconds, barrier, out):
+    """One of the processes of a multi-process measurement."""
+    if kind == "shmdict":
+        d = shmdict.ShmDict(target, create=False)
+    elif kind == "pickle":
+        d = shmdict.PickleDict(target, create=False)
+    else:
+        d = target  # a Manager proxy
+    ops = mapping_ops(d, None if kind != "manager" else _worker_lock[0])
+    res = {}
+    for name, op in ops.items():
+        op(batches[0])
+        res[name] = []
+        for _ in range(runs):
+            barrier.wait()
+            res[name].append(rate(op, batches, seconds))
+    out.put(res)
+
+
+_worker_lock: list = [None]
+
+
+def _manager_worker(proxy, lock, batches, runs, seconds, barrier, out):
+    _worker_lock[0] = lock
+    _worker("manager", proxy, batches, runs, seconds, barrier, out)
+
+
+def measure_procs(kind, target, batches, runs, seconds, procs, lock=None) -> dict[str, float]:
+    """Aggregate ops/s of `procs` spawned processes running at once."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    out = ctx.Queue()
+    if kind == "manager":
+        ps = [
+            ctx.Process(
+                target=_manager_worker, args=(target, lock, batches, runs, seconds, barrier, out)
+            )
+            for _ in range(procs)
+        ]
+    else:
+        ps = [
+            ctx.Process(target=_worker, args=(kind, target, batches, runs, seconds, barrier, out))
+            for _ in range(procs)
+        ]
+    for p in ps:
+        p.start()
+    results = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    return {
+        op: statistics.median(sum(r[op][i] for r in results) for i in range(runs))
+        for op in results[0]
+    }
+
+
 def array_streaming(n: int, runs: int) -> tuple[float, float]:
     """GB/s of numpy sum over a shared Array and over a private array."""
     import numpy as np
@@ -132,6 +189,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.3)
     ap.add_argument("--array-mib", type=int, default=80)
+    ap.add_argument("--procs", type=int, default=2, help="processes for the shared rows")
     args = ap.parse_args()
 
     rng = random.Random(42)
@@ -143,6 +201,7 @@ def main() -> int:
     sbatches = [[k.decode() for k in b] for b in batches]
 
     results: dict[str, dict[str, float]] = {}
+    shared: dict[str, dict[str, float]] = {}
     name = f"bench-py-{os.getpid()}"
     pname = name + "-pickle"
     try:
@@ -150,11 +209,17 @@ def main() -> int:
         for k in keys:
             d[k] = VALUE
         results["shmdict.ShmDict"] = measure(mapping_ops(d), batches, args.runs, args.seconds)
+        shared[f"shmdict.ShmDict, {args.procs} processes"] = measure_procs(
+            "shmdict", name, batches, args.runs, args.seconds, args.procs
+        )
 
         p = shmdict.PickleDict(pname, capacity=2 * args.keys, arena_bytes=64 << 20)
         for k in skeys:
             p[k] = VALUE
         results["shmdict.PickleDict"] = measure(mapping_ops(p), sbatches, args.runs, args.seconds)
+        shared[f"shmdict.PickleDict, {args.procs} processes"] = measure_procs(
+            "pickle", pname, sbatches, args.runs, args.seconds, args.procs
+        )
     finally:
         for n in (name, pname):
             try:
@@ -165,8 +230,12 @@ def main() -> int:
     with multiprocessing.Manager() as manager:
         md = manager.dict()
         md.update({k: VALUE for k in keys})
+        mlock = manager.Lock()
         results["Manager().dict()"] = measure(
-            mapping_ops(md, manager.Lock()), batches, args.runs, args.seconds
+            mapping_ops(md, mlock), batches, args.runs, args.seconds
+        )
+        shared[f"Manager().dict(), {args.procs} processes"] = measure_procs(
+            "manager", md, batches, args.runs, args.seconds, args.procs, mlock
         )
 
     plain = dict.fromkeys(keys, VALUE)
@@ -188,6 +257,16 @@ def main() -> int:
                 f"| {backend} | {op} | {v:,.0f} | {v / manager_r[op]:.1f}x "
                 f"| {v / plain_r[op]:.2f}x |"
             )
+
+    manager_n = shared[f"Manager().dict(), {args.procs} processes"]
+    print()
+    print(f"{args.procs} processes at once (aggregate ops/s):")
+    print()
+    print("| backend | op | ops/s | vs Manager().dict() |")
+    print("|---|---|---:|---:|")
+    for backend, r in shared.items():
+        for op, v in r.items():
+            print(f"| {backend} | {op} | {v:,.0f} | {v / manager_n[op]:.1f}x |")
 
     n = args.array_mib * (1 << 20) // 8
     shared, private = array_streaming(n, args.runs)
