@@ -1,7 +1,9 @@
 //! `shmdict.ShmDict`: bytes keys and values, over `shmdict::ShmDict`.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::mem::ManuallyDrop;
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyTypeError};
@@ -316,8 +318,10 @@ impl PyShmDict {
     /// the previous holder died holding it, `g.recovered` is True.
     fn lock(&self) -> PyResult<DictLock> {
         Ok(DictLock {
-            guard: None,
-            recovered: false,
+            state: Mutex::new(LockState {
+                guard: None,
+                recovered: false,
+            }),
             dict: self.dict()?,
         })
     }
@@ -338,51 +342,112 @@ fn callable<'py>(o: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     }
 }
 
+/// A value that belongs to the thread that made it: used (and dropped)
+/// only there. Dropped on another thread, it is leaked instead.
+struct ThreadBound<T> {
+    owner: ThreadId,
+    value: ManuallyDrop<T>,
+}
+
+// SAFETY: the value is only reached through `get`, which checks that the
+// calling thread is the owner, and dropped only on the owner thread (on
+// any other thread it is leaked without being touched). So moving or
+// sharing the wrapper between threads never uses `T` off its thread.
+unsafe impl<T> Send for ThreadBound<T> {}
+// SAFETY: as for `Send`.
+unsafe impl<T> Sync for ThreadBound<T> {}
+
+impl<T> ThreadBound<T> {
+    fn new(value: T) -> ThreadBound<T> {
+        ThreadBound {
+            owner: std::thread::current().id(),
+            value: ManuallyDrop::new(value),
+        }
+    }
+
+    fn is_mine(&self) -> bool {
+        self.owner == std::thread::current().id()
+    }
+}
+
+impl<T> Drop for ThreadBound<T> {
+    fn drop(&mut self) {
+        if self.is_mine() {
+            // SAFETY: dropped once, here, on the owner thread.
+            unsafe { ManuallyDrop::drop(&mut self.value) };
+        }
+    }
+}
+
+struct LockState {
+    guard: Option<ThreadBound<DictGuard<'static>>>,
+    recovered: bool,
+}
+
 /// The lock of a ShmDict, held between `__enter__` and `__exit__`.
 ///
-/// Use it from the thread that entered it (the mutex belongs to that
-/// thread).
-#[pyclass(module = "shmdict", unsendable)]
+/// The mutex belongs to the thread that entered: `__exit__` from another
+/// thread raises RuntimeError. A lock object garbage-collected on another
+/// thread while held is not unlocked there; the lock then stays held until
+/// the entering thread ends (robust: the next taker sees `recovered`).
+#[pyclass(module = "shmdict", frozen)]
 pub(crate) struct DictLock {
-    // Declared before `dict`, and dropped first explicitly in `Drop`.
-    guard: Option<DictGuard<'static>>,
-    recovered: bool,
+    // Declared before `dict`: dropped first (the guard borrows it).
+    state: Mutex<LockState>,
     dict: Arc<ShmDict>,
+}
+
+impl DictLock {
+    fn state(&self) -> std::sync::MutexGuard<'_, LockState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Drop for DictLock {
     fn drop(&mut self) {
-        self.guard.take();
+        // The guard borrows `dict`: release (or leak) it first.
+        self.state().guard.take();
     }
 }
 
 #[pymethods]
 impl DictLock {
-    fn __enter__(mut slf: PyRefMut<'_, Self>) -> PyResult<PyRefMut<'_, Self>> {
-        if slf.guard.is_some() {
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        let this = slf.get();
+        if this.state().guard.is_some() {
             return Err(PyRuntimeError::new_err("this lock is already held"));
         }
-        // SAFETY: the reference points into the `Arc` that `slf` keeps
-        // until it is dropped, and the guard it makes is dropped before
-        // that `Arc` (in `__exit__` or in `Drop`), so it never outlives the
-        // dictionary.
-        let dict: &'static ShmDict = unsafe { &*Arc::as_ptr(&slf.dict) };
+        // SAFETY: the reference points into the `Arc` that `this` keeps
+        // until it is dropped, and the guard made from it is dropped (or
+        // leaked) before that `Arc` (in `__exit__` or in `Drop`), so it
+        // never outlives the dictionary.
+        let dict: &'static ShmDict = unsafe { &*Arc::as_ptr(&this.dict) };
         let guard = slf.py().detach(|| SameThread(dict.lock())).0.or_py()?;
-        slf.recovered = guard.recovered();
-        slf.guard = Some(guard);
+        let mut st = this.state();
+        st.recovered = guard.recovered();
+        st.guard = Some(ThreadBound::new(guard));
+        drop(st);
         Ok(slf)
     }
 
     #[pyo3(signature = (*_args))]
-    fn __exit__(&mut self, _args: &Bound<'_, PyTuple>) -> bool {
-        self.guard.take();
-        false
+    fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        let mut st = self.state();
+        match &st.guard {
+            Some(g) if !g.is_mine() => Err(PyRuntimeError::new_err(
+                "the lock belongs to the thread that entered it: exit it there",
+            )),
+            _ => {
+                st.guard.take();
+                Ok(false)
+            }
+        }
     }
 
     /// Whether the previous holder died holding the lock (what it was
     /// doing may be half done).
     #[getter]
     fn recovered(&self) -> bool {
-        self.recovered
+        self.state().recovered
     }
 }

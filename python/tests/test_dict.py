@@ -316,6 +316,37 @@ def test_lock_misuse_raises(name):
         pass
 
 
+def test_lock_object_across_threads_raises_not_panics(name):
+    d = shmdict.ShmDict(name)
+    g = d.lock()
+    entered = threading.Event()
+    leave = threading.Event()
+    errors = []
+
+    def holder():
+        with g:
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert entered.wait(10)
+    with pytest.raises(RuntimeError):
+        g.__exit__(None, None, None)  # not the entering thread
+    with pytest.raises(RuntimeError):
+        g.__enter__()  # already held
+    # Another lock object from another thread waits for the holder.
+    got = []
+    t2 = threading.Thread(target=lambda: got.append(d.lock().__enter__().recovered))
+    t2.start()
+    time.sleep(0.2)
+    assert got == []
+    leave.set()
+    t.join(10)
+    t2.join(10)
+    assert got == [False] and errors == []
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_handle_usable_after_fork(name):
     d = shmdict.ShmDict(name)
