@@ -268,3 +268,27 @@ def test_array_element_access_waits_without_gil(name):
     m.release()
     t.join(10)
     assert got == [9]
+
+
+def test_value_array_space_after_fork(names):
+    import os
+
+    v = shmdict.Value(names(), "q")
+    a = shmdict.Array(names(), "i", 3)
+    s = shmdict.Space(names())
+    pid = os.fork()
+    if pid == 0:  # the child uses the inherited handles
+        code = 1
+        try:
+            v.fetch_add(5)
+            a[1] = 7
+            with a.write() as m:
+                np.asarray(m)[2] = 9
+            s.out(("from-child", os.getpid()))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert v.value == 5 and a.tolist() == [0, 7, 9]
+    assert s.try_take(("from-child", pid)) == ("from-child", pid)
