@@ -230,6 +230,12 @@ impl PyArray {
         let reopen_name = name.clone();
         Ok(PyArray {
             handle: Handle::new(a, move || {
+                // Attach only: never recreate a name unlinked meanwhile.
+                if !segment_exists(&reopen_name) {
+                    return Err(shmdict::Error::NotFound {
+                        segment: reopen_name.clone(),
+                    });
+                }
                 Python::attach(|py| AnyArray::open(py, &reopen_name, code, length, 0o600, false))
             }),
             typecode: code,

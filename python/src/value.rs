@@ -186,6 +186,12 @@ impl PyValue {
         let reopen_name = name.clone();
         Ok(PyValue {
             handle: Handle::new(v, move || {
+                // Attach only: never recreate a name unlinked meanwhile.
+                if !segment_exists(&reopen_name) {
+                    return Err(shmdict::Error::NotFound {
+                        segment: reopen_name.clone(),
+                    });
+                }
                 Python::attach(|py| {
                     let zero = zero.into_bound_py_any(py).expect("int");
                     AnyValue::open(py, &reopen_name, code, &zero, 0o600, false)
