@@ -134,7 +134,7 @@ impl PyArray {
 
     fn buffer(&self, py: Python<'_>, write: bool) -> PyResult<ArrayBuffer> {
         check_no_self_deadlock(&self.held, write)?;
-        let array = self.handle.get()?;
+        let array = self.handle.get_arc()?;
         let (guard, ptr, recovered): (Box<dyn Send>, *mut u8, bool) =
             each!(&*array, a => lock(py, a, write));
         let thread = std::thread::current().id();
@@ -277,7 +277,7 @@ impl PyArray {
         let i = self.index(i)?;
         check_no_self_deadlock(&self.held, false)?;
         let array = self.handle.get()?;
-        each!(&*array, a => {
+        each!(array, a => {
             let v = py.detach(|| a.get(i));
             v.into_bound_py_any(py)
         })
@@ -287,7 +287,7 @@ impl PyArray {
         let i = self.index(i)?;
         check_no_self_deadlock(&self.held, true)?;
         let array = self.handle.get()?;
-        each!(&*array, a => {
+        each!(array, a => {
             let v = v.extract()?;
             py.detach(|| a.set(i, v));
         });
@@ -314,7 +314,7 @@ impl PyArray {
     fn tolist<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         check_no_self_deadlock(&self.held, false)?;
         let array = self.handle.get()?;
-        each!(&*array, a => {
+        each!(array, a => {
             let v = py.detach(|| a.to_vec());
             v.into_bound_py_any(py)
         })

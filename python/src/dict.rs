@@ -65,7 +65,7 @@ pub(crate) struct PyShmDict {
 }
 
 impl PyShmDict {
-    pub(crate) fn dict(&self) -> PyResult<Arc<ShmDict>> {
+    pub(crate) fn dict(&self) -> PyResult<&ShmDict> {
         self.handle.get()
     }
 }
@@ -279,7 +279,7 @@ impl PyShmDict {
             return Ok(PyBytes::new(py, &v));
         }
         let kr: &[u8] = &k;
-        let d: &ShmDict = &dict;
+        let d: &ShmDict = dict;
         let guard = py.detach(|| SameThread(d.lock_keys(&[kr]))).0.or_py()?;
         if let Some(v) = dict.get(&k).or_py()? {
             return Ok(PyBytes::new(py, &v));
@@ -304,7 +304,7 @@ impl PyShmDict {
         let py = key.py();
         let k = key_bytes(key)?;
         let dict = self.dict()?;
-        let d: &ShmDict = &dict;
+        let d: &ShmDict = dict;
         let kr: &[u8] = &k;
         let found = wait_in_slices(py, deadline(timeout)?, |py, slice| {
             py.detach(|| d.wait_for(kr, slice)).or_py()
@@ -322,7 +322,7 @@ impl PyShmDict {
                 guard: None,
                 recovered: false,
             }),
-            dict: self.dict()?,
+            dict: self.handle.get_arc()?,
         })
     }
 

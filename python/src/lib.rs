@@ -17,8 +17,8 @@
 //!   inherited (a `pthread_atfork` counter, see [`Handle`]) and attaches
 //!   again by name in the child before its first use there.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
@@ -47,10 +47,20 @@ extern "C" fn after_fork_in_child() {
 /// The crate's handles name the process that opened them (locks, arena
 /// blocks in flight), so a child must not go on with its parent's handle.
 /// The first use in a child opens the name again; the inherited handle is
-/// leaked in the child (never dropped there), so its drop cannot detach
-/// the parent's attach entry.
+/// leaked in the child (never dropped there, even if the child never uses
+/// it), so its drop cannot detach the parent's attach entry.
+///
+/// The current handle is an `Arc<T>` turned into a raw pointer (one strong
+/// count owned by the `Handle`), replaced at most once per process: a
+/// process's fork generation never changes after it starts. The fast path
+/// is two atomic loads.
 pub(crate) struct Handle<T> {
-    slot: RwLock<(u64, Arc<T>)>,
+    /// The fork generation of the process that made `ptr`.
+    generation: AtomicU64,
+    /// From `Arc::into_raw`; never freed while `self` lives.
+    ptr: AtomicPtr<T>,
+    /// Serializes reattaching.
+    reattach: Mutex<()>,
     reopen: Box<dyn Fn() -> shmdict::Result<T> + Send + Sync>,
 }
 
@@ -60,29 +70,59 @@ impl<T> Handle<T> {
         reopen: impl Fn() -> shmdict::Result<T> + Send + Sync + 'static,
     ) -> Handle<T> {
         Handle {
-            slot: RwLock::new((FORK_GENERATION.load(Ordering::Relaxed), Arc::new(first))),
+            generation: AtomicU64::new(FORK_GENERATION.load(Ordering::Relaxed)),
+            ptr: AtomicPtr::new(Arc::into_raw(Arc::new(first)).cast_mut()),
+            reattach: Mutex::new(()),
             reopen: Box::new(reopen),
         }
     }
 
     /// The handle of this process.
-    pub(crate) fn get(&self) -> PyResult<Arc<T>> {
-        let generation = FORK_GENERATION.load(Ordering::Relaxed);
-        {
-            let s = self.slot.read().unwrap_or_else(|e| e.into_inner());
-            if s.0 == generation {
-                return Ok(Arc::clone(&s.1));
+    pub(crate) fn get(&self) -> PyResult<&T> {
+        // Relaxed: set before any other thread of this process exists.
+        let current = FORK_GENERATION.load(Ordering::Relaxed);
+        // Acquire: pairs with the Release store below, so `ptr` is the
+        // pointer stored before it.
+        if self.generation.load(Ordering::Acquire) != current {
+            let _one = self.reattach.lock().unwrap_or_else(|e| e.into_inner());
+            if self.generation.load(Ordering::Acquire) != current {
+                let fresh = Arc::into_raw(Arc::new((self.reopen)().map_err(errors::to_py)?));
+                // The inherited pointer is leaked: see the type's docs.
+                // Release: publishes the new handle before the generation.
+                self.ptr.store(fresh.cast_mut(), Ordering::Release);
+                self.generation.store(current, Ordering::Release);
             }
         }
-        let mut s = self.slot.write().unwrap_or_else(|e| e.into_inner());
-        if s.0 != generation {
-            let fresh = Arc::new((self.reopen)().map_err(errors::to_py)?);
-            let inherited = std::mem::replace(&mut s.1, fresh);
-            // Never dropped in this process: see the type's docs.
-            std::mem::forget(inherited);
-            s.0 = generation;
+        // SAFETY: `ptr` came from `Arc::into_raw` and its strong count owned
+        // by `self` is released only in `Drop` (which needs `&mut self`), or
+        // never (an inherited handle): the `T` outlives this borrow of
+        // `self`.
+        Ok(unsafe { &*self.ptr.load(Ordering::Acquire) })
+    }
+
+    /// The handle of this process, as an `Arc` that outlives `self`.
+    pub(crate) fn get_arc(&self) -> PyResult<Arc<T>> {
+        let t: *const T = self.get()?;
+        // SAFETY: `t` came from `Arc::into_raw` and is alive (see `get`);
+        // taking a new strong count and turning it into an `Arc` leaves the
+        // count owned by `self` untouched.
+        unsafe {
+            Arc::increment_strong_count(t);
+            Ok(Arc::from_raw(t))
         }
-        Ok(Arc::clone(&s.1))
+    }
+}
+
+impl<T> Drop for Handle<T> {
+    fn drop(&mut self) {
+        // Only a handle made by this process is released here: one made
+        // before a fork belongs to the parent (leaked; see the type's docs).
+        if *self.generation.get_mut() == FORK_GENERATION.load(Ordering::Relaxed) {
+            // SAFETY: `ptr` came from `Arc::into_raw` in this process and
+            // `self` owns one strong count of it, released exactly once,
+            // here.
+            drop(unsafe { Arc::from_raw(*self.ptr.get_mut()) });
+        }
     }
 }
 

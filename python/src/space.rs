@@ -210,7 +210,7 @@ impl PySpace {
         let failure = Failure::default();
         let p = pattern_from_py(pattern, &failure)?;
         let space = self.handle.get()?;
-        let s: &Space = &space;
+        let s: &Space = space;
         let pr = &p;
         let found = wait_in_slices(py, deadline(timeout)?, |py, slice| {
             let r = py

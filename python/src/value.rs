@@ -229,13 +229,13 @@ impl PyValue {
     #[getter]
     fn get_value<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = self.handle.get()?;
-        each!(&*v, x => x.load().into_bound_py_any(py))
+        each!(v, x => x.load().into_bound_py_any(py))
     }
 
     #[setter]
     fn set_value(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let v = self.handle.get()?;
-        each!(&*v, x => x.store(value.extract()?));
+        each!(v, x => x.store(value.extract()?));
         Ok(())
     }
 
@@ -245,7 +245,7 @@ impl PyValue {
     fn fetch_add<'py>(&self, n: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let py = n.py();
         let v = self.handle.get()?;
-        each_int!(&*v, x => {
+        each_int!(v, x => {
             let n: i128 = n.extract()?;
             // Wrapping: `as` keeps the low bits (two's complement).
             x.fetch_add(n as _).into_bound_py_any(py)
