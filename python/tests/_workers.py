@@ -8,14 +8,16 @@ import time
 import shmdict
 
 
-def increment(name: str, key: str, n: int) -> None:
+def increment(name: str, key: str, n: int, start: float = 0.0) -> None:
     d = shmdict.ShmDict(name, create=False)
+    time.sleep(max(0.0, start - time.time()))  # all processes at once
     for _ in range(n):
         d.update_key(key, lambda old: str(int(old or b"0") + 1).encode())
 
 
-def increment_handle(d: shmdict.ShmDict, key: str, n: int) -> None:
+def increment_handle(d: shmdict.ShmDict, key: str, n: int, start: float = 0.0) -> None:
     """Like increment, with the handle passed (pickled by name)."""
+    time.sleep(max(0.0, start - time.time()))
     for _ in range(n):
         d.update_key(key, lambda old: str(int(old or b"0") + 1).encode())
 
@@ -47,8 +49,9 @@ def wait_for_key(name: str, key: str, timeout: float, out) -> None:
     out.put((v, time.monotonic() - t0))
 
 
-def fetch_add(name: str, typecode: str, n: int) -> None:
+def fetch_add(name: str, typecode: str, n: int, start: float = 0.0) -> None:
     v = shmdict.Value(name, typecode, create=False)
+    time.sleep(max(0.0, start - time.time()))
     for _ in range(n):
         v.fetch_add(1)
 

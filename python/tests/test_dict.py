@@ -99,10 +99,13 @@ def test_get_or_insert_with_exception_stores_nothing(name):
 
 def test_update_key_four_processes_lose_nothing(name, spawn):
     d = shmdict.ShmDict(name)
-    n = 500
-    procs = [spawn.Process(target=_workers.increment, args=(name, "count", n)) for _ in range(3)]
+    n = 5000
+    start = time.time() + 1.5  # every interpreter started: they overlap
+    procs = [
+        spawn.Process(target=_workers.increment, args=(name, "count", n, start)) for _ in range(3)
+    ]
     # The fourth process gets the handle itself (pickled by name).
-    procs.append(spawn.Process(target=_workers.increment_handle, args=(d, "count", n)))
+    procs.append(spawn.Process(target=_workers.increment_handle, args=(d, "count", n, start)))
     for p in procs:
         p.start()
     for p in procs:

@@ -55,8 +55,9 @@ def test_value_floats(names, typecode):
 
 def test_value_fetch_add_across_processes(name, spawn):
     v = shmdict.Value(name, "Q")
-    n = 20_000
-    procs = [spawn.Process(target=_workers.fetch_add, args=(name, "Q", n)) for _ in range(4)]
+    n = 50_000
+    start = time.time() + 1.5  # every interpreter started: they overlap
+    procs = [spawn.Process(target=_workers.fetch_add, args=(name, "Q", n, start)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
