@@ -136,6 +136,14 @@ impl<T: Pod> ArrayOptions<T> {
         self
     }
 
+    /// Whether a missing segment is created (default `true`). With `false`,
+    /// `open` only attaches: `Error::NotFound` if there is no segment of that
+    /// name.
+    pub fn create(mut self, yes: bool) -> ArrayOptions<T> {
+        self.create.create = yes;
+        self
+    }
+
     /// Insist on creating a fresh segment: `Error::AlreadyExists` if the
     /// name is taken.
     pub fn create_new(mut self, yes: bool) -> ArrayOptions<T> {

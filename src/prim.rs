@@ -340,6 +340,8 @@ pub(crate) fn word32(r: &Region, off: u64) -> &AtomicU32 {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Create {
     pub(crate) mode: u32,
+    /// Create the segment if it is missing (`false`: `NotFound`).
+    pub(crate) create: bool,
     pub(crate) create_new: bool,
     /// Attach an existing segment whatever its owner and mode.
     pub(crate) allow_other_owner: bool,
@@ -349,6 +351,7 @@ impl Default for Create {
     fn default() -> Create {
         Create {
             mode: 0o600,
+            create: true,
             create_new: false,
             allow_other_owner: false,
         }
@@ -429,6 +432,16 @@ pub(crate) fn open(
         mode: opts.mode,
         allow_other_owner: opts.allow_other_owner,
     };
+    if !opts.create {
+        if opts.create_new {
+            return Err(Error::InvalidArgument {
+                segment: name.to_owned(),
+                reason: "create_new(true) contradicts create(false)".into(),
+            });
+        }
+        let (file, len) = sys::access::open_existing_checked(name, access)?;
+        return attach_file(name, spec, file, len);
+    }
     sys::access::create_or_attach_checked(
         name,
         access,

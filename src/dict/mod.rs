@@ -376,6 +376,53 @@ impl ShmDict {
         })
     }
 
+    /// Like [`update`](ShmDict::update), but `f` may refuse: an `Err` from
+    /// `f` aborts the operation with nothing written, and comes back as the
+    /// inner `Err` (for callers whose `f` can fail, such as a Python
+    /// callable raising an exception). The outer `Result` carries the
+    /// dictionary's own errors.
+    ///
+    /// ```
+    /// # let name = format!("doc-try-update-{}", std::process::id());
+    /// let dict = shmdict::ShmDict::open(&name)?;
+    /// dict.insert("n", "1")?;
+    /// let r = dict.try_update("n", |_| Err::<Option<Vec<u8>>, _>("no"))?;
+    /// assert_eq!(r, Err("no"));
+    /// assert_eq!(dict.get("n")?.as_deref(), Some(&b"1"[..]));
+    /// let r = dict.try_update("n", |old| Ok::<_, &str>(old.map(|v| [v, b"2"].concat())))?;
+    /// assert_eq!(r, Ok(Some(b"12".to_vec())));
+    /// assert_eq!(dict.get("n")?.as_deref(), Some(&b"12"[..]));
+    /// # shmdict::ShmDict::unlink(&name)?;
+    /// # Ok::<(), shmdict::Error>(())
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn try_update<F, E>(
+        &self,
+        key: impl AsRef<[u8]>,
+        mut f: F,
+    ) -> Result<std::result::Result<Option<Vec<u8>>, E>>
+    where
+        F: FnMut(Option<&[u8]>) -> std::result::Result<Option<Vec<u8>>, E>,
+    {
+        let mut refused = None;
+        let r = self.read_modify_write(key.as_ref(), |old| match f(old) {
+            Ok(Some(v)) => Ok(Op::Set(v)),
+            Ok(None) => Ok(Op::Remove),
+            Err(e) => {
+                refused = Some(e);
+                // Only a marker: replaced by `e` below.
+                Err(Error::InvalidArgument {
+                    segment: self.name.clone(),
+                    reason: "update refused by its function".into(),
+                })
+            }
+        });
+        match refused {
+            Some(e) => Ok(Err(e)),
+            None => r.map(Ok),
+        }
+    }
+
     /// The read-modify-write behind `update`, the typed API and the tuple
     /// space. `f` decides from the current value; an error from `f` aborts
     /// with nothing written. Returns the value present afterwards.

@@ -1,0 +1,100 @@
+"""Functions run in spawned worker processes (importable by name)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import shmdict
+
+
+def increment(name: str, key: str, n: int, start: float = 0.0) -> None:
+    d = shmdict.ShmDict(name, create=False)
+    time.sleep(max(0.0, start - time.time()))  # all processes at once
+    for _ in range(n):
+        d.update_key(key, lambda old: str(int(old or b"0") + 1).encode())
+
+
+def increment_handle(d: shmdict.ShmDict, key: str, n: int, start: float = 0.0) -> None:
+    """Like increment, with the handle passed (pickled by name)."""
+    time.sleep(max(0.0, start - time.time()))
+    for _ in range(n):
+        d.update_key(key, lambda old: str(int(old or b"0") + 1).encode())
+
+
+def setdefault_race(name: str, key: str, me: int, start: float, out) -> None:
+    d = shmdict.ShmDict(name, create=False)
+    time.sleep(max(0.0, start - time.time()))
+    out.put(d.setdefault(key, str(me).encode()))
+
+
+def memoize_race(name: str, counter: str, key: str, me: int, start: float, out) -> None:
+    d = shmdict.ShmDict(name, create=False)
+    runs = shmdict.Value(counter, "q", create=False)
+
+    def compute() -> bytes:
+        runs.fetch_add(1)
+        time.sleep(0.2)  # long enough for every other process to arrive
+        return f"computed by {me}".encode()
+
+    time.sleep(max(0.0, start - time.time()))
+    out.put(d.get_or_insert_with(key, compute))
+
+
+def wait_for_key(name: str, key: str, timeout: float, out) -> None:
+    d = shmdict.ShmDict(name, create=False)
+    out.put("waiting")
+    t0 = time.monotonic()
+    v = d.wait_for(key, timeout)
+    out.put((v, time.monotonic() - t0))
+
+
+def fetch_add(name: str, typecode: str, n: int, start: float = 0.0) -> None:
+    v = shmdict.Value(name, typecode, create=False)
+    time.sleep(max(0.0, start - time.time()))
+    for _ in range(n):
+        v.fetch_add(1)
+
+
+def fill_array(name: str, typecode: str, length: int, offset: float) -> None:
+    """Writes arange(length) + offset through a numpy view of write()."""
+    import numpy as np
+
+    a = shmdict.Array(name, typecode, length, create=False)
+    with a.write() as m:
+        x = np.asarray(m)
+        x[:] = np.arange(length) + offset
+
+
+def array_sum(name: str, typecode: str, length: int, out) -> None:
+    import numpy as np
+
+    a = shmdict.Array(name, typecode, length, create=False)
+    with a.read() as m:
+        out.put(float(np.asarray(m).sum()))
+
+
+def produce(name: str, who: int, n: int) -> None:
+    s = shmdict.Space(name, create=False)
+    for i in range(n):
+        s.out(("job", who * 1_000_000 + i))
+
+
+def consume(name: str, out) -> None:
+    s = shmdict.Space(name, create=False)
+    got = []
+    while True:
+        t = s.take(("job", int), timeout=10)
+        if t is None:
+            break
+        if t[1] < 0:  # the poison pill
+            break
+        got.append(t[1])
+    out.put((os.getpid(), got))
+
+
+def pickle_writer(name: str) -> None:
+    p = shmdict.PickleDict(name, create=False)
+    p["config"] = {"workers": 4, "ratios": [0.5, 0.25], "name": "ñandú"}
+    p[b"raw"] = (1, 2.0, None)
+    p.update_key("counter", lambda n: n + 1, 0)
