@@ -538,7 +538,7 @@ def main() -> int:
     ):
         for data, procs in ((one, 1), (many, p)):
             x = ratio(get(data, SHM, op), get(data, peer, op))
-            status = "n/a" if x is None else "met" if x >= want else "MISSED"
+            status = "(not measured)" if x is None else "met" if x >= want else "MISSED"
             targets.append((f"{what} >= {want}x {peer}, {procs} proc", x, status))
     x = ashared / aprivate
     targets.append(("Array streaming >= 0.9x private numpy", x, "met" if x >= 0.9 else "MISSED"))
