@@ -90,6 +90,10 @@ GARBAGE = textwrap.dedent(
     def attempt(content):
         with open(path, "wb") as f:
             f.write(content)
+        # Private, as shmdict creates them: a file more open than the
+        # opener's mode is refused (PermissionError) before its content
+        # is looked at, and the content is what this test is about.
+        os.chmod(path, 0o600)
         for open_ in (lambda: shmdict.ShmDict(name, create=False),
                       lambda: shmdict.Value(name, "i", create=False),
                       lambda: shmdict.Array(name, "d", 4, create=False),
