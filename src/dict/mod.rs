@@ -168,6 +168,7 @@ impl ShmDict {
                 // publishing a new key or a removal and counting it: settle
                 // that before this handle uses the entry's count (see
                 // `livecount.rs`). Also for the entry a forked child claims.
+                crate::shm::livecount::note_entry(r, index);
                 crate::shm::livecount::adopt(r, index, token);
                 // Before the token is used (issue 10, item 5): see the
                 // hook's docs.

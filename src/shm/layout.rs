@@ -126,6 +126,9 @@ pub(crate) const H_DEFRAG_LOCK: u64 = 256;
 pub(crate) const H_DEFRAG_EPOCH: u64 = 264;
 /// The write gate of `check()`: a lock word (mutable; see `gate.rs`).
 pub(crate) const H_GATE: u64 = 320;
+/// Attach high-water mark (mutable): entries `0..hwm` may hold a key count
+/// (`livecount.rs`), so `len()` reads only those.
+pub(crate) const H_ATTACH_HWM: u64 = 384;
 /// The robust process-shared mutex behind `lock()` (64 bytes at 1024), only
 /// ever accessed by libc's pthread functions.
 pub(crate) const DICT_LOCK_OFF: u64 = 1024;

@@ -57,7 +57,7 @@
 //! kernel, which orders them), as every other takeover in this crate does.
 
 use crate::shm::attach::{self, Holder, Token};
-use crate::shm::layout::{Entry, ATTACH_ENTRIES};
+use crate::shm::layout::{Entry, ATTACH_ENTRIES, H_ATTACH_HWM};
 use crate::shm::lockword::Backoff;
 use crate::shm::region::Region;
 use crate::shm::seqlock;
@@ -239,6 +239,16 @@ pub(crate) fn settle(r: &Region, dead: u64) {
         .compare_exchange(l, settled(l, delta), Ordering::AcqRel, Ordering::Relaxed);
 }
 
+/// Records that entry `index` may hold a key count from now on (see
+/// [`len`]). Call when a dictionary handle claims the entry, before its
+/// first write.
+pub(crate) fn note_entry(r: &Region, index: u64) {
+    if let Some(w) = r.word(H_ATTACH_HWM) {
+        // SeqCst: pairs with the SeqCst load in `len`.
+        w.fetch_max(index + 1, Ordering::SeqCst);
+    }
+}
+
 /// Settles whatever a dead previous owner left in the record of entry
 /// `index`, which `me` has just claimed and not used yet. Returns whether
 /// there was anything to settle.
@@ -321,7 +331,14 @@ pub(crate) fn settle_all_dead(r: &Region) -> u64 {
 /// stored. Reads 4,096 entries (a few microseconds).
 pub(crate) fn len(r: &Region) -> u64 {
     let mut sum = 0u64;
-    for i in 0..ATTACH_ENTRIES {
+    // SeqCst: pairs with the SeqCst `fetch_max` of `note_entry`, which a
+    // handle makes before its first write: a count changed by a write that
+    // completed before this call lies below the mark read here.
+    let hwm = r
+        .word(H_ATTACH_HWM)
+        .map_or(ATTACH_ENTRIES, |w| w.load(Ordering::SeqCst))
+        .min(ATTACH_ENTRIES);
+    for i in 0..hwm {
         let Some(rec) = Record::of(r, i) else { break };
         // Acquire: pairs with the Release stores of `begin` and `finish`.
         let l = rec.word.load(Ordering::Acquire);

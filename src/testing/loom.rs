@@ -70,6 +70,7 @@ pub fn kill_counted_write(dict: &crate::ShmDict, key: &[u8], insert: bool, step:
         crate::shm::attach::LOOM_DEAD_IDENTITY,
     )
     .expect("attach");
+    crate::shm::livecount::note_entry(r, index);
     let dead = crate::shm::attach::Holder::new(token);
     let hash = crate::shm::layout::hash_key(key);
     let ix = dict.index();
