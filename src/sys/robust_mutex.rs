@@ -36,10 +36,12 @@
 //! `unsafe` code is confined to the modules that talk to the OS or hand out
 //! views of shared memory: `sys/` (this file: pthread and clock calls;
 //! `ofd.rs`, `fork.rs`, `child.rs`: fcntl, open, dup3, process calls),
-//! `shm/region.rs` (the mapping as atomic words), `shm/registration.rs`
-//! (references to a handle's boxed registrations), `prim.rs` and `array.rs`
-//! (typed `Value` and `Array` views of a mapping), `pool/process.rs` and
-//! `space/eval.rs` (`fork`, `_exit` and other process calls). Every block
+//! `shm/region.rs` (the mapping as atomic words), `shm/attach.rs` (a
+//! handle's descriptor borrowed for `fcntl`), `shm/registration.rs`
+//! (references to a handle's boxed registrations), `prim/view.rs` and
+//! `array.rs` (typed `Value` and `Array` views of a mapping),
+//! `pool/process.rs` and `space/eval.rs` (`fork`, `_exit` and other process
+//! calls), and, under `cfg(loom)` only, `testing/loom.rs`. Every block
 //! carries a `// SAFETY:` comment.
 
 use crate::sync::mapped::{AtomicU32, Ordering};
