@@ -83,22 +83,13 @@ impl PyShmDict {
         create_new: bool,
         mode: u32,
     ) -> PyResult<PyShmDict> {
-        let mut opts = ShmDict::options()
-            .create(create)
-            .create_new(create_new)
-            .mode(mode);
-        if let Some(c) = capacity {
-            opts = opts.capacity(c);
-        }
-        if let Some(a) = arena_bytes {
-            opts = opts.arena_bytes(a);
-        }
+        let opts = crate::dict_options(capacity, arena_bytes, create, create_new, mode);
         // Creating may wait for a concurrent creator.
         let dict = py.detach(|| opts.open(&name)).or_py()?;
         let reopen_name = name.clone();
         Ok(PyShmDict {
             handle: Handle::new(dict, move || {
-                ShmDict::options().create(false).open(&reopen_name)
+                crate::reattach_options(mode).open(&reopen_name)
             }),
             name,
         })

@@ -173,6 +173,35 @@ pub(crate) fn wait_in_slices<R: Send>(
     }
 }
 
+/// The crate's dictionary options from the keyword arguments that
+/// `ShmDict` and `Space` take.
+pub(crate) fn dict_options(
+    capacity: Option<usize>,
+    arena_bytes: Option<usize>,
+    create: bool,
+    create_new: bool,
+    mode: u32,
+) -> shmdict::Options {
+    let mut opts = shmdict::ShmDict::options()
+        .create(create)
+        .create_new(create_new)
+        .mode(mode);
+    if let Some(c) = capacity {
+        opts = opts.capacity(c);
+    }
+    if let Some(a) = arena_bytes {
+        opts = opts.arena_bytes(a);
+    }
+    opts
+}
+
+/// Options that reattach, in a forked child, a dictionary its parent opened
+/// with `mode`: attach only (an unlinked name is not created again), and
+/// accept the mode the parent accepted.
+pub(crate) fn reattach_options(mode: u32) -> shmdict::Options {
+    shmdict::ShmDict::options().create(false).mode(mode)
+}
+
 /// The Rust half of the `shmdict` package; import `shmdict` instead.
 #[pymodule]
 fn _shmdict(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -14,7 +14,6 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 use shmdict::space::{Field, FieldKind, Match, Pattern, Space, Tuple};
-use shmdict::ShmDict;
 
 use crate::errors::OrPy;
 use crate::{deadline, wait_in_slices, Handle};
@@ -154,22 +153,12 @@ impl PySpace {
         create_new: bool,
         mode: u32,
     ) -> PyResult<PySpace> {
-        let mut opts = ShmDict::options()
-            .create(create)
-            .create_new(create_new)
-            .mode(mode);
-        if let Some(c) = capacity {
-            opts = opts.capacity(c);
-        }
-        if let Some(a) = arena_bytes {
-            opts = opts.arena_bytes(a);
-        }
+        let opts = crate::dict_options(capacity, arena_bytes, create, create_new, mode);
         let dict = py.detach(|| opts.open(&name)).or_py()?;
         let reopen_name = name.clone();
         Ok(PySpace {
             handle: Handle::new(Space::from_dict(dict), move || {
-                ShmDict::options()
-                    .create(false)
+                crate::reattach_options(mode)
                     .open(&reopen_name)
                     .map(Space::from_dict)
             }),

@@ -371,3 +371,28 @@ def test_handle_usable_after_fork(name):
     d["after"] = b"2"
     with d.lock() as g:
         assert not g.recovered
+
+
+def test_fork_child_reattaches_a_segment_opened_with_a_wider_mode(name):
+    # Regression: a forked child reattached with the default mode 0600, so a
+    # dictionary (or space) opened with mode=0o644 was refused with
+    # PermissionError in the child: it must accept what the parent accepted.
+    d = shmdict.ShmDict(name, mode=0o644)
+    s = shmdict.Space(name + "-space", mode=0o644)
+    try:
+        d["before"] = b"1"
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                d["child"] = d["before"]
+                s.out(("child", 1))
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert d["child"] == b"1"
+        assert s.try_take(("child", int)) == ("child", 1)
+    finally:
+        shmdict.Space.unlink(name + "-space")
