@@ -520,12 +520,15 @@ pub(crate) fn peers_share_pid_ns(r: &Region, fd: LockFd) -> bool {
     }
     (0..ATTACH_ENTRIES).all(|i| {
         let off = entry_off(i);
-        // Relaxed: the caller read the futex word first; a holder's claim
-        // happened before it took the mutex (see `sys/robust_mutex.rs`).
+        // Acquire: pairs with the Release store of the identity in
+        // `attach`, so the namespace word it published is read below. The
+        // caller read the futex word first: a holder's claim happened
+        // before it took the mutex (see `sys/robust_mutex.rs`).
+        let free = r.word(off).is_none_or(|w| w.load(Ordering::Acquire) == 0);
+        // Relaxed: ordered after the Acquire above.
         let ns = r
             .word(off + E_PIDNS)
             .map_or(0, |w| w.load(Ordering::Relaxed));
-        let free = r.word(off).is_none_or(|w| w.load(Ordering::Acquire) == 0);
         free || ns == ours || !entry_alive(r, fd, i)
     })
 }
