@@ -186,9 +186,12 @@ impl ShmDict {
                     .into(),
             });
         }
+        // A holder is attached under its own identity before it takes a
+        // mutex (a forked child registers now): see `owner_missing`.
+        self.registration()?;
         let mutex = self.mutex(DICT_LOCK_OFF)?;
         let recovered = mutex
-            .lock(None, &|| self.peers_share_pid_ns())
+            .lock(None, &|tid| self.owner_missing(tid))
             .map_err(|e| self.lock_error("dictionary lock", e))?;
         Ok(DictGuard {
             dict: self,
@@ -233,6 +236,8 @@ impl ShmDict {
                     .into(),
             });
         }
+        // Attached under our own identity before taking any mutex.
+        self.registration()?;
         let mut stripes: Vec<u64> = keys.iter().map(|k| stripe_of(k.as_ref())).collect();
         stripes.sort_unstable();
         stripes.dedup();
@@ -250,17 +255,17 @@ impl ShmDict {
         for s in stripes {
             let m = self.mutex(KEYLOCK_OFF + s * KEYLOCK_BYTES)?;
             guard.recovered |= m
-                .lock(None, &|| self.peers_share_pid_ns())
+                .lock(None, &|tid| self.owner_missing(tid))
                 .map_err(|e| self.lock_error("key lock", e))?;
             guard.held.push(m);
         }
         Ok(guard)
     }
 
-    /// Whether every live handle of this segment is in our pid namespace
-    /// (see `sys/robust_mutex.rs`: only then is a missing owner thread proof).
-    fn peers_share_pid_ns(&self) -> bool {
-        crate::shm::attach::peers_share_pid_ns(&self.region, self.me.registered().lock_fd)
+    /// Whether thread `tid`, named by a mutex's futex word, provably holds
+    /// nothing of this segment (see `sys/robust_mutex.rs`).
+    fn owner_missing(&self, tid: u32) -> bool {
+        crate::shm::attach::thread_holds_nothing(&self.region, self.me.registered().lock_fd, tid)
     }
 
     /// Returns the value of `key`, computing and inserting it with `f` if

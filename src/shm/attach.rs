@@ -533,6 +533,34 @@ pub(crate) fn peers_share_pid_ns(r: &Region, fd: LockFd) -> bool {
     })
 }
 
+/// Whether the thread `tid` (a number in our pid namespace, read from a
+/// robust mutex's futex word) provably holds nothing of this segment: every
+/// live entry is in our pid namespace, and no such thread exists, or its
+/// process (read from /proc, when /proc shows our namespace) owns no live
+/// entry. A holder attaches before it takes a mutex, so a thread of an
+/// unattached process (pid 2, say, in a corrupted word) is no holder.
+/// "Cannot tell" is `false`.
+#[cfg(not(loom))]
+pub(crate) fn thread_holds_nothing(r: &Region, fd: LockFd, tid: u32) -> bool {
+    if !peers_share_pid_ns(r, fd) {
+        return false;
+    }
+    if !crate::sys::thread_exists(tid) {
+        return true;
+    }
+    let Some(tgid) = crate::sys::thread_group(tid) else {
+        return false;
+    };
+    !(0..ATTACH_ENTRIES).any(|i| {
+        // Relaxed: a process that owns the mutex claimed its entry before
+        // taking it, and the caller read the futex word first.
+        let ident = r
+            .word(entry_off(i))
+            .map_or(0, |w| w.load(Ordering::Relaxed));
+        ident != 0 && ident & PID_MASK == u64::from(tgid) & PID_MASK && entry_alive(r, fd, i)
+    })
+}
+
 /// Number of entries whose process is alive, and the dead ones.
 #[cfg_attr(loom, allow(dead_code))]
 pub(crate) fn census(r: &Region, fd: LockFd) -> (u64, u64) {

@@ -332,6 +332,19 @@ pub(crate) fn thread_exists(tid: u32) -> bool {
     }
 }
 
+/// The process (thread-group id) of thread `tid`, from /proc when it shows
+/// our own pid namespace; `None` if that cannot be read.
+pub(crate) fn thread_group(tid: u32) -> Option<u32> {
+    if !proc_is_ours() {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Whether /proc is mounted for our own pid namespace (then `/proc/PID`
 /// names the process we would call PID).
 fn proc_is_ours() -> bool {

@@ -25,7 +25,9 @@
 //! namespace. Processes in other namespaces (containers sharing /dev/shm)
 //! may hold the mutex, and their thread ids name nothing, or another
 //! thread, here. So the owner's absence counts only when every live handle
-//! of the segment is in our pid namespace (the caller's `peers_share_ns`,
+//! of the segment is in our pid namespace, and the thread belongs to no
+//! live attached process (a futex word naming a live but unrelated thread,
+//! such as pid 2, is garbage too); the caller's `owner_missing` decides
 //! asked *after* reading the futex word: a holder attached before it took
 //! the mutex). Otherwise a corrupted futex word is waited on, as a live
 //! holder would be: "cannot tell" is never "dead".
@@ -205,12 +207,12 @@ impl<'a> RobustMutex<'a> {
     /// (`None`: no limit). `Ok(true)` if the previous holder died and this
     /// acquisition recovered the mutex.
     ///
-    /// `peers_share_ns` says whether every live handle of the segment is in
-    /// this process's pid namespace (see the module doc).
+    /// `owner_missing(tid)` says whether the thread a futex word names
+    /// provably holds nothing of this segment (see the module doc).
     pub(crate) fn lock(
         &self,
         deadline: Option<Instant>,
-        peers_share_ns: &dyn Fn() -> bool,
+        owner_missing: &dyn Fn(u32) -> bool,
     ) -> Result<bool, LockError> {
         self.validate()?;
         loop {
@@ -244,7 +246,7 @@ impl<'a> RobustMutex<'a> {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(LockError::Timeout);
                     }
-                    self.mark_if_owner_missing(peers_share_ns);
+                    self.mark_if_owner_missing(owner_missing);
                 }
                 libc::EDEADLK => return Err(LockError::Deadlock),
                 libc::ENOTRECOVERABLE => return Err(LockError::NotRecoverable),
@@ -256,7 +258,7 @@ impl<'a> RobustMutex<'a> {
     /// If the lock word names a thread that provably does not exist, marks
     /// the owner as dead the way the kernel would have, so the next lock
     /// recovers.
-    fn mark_if_owner_missing(&self, peers_share_ns: &dyn Fn() -> bool) {
+    fn mark_if_owner_missing(&self, owner_missing: &dyn Fn(u32) -> bool) {
         if !cfg!(target_env = "gnu") {
             return; // The lock word's place is glibc's layout.
         }
@@ -273,7 +275,7 @@ impl<'a> RobustMutex<'a> {
         // holder attached before it took the mutex), then the thread.
         let fixed = if tid == 0 {
             0
-        } else if peers_share_ns() && !crate::sys::thread_exists(tid) {
+        } else if owner_missing(tid) {
             v | FUTEX_OWNER_DIED
         } else {
             return;
@@ -382,14 +384,14 @@ mod tests {
         let r = Region::heap(4096);
         let m = RobustMutex::at(&r, 64).unwrap();
         m.init().unwrap();
-        assert_eq!(m.lock(None, &|| true), Ok(false));
+        assert_eq!(m.lock(None, &|_| true), Ok(false));
         assert_eq!(
-            m.lock(None, &|| true),
+            m.lock(None, &|_| true),
             Err(LockError::Deadlock),
             "errorcheck type"
         );
         m.unlock();
-        assert_eq!(m.lock(Some(Instant::now()), &|| true), Ok(false));
+        assert_eq!(m.lock(Some(Instant::now()), &|_| true), Ok(false));
         m.unlock();
     }
 
@@ -400,7 +402,7 @@ mod tests {
         let r2 = r.clone();
         std::thread::spawn(move || {
             assert_eq!(
-                RobustMutex::at(&r2, 0).unwrap().lock(None, &|| true),
+                RobustMutex::at(&r2, 0).unwrap().lock(None, &|_| true),
                 Ok(false)
             );
             // Exits holding it.
@@ -409,12 +411,12 @@ mod tests {
         .unwrap();
         let m = RobustMutex::at(&r, 0).unwrap();
         assert_eq!(
-            m.lock(None, &|| true),
+            m.lock(None, &|_| true),
             Ok(true),
             "EOWNERDEAD is reported as recovered"
         );
         m.unlock();
-        assert_eq!(m.lock(None, &|| true), Ok(false), "consistent again");
+        assert_eq!(m.lock(None, &|_| true), Ok(false), "consistent again");
         m.unlock();
     }
 
@@ -423,27 +425,29 @@ mod tests {
         let r = Region::heap(4096);
         let m = RobustMutex::at(&r, 0).unwrap();
         assert!(
-            matches!(m.lock(None, &|| true), Err(LockError::Corrupt(_))),
+            matches!(m.lock(None, &|_| true), Err(LockError::Corrupt(_))),
             "all zero"
         );
         m.init().unwrap();
         // A lock word naming a thread id that cannot exist (above pid_max).
         m.word(0).store(0x3fff_fff0, Ordering::Relaxed);
-        assert_eq!(m.lock(None, &|| true), Ok(true));
+        assert_eq!(m.lock(None, &|_| true), Ok(true));
         m.unlock();
-        let timed = m.lock(Some(Instant::now() + Duration::from_millis(10)), &|| true);
+        let timed = m.lock(Some(Instant::now() + Duration::from_millis(10)), &|_| true);
         assert_eq!(timed, Ok(false));
         m.unlock();
         // Someone may be in another pid namespace: a missing thread proves
         // nothing, so the word is waited on like a live holder.
         m.word(0).store(0x3fff_fff0, Ordering::Relaxed);
-        let timed = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|| false);
+        let timed = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|_| {
+            false
+        });
         assert_eq!(timed, Err(LockError::Timeout));
-        assert_eq!(m.lock(None, &|| true), Ok(true));
+        assert_eq!(m.lock(None, &|_| true), Ok(true));
         m.unlock();
         // Flag bits without an owner: freed, then locked normally.
         m.word(0).store(0x8000_0000, Ordering::Relaxed);
-        assert_eq!(m.lock(None, &|| true), Ok(false));
+        assert_eq!(m.lock(None, &|_| true), Ok(false));
         m.unlock();
     }
 
@@ -456,18 +460,18 @@ mod tests {
         let r2 = r.clone();
         let t = std::thread::spawn(move || {
             let m = RobustMutex::at(&r2, 0).unwrap();
-            m.lock(None, &|| true).unwrap();
+            m.lock(None, &|_| true).unwrap();
             held_tx.send(()).unwrap();
             done_rx.recv().unwrap();
             m.unlock();
         });
         held_rx.recv().unwrap();
         let m = RobustMutex::at(&r, 0).unwrap();
-        let got = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|| true);
+        let got = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|_| true);
         assert_eq!(got, Err(LockError::Timeout));
         done_tx.send(()).unwrap();
         t.join().unwrap();
-        assert_eq!(m.lock(None, &|| true), Ok(false));
+        assert_eq!(m.lock(None, &|_| true), Ok(false));
         m.unlock();
     }
 }
