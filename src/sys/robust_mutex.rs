@@ -384,14 +384,20 @@ mod tests {
         let r = Region::heap(4096);
         let m = RobustMutex::at(&r, 64).unwrap();
         m.init().unwrap();
-        assert_eq!(m.lock(None, &|_| true), Ok(false));
         assert_eq!(
-            m.lock(None, &|_| true),
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
+            Ok(false)
+        );
+        assert_eq!(
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
             Err(LockError::Deadlock),
             "errorcheck type"
         );
         m.unlock();
-        assert_eq!(m.lock(Some(Instant::now()), &|_| true), Ok(false));
+        assert_eq!(
+            m.lock(Some(Instant::now()), &|tid| !crate::sys::thread_exists(tid)),
+            Ok(false)
+        );
         m.unlock();
     }
 
@@ -402,7 +408,9 @@ mod tests {
         let r2 = r.clone();
         std::thread::spawn(move || {
             assert_eq!(
-                RobustMutex::at(&r2, 0).unwrap().lock(None, &|_| true),
+                RobustMutex::at(&r2, 0)
+                    .unwrap()
+                    .lock(None, &|tid| !crate::sys::thread_exists(tid)),
                 Ok(false)
             );
             // Exits holding it.
@@ -411,12 +419,16 @@ mod tests {
         .unwrap();
         let m = RobustMutex::at(&r, 0).unwrap();
         assert_eq!(
-            m.lock(None, &|_| true),
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
             Ok(true),
             "EOWNERDEAD is reported as recovered"
         );
         m.unlock();
-        assert_eq!(m.lock(None, &|_| true), Ok(false), "consistent again");
+        assert_eq!(
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
+            Ok(false),
+            "consistent again"
+        );
         m.unlock();
     }
 
@@ -425,15 +437,23 @@ mod tests {
         let r = Region::heap(4096);
         let m = RobustMutex::at(&r, 0).unwrap();
         assert!(
-            matches!(m.lock(None, &|_| true), Err(LockError::Corrupt(_))),
+            matches!(
+                m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
+                Err(LockError::Corrupt(_))
+            ),
             "all zero"
         );
         m.init().unwrap();
         // A lock word naming a thread id that cannot exist (above pid_max).
         m.word(0).store(0x3fff_fff0, Ordering::Relaxed);
-        assert_eq!(m.lock(None, &|_| true), Ok(true));
+        assert_eq!(
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
+            Ok(true)
+        );
         m.unlock();
-        let timed = m.lock(Some(Instant::now() + Duration::from_millis(10)), &|_| true);
+        let timed = m.lock(Some(Instant::now() + Duration::from_millis(10)), &|tid| {
+            !crate::sys::thread_exists(tid)
+        });
         assert_eq!(timed, Ok(false));
         m.unlock();
         // Someone may be in another pid namespace: a missing thread proves
@@ -443,11 +463,17 @@ mod tests {
             false
         });
         assert_eq!(timed, Err(LockError::Timeout));
-        assert_eq!(m.lock(None, &|_| true), Ok(true));
+        assert_eq!(
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
+            Ok(true)
+        );
         m.unlock();
         // Flag bits without an owner: freed, then locked normally.
         m.word(0).store(0x8000_0000, Ordering::Relaxed);
-        assert_eq!(m.lock(None, &|_| true), Ok(false));
+        assert_eq!(
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
+            Ok(false)
+        );
         m.unlock();
     }
 
@@ -460,18 +486,24 @@ mod tests {
         let r2 = r.clone();
         let t = std::thread::spawn(move || {
             let m = RobustMutex::at(&r2, 0).unwrap();
-            m.lock(None, &|_| true).unwrap();
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid))
+                .unwrap();
             held_tx.send(()).unwrap();
             done_rx.recv().unwrap();
             m.unlock();
         });
         held_rx.recv().unwrap();
         let m = RobustMutex::at(&r, 0).unwrap();
-        let got = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|_| true);
+        let got = m.lock(Some(Instant::now() + Duration::from_millis(250)), &|tid| {
+            !crate::sys::thread_exists(tid)
+        });
         assert_eq!(got, Err(LockError::Timeout));
         done_tx.send(()).unwrap();
         t.join().unwrap();
-        assert_eq!(m.lock(None, &|_| true), Ok(false));
+        assert_eq!(
+            m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
+            Ok(false)
+        );
         m.unlock();
     }
 }
