@@ -40,6 +40,8 @@ pub use array::{Array, ArrayOptions, ChunkGuard, ReadGuard, WriteGuard};
 pub use backend::redis::{RedisDict, RedisLock, RedisOptions};
 #[cfg(not(loom))]
 pub use backend::{connect, Dict, DictLock};
+#[cfg(not(loom))]
+pub use dict::borrow::{Reader, ValueRef};
 pub use dict::check::CheckReport;
 #[cfg(not(loom))]
 pub use dict::locks::{DictGuard, KeysGuard};

@@ -884,9 +884,11 @@ fn shared_between_threads_without_losing_updates() {
 // ---------------------------------------------------------------------------
 
 /// Arena bytes free or untouched.
+/// Arena bytes not in use: free, untouched, or retired (waiting for
+/// borrowed reads; reusable once none can see them).
 fn free_bytes(s: &shmdict::Stats) -> usize {
     let listed: u64 = (0..).zip(&s.free_blocks).map(|(o, n)| n * (64 << o)).sum();
-    listed as usize + s.arena_untouched_bytes
+    listed as usize + s.arena_untouched_bytes + s.retired_bytes as usize
 }
 
 /// Regression: an `update` closure that panicked after an earlier round of

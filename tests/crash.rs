@@ -1269,9 +1269,9 @@ fn typed_memoize() {
 fn assert_accounting(d: &ShmDict, r: &CheckReport) {
     let arena = d.stats().arena_bytes as u64;
     assert_eq!(
-        r.bytes_in_use + r.bytes_free + r.bytes_untouched,
+        r.bytes_in_use + r.bytes_free + r.bytes_untouched + r.bytes_retired,
         arena,
-        "in use + free + untouched != arena:\n{r}"
+        "in use + free + untouched + retired != arena:\n{r}"
     );
 }
 
@@ -1396,7 +1396,8 @@ fn check_after_churn_kills() {
         .enumerate()
         .map(|(order, &n)| n * (64u64 << order))
         .sum::<u64>()
-        + stats.arena_untouched_bytes as u64;
+        + stats.arena_untouched_bytes as u64
+        + stats.retired_bytes;
     let d2 = Arc::clone(&d);
     let filled = with_watchdog("fill the arena", move || {
         let mut n = 0u64;

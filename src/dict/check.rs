@@ -83,6 +83,14 @@ pub struct CheckReport {
     pub leaked_blocks_reclaimed: u64,
     /// Their total size in bytes.
     pub leaked_bytes_reclaimed: u64,
+    /// Arena bytes of replaced or removed values waiting until no borrowed
+    /// read can see them (`Stats::retired_bytes`), plus the bags that list
+    /// them.
+    pub bytes_retired: u64,
+    /// Borrowed reads held by live processes.
+    pub pins: u64,
+    /// How long the oldest of them has been held.
+    pub oldest_pin_age: Option<std::time::Duration>,
     /// Attached handles whose process runs.
     pub handles_live: u64,
     /// Attach entries left by processes that died without detaching.
@@ -130,9 +138,17 @@ impl fmt::Display for CheckReport {
         )?;
         writeln!(
             f,
-            "  arena: {} bytes in use, {} free, {} untouched",
-            self.bytes_in_use, self.bytes_free, self.bytes_untouched
+            "  arena: {} bytes in use, {} free, {} untouched, {} retired",
+            self.bytes_in_use, self.bytes_free, self.bytes_untouched, self.bytes_retired
         )?;
+        if let Some(age) = self.oldest_pin_age {
+            writeln!(
+                f,
+                "  borrowed reads: {} held, the oldest for {:.1} s",
+                self.pins,
+                age.as_secs_f64()
+            )?;
+        }
         writeln!(
             f,
             "  repaired: {} slots released, {} pending counts settled, {} locks released, {} overflow counts fixed, {} leaked blocks ({} bytes) reclaimed",
@@ -227,14 +243,36 @@ impl ShmDict {
         Ok(report)
     }
 
+    /// Returns a leaked block to use. A writer killed between unpublishing a
+    /// value and recording it as retired leaks a block that a borrowed read
+    /// may still hold, so leaked blocks are retired (freed once no pin can
+    /// see them), not freed; only when even that needs room the arena does
+    /// not have are they freed at once.
+    fn reclaim_leaked(&self, granule: u64, order: u32) {
+        let reg = self.me.registered();
+        let e = crate::shm::layout::Entry::new(granule as u32, order, 0);
+        let ep = self.epochs();
+        let alive = |i: u64| self.entry_alive(i);
+        if !matches!(ep.ensure_spare(reg.index, &reg.local, &alive), Ok(true))
+            || ep.retire(reg.index, e, &reg.local, &alive).is_err()
+        {
+            self.slab().free(granule, order, &self.me);
+        }
+    }
+
     /// The scan behind `check`; repairs only if `repair` (the gate is closed).
     fn scan(&self, repair: bool) -> CheckReport {
         let (handles_live, handles_dead) =
             attach::census(&self.region, self.me.registered().lock_fd);
+        let held = self.epochs().held(&|i| self.entry_alive(i));
         let mut rep = CheckReport {
             segment: self.name.clone(),
             handles_live,
             handles_dead,
+            pins: held.pins,
+            oldest_pin_age: held.oldest_pin_since_ms.map(|since| {
+                std::time::Duration::from_millis(crate::shm::epoch::now_ms().saturating_sub(since))
+            }),
             ..CheckReport::default()
         };
         let index = self.index();
@@ -303,7 +341,7 @@ impl ShmDict {
                 let hash = words[1].load(Ordering::Relaxed);
                 let (klen, vlen) = (w0 & 0xffff_ffff, w0 >> 32);
                 let size = GRANULE << e.order();
-                if BLOCK_HEADER + klen.next_multiple_of(8) + vlen > size
+                if BLOCK_HEADER + klen.next_multiple_of(16) + vlen > size
                     || Entry::tag_of(hash) != e.tag()
                 {
                     if repair {
@@ -364,6 +402,16 @@ impl ShmDict {
         }) {
             rep.problems.push(format!("free lists: {}", c.0));
         }
+        // Retired blocks, and the bags that list them, wait in the stashes
+        // for borrowed readers (`epoch.rs`).
+        let mut retired_bytes = 0;
+        if let Err(c) = self.epochs().for_each_held(|g, o| {
+            granules.mark(g, 1 << o);
+            retired_bytes += GRANULE << o;
+        }) {
+            rep.problems.push(format!("retired blocks: {}", c.0));
+        }
+        rep.bytes_retired = retired_bytes;
         if granules.overlaps > 0 {
             rep.problems.push(format!(
                 "{} arena granules are in two places at once (published twice, or published and free)",
@@ -390,7 +438,7 @@ impl ShmDict {
                     }
                     order += 1;
                 }
-                slab.free(g, order, &self.me);
+                self.reclaim_leaked(g, order);
                 rep.leaked_blocks_reclaimed += 1;
                 rep.leaked_bytes_reclaimed += GRANULE << order;
                 free_bytes += GRANULE << order;

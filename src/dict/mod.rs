@@ -1,5 +1,7 @@
 //! `ShmDict`: the safe, public face of a dictionary segment.
 
+#[cfg(not(loom))]
+pub(crate) mod borrow;
 pub(crate) mod check;
 #[cfg(not(loom))]
 pub(crate) mod locks;
@@ -14,6 +16,7 @@ use crate::dict::typed::Typed;
 use crate::error::{Error, Result};
 use crate::shm::attach::{self, Holder};
 use crate::shm::block;
+use crate::shm::epoch::Epochs;
 use crate::shm::index::{Index, Loc, NewKey};
 #[cfg(not(loom))]
 use crate::shm::layout::HeaderError;
@@ -103,6 +106,17 @@ pub struct Stats {
     pub free_blocks: Vec<u64>,
     /// Attached handles whose process runs, and entries left by dead ones.
     pub attached: (u64, u64),
+    /// Borrowed reads ([`Reader`](crate::Reader)s and
+    /// [`ValueRef`](crate::ValueRef)s) held by live processes.
+    pub pins: u64,
+    /// How long the oldest of them has been held: while it lives, memory of
+    /// values replaced since cannot be reused.
+    pub oldest_pin_age: Option<std::time::Duration>,
+    /// Arena bytes of replaced or removed values waiting until no borrowed
+    /// read can see them, with the bags that list them (freed as writers
+    /// need room). Free, untouched, retired and in-use bytes add up to the
+    /// arena.
+    pub retired_bytes: u64,
 }
 
 impl ShmDict {
@@ -173,6 +187,9 @@ impl ShmDict {
                 // Before the token is used (issue 10, item 5): see the
                 // hook's docs.
                 crate::shm::index::sweep_slots_on_attach(r, &geo, index, token);
+                // Pins a dead previous owner left hold nothing any more; its
+                // retired blocks are ours to free now (`epoch.rs`).
+                crate::shm::epoch::Epochs::new(r, &geo).reset_pins(index);
                 Holder::with_lock_fd(token, lock_fd)
             }),
         )
@@ -247,6 +264,62 @@ impl ShmDict {
         Slab::new(&self.region, &self.geo)
     }
 
+    pub(crate) fn epochs(&self) -> Epochs<'_> {
+        Epochs::new(&self.region, &self.geo)
+    }
+
+    /// Whether attach entry `i`'s owner is alive, as this process's
+    /// registration asks the kernel (`attach::entry_alive`).
+    pub(crate) fn entry_alive(&self, i: u64) -> bool {
+        attach::entry_alive(&self.region, self.me.registered().lock_fd, i)
+    }
+
+    /// Makes sure a block this write unpublishes can be retired without
+    /// new memory (`Epochs::ensure_spare`), freeing retired blocks that no
+    /// borrowed read can see if the arena is short. For a write that stores
+    /// a value that is `Full` if even that fails, before anything is
+    /// published. A removal goes ahead regardless (removing keys must
+    /// always make room): if its retire then finds no room to record the
+    /// block, the block is leaked until `check()`.
+    #[inline]
+    fn ensure_spare(&self, removal: bool) -> Result<()> {
+        let reg = self.me.registered();
+        let ep = self.epochs();
+        let corrupt = |c| self.corrupt(c);
+        let alive = |i: u64| self.entry_alive(i);
+        if ep
+            .ensure_spare(reg.index, &reg.local, &alive)
+            .map_err(corrupt)?
+        {
+            return Ok(());
+        }
+        ep.reclaim_everywhere(&reg.local, &alive).map_err(corrupt)?;
+        if ep
+            .ensure_spare(reg.index, &reg.local, &alive)
+            .map_err(corrupt)?
+            || removal
+        {
+            return Ok(());
+        }
+        Err(Error::full(
+            &self.name,
+            format!(
+                "arena ({} bytes): no room to record a replaced value",
+                self.geo.arena_bytes
+            ),
+        ))
+    }
+
+    /// Retires the block of an entry this process just unpublished: it is
+    /// freed once no borrowed read can see it (`epoch.rs`).
+    fn retire(&self, e: Entry) {
+        let reg = self.me.registered();
+        let alive = |i: u64| self.entry_alive(i);
+        // An error is a corrupted stash: the block is leaked (until
+        // `check()`), never freed early; the write itself has happened.
+        let _ = self.epochs().retire(reg.index, e, &reg.local, &alive);
+    }
+
     fn corrupt(&self, c: Corrupt) -> Error {
         Error::corrupt(&self.name, c.0)
     }
@@ -297,6 +370,7 @@ impl ShmDict {
         let (key, value) = (key.as_ref(), value.as_ref());
         let hash = hash_key(key);
         let _op = self.enter_write()?;
+        self.ensure_spare(false)?;
         // Declared after `_op`: an unpublished block is freed inside the gate.
         let new = self.prepare(key, hash, value)?;
         let index = self.index();
@@ -320,7 +394,7 @@ impl ShmDict {
             Some(loc) => {
                 let replaced = index.try_replace(&loc, new, &self.me);
                 if replaced {
-                    self.release(loc.entry);
+                    self.retire(loc.entry);
                 }
                 Ok(replaced)
             }
@@ -341,12 +415,13 @@ impl ShmDict {
         let hash = hash_key(key);
         let index = self.index();
         let _op = self.enter_write()?;
+        self.ensure_spare(true)?;
         loop {
             match index.find(key, hash, None).map_err(|c| self.corrupt(c))? {
                 None => return Ok(false),
                 Some(loc) => {
                     if index.try_remove(&loc, hash, &self.me) {
-                        self.release(loc.entry);
+                        self.retire(loc.entry);
                         self.notify(hash);
                         return Ok(true);
                     }
@@ -451,14 +526,16 @@ impl ShmDict {
                 (None, Op::Remove) => return Ok(None),
                 (Some(loc), Op::Remove) => {
                     let _op = self.enter_write()?;
+                    self.ensure_spare(true)?;
                     if index.try_remove(&loc, hash, &self.me) {
-                        self.release(loc.entry);
+                        self.retire(loc.entry);
                         self.notify(hash);
                         return Ok(None);
                     }
                 }
                 (found, Op::Set(value)) => {
                     let _op = self.enter_write()?;
+                    self.ensure_spare(false)?;
                     // Declared after `_op`: freed inside the gate unless
                     // published.
                     let new = self.prepare(key, hash, &value)?;
@@ -516,7 +593,7 @@ impl ShmDict {
                 (None, Op::Remove) => break Ok((None, block.is_some())),
                 (Some(loc), Op::Remove) => {
                     if index.try_remove(&loc, hash, &self.me) {
-                        self.release(loc.entry);
+                        self.retire(loc.entry);
                         self.notify(hash);
                         break Ok((None, block.is_some()));
                     }
@@ -624,8 +701,7 @@ impl ShmDict {
                 )
             })?;
         let granule = self
-            .slab()
-            .alloc(order, &self.me)
+            .alloc(order)
             .map_err(|c| self.corrupt(c))?
             .ok_or_else(|| {
                 Error::full(
@@ -653,7 +729,21 @@ impl ShmDict {
         Ok(new)
     }
 
-    /// Frees the block of an entry that is no longer (or never was) published.
+    /// Takes a block of `order`; before giving up, frees every retired
+    /// block that no borrowed read can see, in every process's stash.
+    fn alloc(&self, order: u32) -> std::result::Result<Option<u64>, Corrupt> {
+        if let Some(g) = self.slab().alloc(order, &self.me)? {
+            return Ok(Some(g));
+        }
+        let alive = |i: u64| self.entry_alive(i);
+        if self.epochs().reclaim_everywhere(&self.me, &alive)? == 0 {
+            return Ok(None);
+        }
+        self.slab().alloc(order, &self.me)
+    }
+
+    /// Frees the block of an entry that was never published (no reader can
+    /// have seen it).
     fn release(&self, e: Entry) {
         self.slab().free(e.granule() as u64, e.order(), &self.me);
     }
@@ -694,6 +784,7 @@ impl ShmDict {
     pub fn stats(&self) -> Stats {
         let slab = self.slab();
         let chunk = GRANULE << self.geo.chunk_order;
+        let held = self.epochs().held(&|i| self.entry_alive(i));
         Stats {
             len: self.len(),
             capacity: self.capacity(),
@@ -702,6 +793,11 @@ impl ShmDict {
             arena_untouched_bytes: ((self.geo.nchunks() - slab.chunks_carved()) * chunk) as usize,
             free_blocks: slab.free_counts(),
             attached: attach::census(&self.region, self.me.registered().lock_fd),
+            pins: held.pins,
+            oldest_pin_age: held.oldest_pin_since_ms.map(|since| {
+                std::time::Duration::from_millis(crate::shm::epoch::now_ms().saturating_sub(since))
+            }),
+            retired_bytes: held.retired_bytes,
         }
     }
 }
@@ -712,6 +808,11 @@ fn attach_table_full(name: &str) -> Error {
 
 impl Drop for ShmDict {
     fn drop(&mut self) {
+        let reg = self.me.registered();
+        if reg.is_ours() {
+            let alive = |i: u64| self.entry_alive(i);
+            self.epochs().release_stash(reg.index, &reg.local, &alive);
+        }
         self.me.detach(&self.region);
     }
 }

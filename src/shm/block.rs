@@ -4,8 +4,12 @@
 //! |------------------|-------------------------------------------------|
 //! | 0..8             | key length (low 32 bits), value length (high 32)|
 //! | 8..16            | the key's hash                                  |
-//! | 16..16+pad8(k)   | key bytes, zero-padded to a multiple of 8       |
+//! | 16..16+pad16(k)  | key bytes, zero-padded to a multiple of 16      |
 //! | then             | value bytes, zero-padded to a whole word        |
+//!
+//! Blocks start 64-aligned, so a value starts 16-aligned: a borrowed value
+//! can be viewed as any plain type of alignment up to 16
+//! (`ValueRef::as_pod`).
 //!
 //! While a block is on a free list, word 0 holds the free-list link instead.
 //!
@@ -22,7 +26,14 @@ use crate::sync::{AtomicU64, Ordering};
 const KEY_WORD: usize = (BLOCK_HEADER / 8) as usize;
 
 fn value_word(key_len: usize) -> usize {
-    KEY_WORD + key_len.div_ceil(8)
+    KEY_WORD + 2 * key_len.div_ceil(16)
+}
+
+/// Where the value of a block lies: byte offset from the block's start and
+/// length, if the block's lengths fit in it. Read under a pin (the block is
+/// immutable while pinned) or validated by the caller's seqlock.
+pub(crate) fn value_span(words: &[AtomicU64]) -> Option<(usize, usize)> {
+    lengths(words).map(|(k, v)| (value_word(k) * 8, v))
 }
 
 /// Writes a key and value into a block owned by the caller (taken from the

@@ -2,8 +2,8 @@
 //! encoding of index entries. `docs/design.md` draws the same layout.
 //!
 //! ```text
-//! 0        4096          266240            274432           290816          294912  arena_off    total
-//! | header | attach table | free-list table | key-lock table | futex channels | index  | arena |
+//! 0        4096          266240            274432           290816          294912   4489216  arena_off    total
+//! | header | attach table | free-list table | key-lock table | futex channels | stashes | index  | arena |
 //! ```
 //!
 //! Everything here is plain arithmetic: no shared memory is touched except in
@@ -22,7 +22,11 @@ pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMDICT\0");
 /// words carry 62-bit tokens; free-list heads are 16 bytes (top and a 64-bit
 /// tag); tuple-space claims name attach tokens. A version-2 process would
 /// misread all of these.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+/// Version 4: borrowed reads (issue 11). Each attach entry has a stash
+/// (pin slots, retired blocks: `epoch.rs`), the header an epoch word, and a
+/// block's value starts 16-aligned (`block.rs`). A version-3 process would
+/// free blocks that borrowed readers of this version still read.
+pub(crate) const FORMAT_VERSION: u32 = 4;
 /// Segment kinds that share the namespace.
 pub(crate) const KIND_DICT: u32 = 1;
 /// The index hash: xxh3-64 with seed 0 over the key bytes (see `hash_key`).
@@ -72,8 +76,17 @@ pub(crate) const WAIT_CHANNELS: u64 = 1024;
 #[cfg(loom)]
 pub(crate) const WAIT_CHANNELS: u64 = 16;
 pub(crate) const WAIT_CHANNEL_BYTES: u64 = 4;
-/// First byte of the index: after the futex channels, page aligned.
-pub(crate) const INDEX_OFF: u64 = WAIT_OFF + WAIT_CHANNELS * WAIT_CHANNEL_BYTES;
+/// The stash table (`epoch.rs`): one stash per attach entry, holding the
+/// entry's pin slots and the blocks it retired, after the futex channels.
+/// Pages of stashes nobody uses are never touched.
+pub(crate) const STASH_OFF: u64 = WAIT_OFF + WAIT_CHANNELS * WAIT_CHANNEL_BYTES;
+#[cfg(not(loom))]
+pub(crate) const STASH_BYTES: u64 = 1024;
+#[cfg(loom)]
+pub(crate) const STASH_BYTES: u64 = 256;
+/// First byte of the index: after the stashes, page aligned.
+pub(crate) const INDEX_OFF: u64 = STASH_OFF + ATTACH_ENTRIES * STASH_BYTES;
+const _: () = assert!(STASH_OFF % 64 == 0);
 
 /// One bucket: overflow count, home lock, three slots of (ctrl, entry).
 pub(crate) const BUCKET_BYTES: u64 = 64;
@@ -129,6 +142,8 @@ pub(crate) const H_GATE: u64 = 320;
 /// Attach high-water mark (mutable): entries `0..hwm` may hold a key count
 /// (`livecount.rs`), so `len()` reads only those.
 pub(crate) const H_ATTACH_HWM: u64 = 384;
+/// The global epoch of borrowed reads (mutable; see `epoch.rs`).
+pub(crate) const H_EPOCH: u64 = 448;
 /// The robust process-shared mutex behind `lock()` (64 bytes at 1024), only
 /// ever accessed by libc's pthread functions.
 pub(crate) const DICT_LOCK_OFF: u64 = 1024;
@@ -387,10 +402,11 @@ impl Entry {
 }
 
 /// Block order needed for a key and value: the smallest `o` with
-/// `GRANULE << o >= BLOCK_HEADER + pad8(key) + value`.
+/// `GRANULE << o >= BLOCK_HEADER + pad16(key) + value` (values start
+/// 16-aligned: `block.rs`).
 pub(crate) fn order_for(key_len: usize, value_len: usize) -> Option<u32> {
     let need = BLOCK_HEADER
-        .checked_add((key_len as u64).checked_next_multiple_of(8)?)?
+        .checked_add((key_len as u64).checked_next_multiple_of(16)?)?
         .checked_add(value_len as u64)?;
     let blocks = need.div_ceil(GRANULE).next_power_of_two();
     Some(blocks.trailing_zeros())
@@ -432,6 +448,8 @@ mod tests {
         assert_eq!(order_for(0, 0), Some(0));
         assert_eq!(order_for(16, 32), Some(0));
         assert_eq!(order_for(16, 33), Some(1));
+        assert_eq!(order_for(8, 32), Some(0));
+        assert_eq!(order_for(8, 33), Some(1), "the key is padded to 16 bytes");
         assert_eq!(order_for(16, 64), Some(1));
         assert_eq!(order_for(16, 1024), Some(5));
     }

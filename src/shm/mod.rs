@@ -17,11 +17,13 @@
 //! | `index`        | the open-addressing hash index of seqlocked slots         |
 //! | `block`        | a key-value block's bytes in the arena                    |
 //! | `slab`         | the arena allocator: buddy-aligned blocks, free lists     |
+//! | `epoch`        | borrowed reads: pins, the epoch, retired blocks           |
 //! | `gate`         | the write gate that lets `check()` pause writers          |
 //! | `rwlock`       | the `Array` lock: shared, exclusive and chunk holds       |
 
 pub(crate) mod attach;
 pub(crate) mod block;
+pub(crate) mod epoch;
 pub(crate) mod gate;
 pub(crate) mod index;
 pub(crate) mod layout;

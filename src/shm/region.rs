@@ -177,6 +177,26 @@ impl Region {
         Some(unsafe { &*self.base.cast::<u8>().add(off).cast::<AtomicU32>() })
     }
 
+    /// The `len` bytes at `off`, as plain bytes, if in bounds.
+    ///
+    /// # Safety
+    ///
+    /// No process may write these bytes while the returned slice lives. The
+    /// only caller reads a published arena block under a pin: published
+    /// blocks are never written, and a pinned block is not recycled
+    /// (`epoch.rs`). A process that breaks the protocol (a corrupted or
+    /// hostile writer) can change the bytes a reader sees, as with any
+    /// shared mapping, and the reader may then see torn data.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn frozen_bytes(&self, off: u64, len: u64) -> Option<&[u8]> {
+        let p = self.raw(off, len)?;
+        let len = usize::try_from(len).ok()?;
+        // SAFETY: in bounds (`raw`), alive as long as `self`, and unchanged
+        // while borrowed (the caller's obligation above). `u8` has no
+        // alignment or validity requirement.
+        Some(unsafe { std::slice::from_raw_parts(p.cast_const(), len) })
+    }
+
     /// A raw pointer to `len` bytes at offset `off`, if 8-aligned and in
     /// bounds: for the process-shared pthread mutexes (`sys/robust_mutex.rs`), which
     /// libc accesses with its own atomics. Those bytes are never accessed
