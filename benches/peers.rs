@@ -8,16 +8,22 @@
 //!
 //! | function         | what it is                                                        |
 //! |------------------|-------------------------------------------------------------------|
-//! | `shmdict`        | a shmdict segment in /dev/shm                                     |
+//! | `shmdict`        | a shmdict segment in /dev/shm (`get`: `get_into`, a copy)         |
+//! | `shmdict_reader` | `get` only: `Reader::get` under one long-lived `Reader` (zero-copy) |
+//! | `shmdict_ref`    | `get` only: `get_ref` per read (a pin per read, zero-copy)        |
 //! | `rwlock_hashmap` | `RwLock<HashMap<Vec<u8>, Vec<u8>>>`, in-process, no IPC            |
 //! | `dashmap`        | `DashMap<Vec<u8>, Vec<u8>>`, in-process, sharded locks, no IPC     |
 //! | `lmdb`           | LMDB through `heed`, env in /dev/shm, `NO_SYNC \| WRITE_MAP`, one transaction per operation |
+//! | `lmdb_txn`       | `get` only: LMDB reads under one reused read transaction (zero-copy, its best case) |
 //! | `seqlock_floor`  | the fixed-slot seqlock table of `benches/floor` (64-byte values only) |
 //! | `redis`          | Redis on 127.0.0.1 through the `redis` crate, one round trip per operation |
 //! | `redis_pipe100`  | the same, 100 commands per pipelined round trip                   |
 //!
 //! The workloads: `get` copies a present key's value into a reused buffer
-//! (shmdict `get_into`; Redis `GET` returns an owned `Vec`); `insert`
+//! (shmdict `get_into`; Redis `GET` returns an owned `Vec`), except the
+//! zero-copy functions (`shmdict_reader`, `shmdict_ref`, `lmdb_txn`), which
+//! borrow the value in place and read its first and last bytes (so both
+//! ends of it are loaded, as a user of the value would); `insert`
 //! overwrites a present key with a value of the same length (the in-process
 //! maps overwrite their `Vec` in place, without allocating); `remove_insert`
 //! removes a key and inserts it again (criterion's time is per pair).
@@ -129,6 +135,16 @@ impl Lmdb<'_> {
             }
             None => false,
         }
+    }
+
+    /// A read transaction to reuse for many reads (`lmdb_txn`).
+    fn read_txn(&self) -> heed::RoTxn<'_, heed::WithTls> {
+        self.env.read_txn().unwrap()
+    }
+
+    /// The value of `key` under `txn`, borrowed from LMDB's map.
+    fn get_in<'t>(&self, txn: &'t heed::RoTxn<'_>, key: &[u8]) -> Option<&'t [u8]> {
+        self.db.get(txn, key).unwrap()
     }
 
     fn len(&self) -> u64 {
@@ -268,6 +284,13 @@ fn redis_timing(g: &mut BenchmarkGroup<'_, WallTime>) {
         .sample_size(10);
 }
 
+/// What the zero-copy reads do with a borrowed value: load its first and
+/// last bytes (both ends of it), so the value's memory is really read.
+#[inline(always)]
+fn touch(v: &[u8]) -> u8 {
+    black_box(v[0].wrapping_add(v[v.len() - 1]))
+}
+
 fn bench_get(
     c: &mut Criterion,
     label: &str,
@@ -284,6 +307,15 @@ fn bench_get(
             assert!(d.get_into(cur.next_key(), &mut buf).unwrap());
             black_box(buf.as_slice());
         })
+    });
+    g.bench_function("shmdict_reader", |b| {
+        let mut cur = Cursor::new(visited);
+        let reader = d.reader().unwrap();
+        b.iter(|| touch(reader.get(cur.next_key()).unwrap().expect("present")))
+    });
+    g.bench_function("shmdict_ref", |b| {
+        let mut cur = Cursor::new(visited);
+        b.iter(|| touch(&d.get_ref(cur.next_key()).unwrap().expect("present")))
     });
     g.bench_function("rwlock_hashmap", |b| {
         let (mut cur, mut buf) = (Cursor::new(visited), Vec::with_capacity(value_len));
@@ -314,6 +346,11 @@ fn bench_get(
             assert!(p.lmdb.get_into(cur.next_key(), &mut buf));
             black_box(buf.as_slice());
         })
+    });
+    g.bench_function("lmdb_txn", |b| {
+        let mut cur = Cursor::new(visited);
+        let txn = p.lmdb.read_txn();
+        b.iter(|| touch(p.lmdb.get_in(&txn, cur.next_key()).expect("present")))
     });
     if let Some(f) = &p.floor {
         g.bench_function("seqlock_floor", |b| {

@@ -7,7 +7,8 @@
 //!     target/release/examples/bench_profile get 64 200000
 //! ```
 //!
-//! Arguments: a workload (`get`, `get_into`, `insert`, `update`,
+//! Arguments: a workload (`get`, `get_into`, `reader` (`Reader::get` under
+//! one reader, touching two bytes of each value), `get_ref`, `insert`, `update`,
 //! `remove_insert`, or the baseline's `rw_get`, `rw_get_into`, `rw_insert`,
 //! `rw_update`, `rw_remove_insert`), a value length in bytes, and the number
 //! of operations. It fills a fresh segment and a `RwLock<HashMap>` with
@@ -53,6 +54,27 @@ fn run_get_into(d: &ShmDict, keys: &[[u8; 16]], n: usize) {
     for k in keys.iter().cycle().take(n) {
         black_box(d.get_into(k, &mut buf).unwrap());
     }
+}
+
+#[inline(never)]
+fn run_reader(d: &ShmDict, keys: &[[u8; 16]], n: usize) {
+    let reader = d.reader().unwrap();
+    let mut sum = 0u64;
+    for k in keys.iter().cycle().take(n) {
+        let v = reader.get(k).unwrap().expect("present");
+        sum = sum.wrapping_add(u64::from(v[0]) + u64::from(v[v.len() - 1]));
+    }
+    black_box(sum);
+}
+
+#[inline(never)]
+fn run_get_ref(d: &ShmDict, keys: &[[u8; 16]], n: usize) {
+    let mut sum = 0u64;
+    for k in keys.iter().cycle().take(n) {
+        let v = d.get_ref(k).unwrap().expect("present");
+        sum = sum.wrapping_add(u64::from(v[0]) + u64::from(v[v.len() - 1]));
+    }
+    black_box(sum);
 }
 
 #[inline(never)]
@@ -176,6 +198,8 @@ fn main() {
     match workload {
         "get" => run_get(&d, &keys, ops),
         "get_into" => run_get_into(&d, &keys, ops),
+        "reader" => run_reader(&d, &keys, ops),
+        "get_ref" => run_get_ref(&d, &keys, ops),
         "insert" => run_insert(&d, &keys, ops, &value),
         "update" => run_update(&d, &keys, ops),
         "remove_insert" => run_remove_insert(&d, &keys, ops, &value),
