@@ -11,9 +11,8 @@ use std::ops::Deref;
 use crate::dict::ShmDict;
 use crate::error::Result;
 use crate::shm::attach::Holder;
-use crate::shm::block;
 use crate::shm::epoch::Pin;
-use crate::shm::layout::{hash_key, GRANULE};
+use crate::shm::layout::hash_key;
 use crate::shm::registration::Registration;
 use crate::shm::slab::Corrupt;
 
@@ -135,29 +134,25 @@ impl<'d> Reader<'d> {
     /// The lookup behind `get`, with the bytes borrowed for the dictionary's
     /// lifetime: only sound while this reader's pin lives, which `get`'s
     /// signature and `ValueRef` (which owns the reader) ensure.
+    #[inline]
     fn lookup(&self, key: &[u8]) -> Result<Option<&'d [u8]>> {
         let d = self.dict;
-        let corrupt = |c: Corrupt| d.corrupt(c);
-        let Some(loc) = d.index().find(key, hash_key(key), None).map_err(corrupt)? else {
+        let Some((start, len)) = d
+            .index()
+            .find_pinned(key, hash_key(key))
+            .map_err(|c| d.corrupt(c))?
+        else {
             return Ok(None);
         };
-        let e = loc.entry;
-        let words = d
-            .index()
-            .block_of(e)
-            .ok_or_else(|| corrupt(Corrupt("index entry names an invalid block")))?;
-        let (off, len) = block::value_span(words)
-            .ok_or_else(|| corrupt(Corrupt("a block's lengths exceed the block")))?;
-        let start = d.geo.arena_off + e.granule() as u64 * GRANULE + off as u64;
-        // SAFETY: `find` validated (seqlock) that the slot held this entry
-        // after our pin was visible (`pin`'s SeqCst fence precedes the
-        // lookup), so the block was published then and is not recycled
-        // before the pin is released (`epoch.rs`); published blocks are
-        // never written. The span lies inside the block (`value_span`
-        // checked it against the block's words) and the block inside the
-        // arena (`block_of`).
+        // SAFETY: `find_pinned` found the value in a block it loaded from
+        // the index after our pin was visible (`pin`'s SeqCst fence precedes
+        // the lookup), so the block was published then and is not recycled
+        // before the pin is released (`epoch.rs`; the argument is in
+        // `Index::find_pinned`); published blocks are never written. The
+        // span lies inside the block (`match_value` checked it against the
+        // block's words) and the block inside the arena (`block_of`).
         let bytes = unsafe { d.region.frozen_bytes(start, len as u64) }
-            .ok_or_else(|| corrupt(Corrupt("value outside the segment")))?;
+            .ok_or_else(|| d.corrupt(Corrupt("value outside the segment")))?;
         Ok(Some(bytes))
     }
 }

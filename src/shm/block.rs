@@ -29,13 +29,6 @@ fn value_word(key_len: usize) -> usize {
     KEY_WORD + 2 * key_len.div_ceil(16)
 }
 
-/// Where the value of a block lies: byte offset from the block's start and
-/// length, if the block's lengths fit in it. Read under a pin (the block is
-/// immutable while pinned) or validated by the caller's seqlock.
-pub(crate) fn value_span(words: &[AtomicU64]) -> Option<(usize, usize)> {
-    lengths(words).map(|(k, v)| (value_word(k) * 8, v))
-}
-
 /// Writes a key and value into a block owned by the caller (taken from the
 /// slab and not yet published). The block must be large enough
 /// (`layout::order_for`); returns `None` otherwise.
@@ -95,6 +88,25 @@ pub(crate) fn read(words: &[AtomicU64], key: &[u8], hash: u64, out: Option<&mut 
     Read::Match
 }
 
+/// Where the value of a block holding `key` lies (byte offset from the
+/// block's start, length), for a reader that does not need a seqlock: the
+/// block is immutable while the reader holds it (a pinned reader,
+/// `epoch.rs`). `Err(())`: the lengths do not fit the block.
+#[inline]
+pub(crate) fn match_value(
+    words: &[AtomicU64],
+    key: &[u8],
+    hash: u64,
+) -> Result<Option<(usize, usize)>, ()> {
+    let (k, v) = lengths(words).ok_or(())?;
+    // Relaxed: the block is immutable while held (see above).
+    if k != key.len() || words[1].load(Ordering::Relaxed) != hash {
+        return Ok(None);
+    }
+    let vw = value_word(k);
+    Ok(eq_bytes(&words[KEY_WORD..vw], key).then_some((vw * 8, v)))
+}
+
 /// Copies the block's key into `out`. `false` if the lengths are invalid.
 pub(crate) fn read_key(words: &[AtomicU64], out: &mut Vec<u8>) -> bool {
     match lengths(words) {
@@ -123,23 +135,32 @@ fn store_bytes(words: &[AtomicU64], bytes: &[u8]) {
     }
 }
 
-/// Replaces `out` with `len` bytes from `words` (which must hold them).
+/// Replaces `out` with `len` bytes from `words` (which must hold them, or
+/// `out` gets only the bytes they hold).
+///
+/// Words are loaded into a stack buffer of [`COPY_WORDS`] and appended a
+/// buffer at a time: no zero-fill of `out` first, and one `memcpy` per 256
+/// bytes instead of a bounds-checked copy per word.
 fn load_bytes(words: &[AtomicU64], len: usize, out: &mut Vec<u8>) {
     out.clear();
-    out.resize(len, 0);
-    let mut chunks = out.chunks_exact_mut(8);
-    let mut words = words.iter();
-    for (chunk, w) in chunks.by_ref().zip(words.by_ref()) {
-        // Relaxed: validated by the caller's seqlock.
-        chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
-    }
-    let tail = chunks.into_remainder();
-    if let Some(w) = words.next() {
-        let n = tail.len();
-        // Relaxed: validated by the caller's seqlock.
-        tail.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes()[..n]);
+    out.reserve(len);
+    let words = &words[..len.div_ceil(8).min(words.len())];
+    let mut left = len;
+    let mut buf = [0u64; COPY_WORDS];
+    for chunk in words.chunks(COPY_WORDS) {
+        for (b, w) in buf.iter_mut().zip(chunk) {
+            // Relaxed: validated by the caller's seqlock.
+            *b = w.load(Ordering::Relaxed);
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(&buf[..chunk.len()]);
+        let n = bytes.len().min(left);
+        out.extend_from_slice(&bytes[..n]);
+        left -= n;
     }
 }
+
+/// Words per chunk of [`load_bytes`].
+const COPY_WORDS: usize = 32;
 
 fn eq_bytes(words: &[AtomicU64], bytes: &[u8]) -> bool {
     if words.len() < bytes.len().div_ceil(8) {

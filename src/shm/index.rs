@@ -30,9 +30,12 @@
 use crate::shm::attach::{self, Holder, Token};
 use crate::shm::block;
 use crate::shm::layout::{
-    Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, H_LIVE, SLOTS_PER_BUCKET,
-    SLOT_BYTES,
+    Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, GRANULE, H_LIVE,
+    SLOTS_PER_BUCKET, SLOT_BYTES,
 };
+
+/// Words in a bucket.
+const BUCKET_WORDS: usize = (BUCKET_BYTES / 8) as usize;
 use crate::shm::livecount::Record;
 use crate::shm::lockword;
 use crate::shm::region::Region;
@@ -96,10 +99,12 @@ impl<'a> Index<'a> {
     }
 
     /// The eight words of a bucket, bounds-checked once.
-    fn bucket(&self, bucket: u64) -> &'a [AtomicU64] {
+    #[inline]
+    fn bucket(&self, bucket: u64) -> &'a [AtomicU64; BUCKET_WORDS] {
         let off = self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES;
         self.r
-            .words(off, BUCKET_BYTES / 8)
+            .words(off, BUCKET_WORDS as u64)
+            .and_then(|w| w.try_into().ok())
             .expect("buckets lie inside the validated index")
     }
 
@@ -147,6 +152,7 @@ impl<'a> Index<'a> {
     }
 
     /// Slot `s` of a bucket: its control word and entry word.
+    #[inline]
     pub(crate) fn slot(&self, bucket: u64, s: u64) -> (&'a AtomicU64, &'a AtomicU64) {
         let words = self.bucket(bucket);
         let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
@@ -178,8 +184,10 @@ impl<'a> Index<'a> {
         let tag = Entry::tag_of(hash);
         for steps in 0..self.g.nbuckets {
             let bucket = home + steps;
+            let words = self.bucket(bucket);
             for s in 0..SLOTS_PER_BUCKET {
-                let (ctrl, entry) = self.slot(bucket, s);
+                let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
+                let (ctrl, entry) = (&words[w], &words[w + 1]);
                 let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
@@ -217,7 +225,59 @@ impl<'a> Index<'a> {
             }
             // SeqCst: a lookup that misses the key must not see a count older
             // than the key's insertion (which increments before publishing).
-            if self.bucket_word(bucket, B_OVERFLOW).load(Ordering::SeqCst) == 0 {
+            if words[(B_OVERFLOW / 8) as usize].load(Ordering::SeqCst) == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Looks `key` up for a reader pinned in the epoch (`epoch.rs`), without
+    /// the seqlock: returns the byte offset (in the region) and length of
+    /// the value, whose bytes stay unchanged while the pin lives.
+    ///
+    /// Why no seqlock is needed: the entry word is loaded once (Acquire), so
+    /// the read is linearized at that load, and it synchronizes with the
+    /// Release store that published the entry, after the block was written.
+    /// The block is not written again until it is unpublished, retired and
+    /// freed. Its unpublication comes after the store we read from in the
+    /// entry word's modification order, so it is not ordered before our
+    /// pin's SeqCst fence (our load would then have seen it); so the
+    /// retire's SeqCst fence follows our pin's fence, and `epoch.rs` keeps
+    /// the block until the pin is released. The key and the lengths are
+    /// therefore compared once, with no validation: the words cannot change
+    /// under us. (A miss reads the overflow counts as `find` does.)
+    ///
+    /// Only for a caller whose pin's fence precedes this call.
+    #[inline]
+    pub(crate) fn find_pinned(&self, key: &[u8], hash: u64) -> Result<Option<(u64, usize)>, Corrupt> {
+        let home = hash & self.mask();
+        let tag = Entry::tag_of(hash);
+        for steps in 0..self.g.nbuckets {
+            let words = self.bucket(home + steps);
+            for s in 0..SLOTS_PER_BUCKET {
+                let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
+                // Acquire: pairs with the Release store that published the
+                // entry (`try_replace`, `store_counted`): the block's words
+                // written before it are visible.
+                let e = Entry(words[w + 1].load(Ordering::Acquire));
+                if e.0 == Entry::EMPTY || e.tag() != tag {
+                    continue;
+                }
+                let block = self
+                    .block_of(e)
+                    .ok_or(Corrupt("index entry names an invalid block"))?;
+                match block::match_value(block, key, hash) {
+                    Ok(Some((off, len))) => {
+                        let start = self.g.arena_off + e.granule() as u64 * GRANULE;
+                        return Ok(Some((start + off as u64, len)));
+                    }
+                    Ok(None) => {}
+                    Err(()) => return Err(Corrupt("a block's lengths exceed the block")),
+                }
+            }
+            // SeqCst: as in `find`.
+            if words[(B_OVERFLOW / 8) as usize].load(Ordering::SeqCst) == 0 {
                 return Ok(None);
             }
         }

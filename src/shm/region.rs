@@ -188,6 +188,7 @@ impl Region {
     /// hostile writer) can change the bytes a reader sees, as with any
     /// shared mapping, and the reader may then see torn data.
     #[cfg(not(loom))]
+    #[inline]
     pub(crate) unsafe fn frozen_bytes(&self, off: u64, len: u64) -> Option<&[u8]> {
         let p = self.raw(off, len)?;
         let len = usize::try_from(len).ok()?;
