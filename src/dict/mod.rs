@@ -310,14 +310,27 @@ impl ShmDict {
         ))
     }
 
-    /// Retires the block of an entry this process just unpublished: it is
-    /// freed once no borrowed read can see it (`epoch.rs`).
-    fn retire(&self, e: Entry) {
+    /// Retires the block of an entry this process just unpublished (it is
+    /// freed once no borrowed read can see it: `epoch.rs`), and wakes the
+    /// processes waiting on keys of `hash`'s channel (`wait.rs`).
+    ///
+    /// Both need a SeqCst fence between the unpublication and a read (of
+    /// the epoch, of the channel's waiter flag); one fence serves both.
+    fn retire_and_notify(&self, e: Entry, hash: u64) {
+        // SeqCst: the fence of `Epochs::retire` and of `wait::notify` (see
+        // there for what each pairs with), after the unpublication.
+        crate::sync::fence(crate::sync::Ordering::SeqCst);
         let reg = self.me.registered();
         let alive = |i: u64| self.entry_alive(i);
         // An error is a corrupted stash: the block is leaked (until
         // `check()`), never freed early; the write itself has happened.
-        let _ = self.epochs().retire(reg.index, e, &reg.local, &alive);
+        let _ = self
+            .epochs()
+            .retire_after_fence(reg.index, e, &reg.local, &alive);
+        #[cfg(not(loom))]
+        crate::dict::wait::notify_after_fence(&self.region, hash);
+        #[cfg(loom)]
+        let _ = hash;
     }
 
     fn corrupt(&self, c: Corrupt) -> Error {
@@ -378,7 +391,6 @@ impl ShmDict {
             let found = index.find(key, hash, None).map_err(|c| self.corrupt(c))?;
             if self.publish(key, hash, new.entry, found)? {
                 new.published();
-                self.notify(hash);
                 return Ok(());
             }
         }
@@ -386,15 +398,16 @@ impl ShmDict {
 
     /// Publishes the prepared block `new` as the value of `key`: over the
     /// entry `found` by a lookup, or, if the lookup found nothing, as a new
-    /// key. `Ok(false)`: another writer changed the key since the lookup;
-    /// nothing was published. Unless `Ok(true)`, `new` is still the caller's.
+    /// key, and wakes the key's waiters. `Ok(false)`: another writer changed
+    /// the key since the lookup; nothing was published. Unless `Ok(true)`,
+    /// `new` is still the caller's.
     fn publish(&self, key: &[u8], hash: u64, new: Entry, found: Option<Loc>) -> Result<bool> {
         let index = self.index();
         match found {
             Some(loc) => {
                 let replaced = index.try_replace(&loc, new, &self.me);
                 if replaced {
-                    self.retire(loc.entry);
+                    self.retire_and_notify(loc.entry, hash);
                 }
                 Ok(replaced)
             }
@@ -402,7 +415,10 @@ impl ShmDict {
                 .insert_new(key, hash, new, &self.me)
                 .map_err(|c| self.corrupt(c))?
             {
-                NewKey::Inserted => Ok(true),
+                NewKey::Inserted => {
+                    self.notify(hash);
+                    Ok(true)
+                }
                 NewKey::Exists => Ok(false),
                 NewKey::Full => Err(self.index_full()),
             },
@@ -421,8 +437,7 @@ impl ShmDict {
                 None => return Ok(false),
                 Some(loc) => {
                     if index.try_remove(&loc, hash, &self.me) {
-                        self.retire(loc.entry);
-                        self.notify(hash);
+                        self.retire_and_notify(loc.entry, hash);
                         return Ok(true);
                     }
                 }
@@ -528,8 +543,7 @@ impl ShmDict {
                     let _op = self.enter_write()?;
                     self.ensure_spare(true)?;
                     if index.try_remove(&loc, hash, &self.me) {
-                        self.retire(loc.entry);
-                        self.notify(hash);
+                        self.retire_and_notify(loc.entry, hash);
                         return Ok(None);
                     }
                 }
@@ -543,7 +557,6 @@ impl ShmDict {
                     // run `f` again on the new state.
                     if self.publish(key, hash, new.entry, found)? {
                         new.published();
-                        self.notify(hash);
                         return Ok(Some(value));
                     }
                 }
@@ -593,8 +606,7 @@ impl ShmDict {
                 (None, Op::Remove) => break Ok((None, block.is_some())),
                 (Some(loc), Op::Remove) => {
                     if index.try_remove(&loc, hash, &self.me) {
-                        self.retire(loc.entry);
-                        self.notify(hash);
+                        self.retire_and_notify(loc.entry, hash);
                         break Ok((None, block.is_some()));
                     }
                     continue;
@@ -640,7 +652,6 @@ impl ShmDict {
             match self.publish(key, hash, new, found) {
                 Ok(true) => {
                     block = None;
-                    self.notify(hash);
                     break Ok((Some(value), true));
                 }
                 Ok(false) => {} // `key` changed: run `f` again, same block

@@ -44,12 +44,20 @@ fn channel(r: &Region, hash: u64) -> Option<&AtomicU32> {
 /// after the change is published.
 #[inline]
 pub(crate) fn notify(r: &Region, hash: u64) {
-    let Some(w) = channel(r, hash) else { return };
-    // SeqCst fence: orders our publication before the read below; pairs with
-    // the fence in `wait_until` (see the module docs).
+    // SeqCst fence: orders our publication before the read in
+    // `notify_after_fence`; pairs with the fence in `wait_until` (see the
+    // module docs).
     fence(Ordering::SeqCst);
-    // Relaxed: ordered by the fence; a stale "no waiters" is impossible by
-    // the fence pairing, a stale "waiters" costs one wake-up.
+    notify_after_fence(r, hash);
+}
+
+/// [`notify`] for a caller that has issued a SeqCst fence after its
+/// publication already (`ShmDict::retire_and_notify`: the fence of the
+/// retire serves both).
+pub(crate) fn notify_after_fence(r: &Region, hash: u64) {
+    let Some(w) = channel(r, hash) else { return };
+    // Relaxed: ordered by the caller's fence; a stale "no waiters" is
+    // impossible by the fence pairing, a stale "waiters" costs one wake-up.
     let v = w.load(Ordering::Relaxed);
     if v & WAITERS != 0 {
         // Release: a sleeper that reads the new sequence sees our write.

@@ -102,6 +102,33 @@ fn pin_epoch(v: u64) -> u64 {
     v >> 16
 }
 
+/// Frees the blocks of `entries` (no reader can see them any more), one
+/// chain per order, each pushed on its free list with one compare-and-swap
+/// (`Slab::free_all`). Returns the bytes freed. Reorders `entries`.
+fn free_entries(slab: &Slab<'_>, mut entries: &mut [Entry], me: &Holder) -> u64 {
+    let mut granules = [0u64; RING_RECORDS as usize];
+    let mut freed = 0;
+    while let Some(first) = entries.first() {
+        let order = first.order();
+        // Those of `order` go to `granules`, the others stay, in front.
+        let (mut n, mut rest) = (0, 0);
+        for i in 0..entries.len() {
+            let e = entries[i];
+            if e.order() == order && n < granules.len() {
+                granules[n] = e.granule() as u64;
+                n += 1;
+            } else {
+                entries[rest] = e;
+                rest += 1;
+            }
+        }
+        slab.free_all(&granules[..n], order, me);
+        freed += n as u64 * (GRANULE << order);
+        entries = &mut entries[..rest];
+    }
+    freed
+}
+
 /// A pin held on slot `slot` of stash `stash`: what [`Epochs::unpin`]
 /// releases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -420,7 +447,20 @@ impl<'a> Epochs<'a> {
         // before this) before reading the epoch; pairs with the fence of
         // `pin` (see the module docs).
         fence(Ordering::SeqCst);
-        let epoch = self.global()?.load(Ordering::Relaxed); // Relaxed: after the fence.
+        self.retire_after_fence(stash, e, me, alive)
+    }
+
+    /// [`Epochs::retire`] for a caller that issued the SeqCst fence itself,
+    /// after the unpublication (`ShmDict::retire_and_notify`, whose fence
+    /// also serves the waiters' check).
+    pub(crate) fn retire_after_fence(
+        &self,
+        stash: u64,
+        e: Entry,
+        me: &Holder,
+        alive: &dyn Fn(u64) -> bool,
+    ) -> Result<(), Corrupt> {
+        let epoch = self.global()?.load(Ordering::Relaxed); // Relaxed: after the caller's fence.
         let lock = self.stash(stash, S_LOCK)?;
         lockword::lock(self.r, lock, me);
         let r = self.retire_locked(stash, e, epoch, me, alive);
@@ -552,32 +592,34 @@ impl<'a> Epochs<'a> {
         let mut freed = 0;
         // The ring: the records kept are rewritten with the ring emptied
         // first, and the others freed after it is rewritten (see `spill`).
+        // Both lists live on the stack: the ring holds at most
+        // RING_RECORDS records.
         let len_w = self.stash(stash, S_RING_LEN)?;
         let len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
-        let mut kept = Vec::new();
-        let mut done = Vec::new();
+        let mut kept = [(Entry(0), 0u64); RING_RECORDS as usize];
+        let mut done = [Entry(0); RING_RECORDS as usize];
+        let (mut nkept, mut ndone) = (0, 0);
         for i in 0..len {
             let rec = S_RING + i * RECORD_BYTES;
             let e = Entry(self.stash(stash, rec)?.load(Ordering::Relaxed));
             let s = self.stash(stash, rec + 8)?.load(Ordering::Relaxed);
             if free_before(s) {
-                done.push(e);
+                done[ndone] = e;
+                ndone += 1;
             } else {
-                kept.push((e, s));
+                kept[nkept] = (e, s);
+                nkept += 1;
             }
         }
-        if !done.is_empty() {
+        if ndone > 0 {
             len_w.store(0, Ordering::Relaxed);
-            for (k, &(e, s)) in kept.iter().enumerate() {
+            for (k, &(e, s)) in kept[..nkept].iter().enumerate() {
                 let to = S_RING + k as u64 * RECORD_BYTES;
                 self.stash(stash, to)?.store(e.0, Ordering::Relaxed);
                 self.stash(stash, to + 8)?.store(s, Ordering::Relaxed);
             }
-            len_w.store(kept.len() as u64, Ordering::Relaxed);
-            for e in done {
-                slab.free(e.granule() as u64, e.order(), me);
-                freed += GRANULE << e.order();
-            }
+            len_w.store(nkept as u64, Ordering::Relaxed);
+            freed += free_entries(&slab, &mut done[..ndone], me);
         }
         // The spill chain, newest first: cut it at the first bag old enough
         // (every older one is older still) and free the rest.

@@ -232,6 +232,46 @@ impl<'a> Slab<'a> {
         }
     }
 
+    /// Pushes blocks of `order` (valid ones; an invalid one is leaked
+    /// rather than followed) with one compare-and-swap: they are linked
+    /// into a chain first, whose last link then takes the list's top.
+    fn push_all(&self, granules: &[u64], order: u32, shard: u64) {
+        // Release fence: as in `push`, for every block of the chain: the
+        // links below are our first stores into blocks we own.
+        fence(Ordering::Release);
+        let mut first = None;
+        let mut last: Option<&AtomicU64> = None;
+        for &g in granules {
+            let Some(link) = self.block(g, order).map(|w| &w[0]) else {
+                continue;
+            };
+            match last {
+                // Relaxed: published by the CAS below.
+                Some(prev) => prev.store(g + 1, Ordering::Relaxed),
+                None => first = Some(g),
+            }
+            last = Some(link);
+        }
+        let (Some(first), Some(last)) = (first, last) else {
+            return;
+        };
+        let head = self.head(order, shard);
+        let mut cur = head.load(Ordering::Relaxed); // Relaxed: validated by the CAS.
+        loop {
+            last.store(cur.top & LINK_MASK, Ordering::Relaxed); // Relaxed: published by the CAS.
+            // Release: pairs with the Acquire in `pop`, as in `push`.
+            match head.compare_exchange_weak(
+                cur,
+                cur.next(first + 1),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(()) => return,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
     fn pop(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
         let head = self.head(order, shard);
         // Acquire: pairs with the Release CAS in `push` that installed `cur`,
@@ -352,6 +392,12 @@ impl<'a> Slab<'a> {
     /// Returns a block to a free list (the handle's own shard).
     pub(crate) fn free(&self, granule: u64, order: u32, me: &Holder) {
         self.push(granule, order, me.shard());
+    }
+
+    /// Returns blocks of one order to a free list (the handle's own shard)
+    /// with one compare-and-swap for all of them.
+    pub(crate) fn free_all(&self, granules: &[u64], order: u32, me: &Holder) {
+        self.push_all(granules, order, me.shard());
     }
 
     /// Merges free buddies. If another process is defragmenting, waits for it
