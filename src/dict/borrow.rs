@@ -227,3 +227,34 @@ impl PartialEq<&[u8]> for ValueRef<'_> {
         self.bytes == *other
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use crate::dict::ShmDict;
+
+    /// The pinned lookup (no seqlock) finds what `get` finds, also keys
+    /// that probed past full buckets, and misses what is absent; bytes it
+    /// returned stay as they were while the key is overwritten and removed.
+    #[test]
+    fn pinned_lookups_agree_with_get_and_hold_their_bytes() {
+        let d = ShmDict::on_heap(600, 1 << 20);
+        let keys: Vec<Vec<u8>> = (0..600u32).map(|i| i.to_le_bytes().repeat(i as usize % 7 + 1)).collect();
+        for (i, k) in keys.iter().enumerate() {
+            d.insert(k, vec![i as u8; i % 100]).unwrap();
+        }
+        let r = d.reader().unwrap();
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(r.get(k).unwrap(), Some(&vec![i as u8; i % 100][..]), "key {i}");
+            assert_eq!(d.get(k).unwrap().as_deref(), r.get(k).unwrap());
+        }
+        assert_eq!(r.get(b"absent").unwrap(), None);
+        let held = r.get(&keys[5]).unwrap().unwrap();
+        for n in 0..200u8 {
+            d.insert(&keys[5], [n; 40]).unwrap();
+            assert_eq!(r.get(&keys[5]).unwrap(), Some(&[n; 40][..]));
+        }
+        d.remove(&keys[5]).unwrap();
+        assert_eq!(r.get(&keys[5]).unwrap(), None);
+        assert_eq!(held, &[5u8; 5][..], "the borrowed bytes did not change");
+    }
+}
