@@ -382,11 +382,17 @@ impl ShmDict {
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
         let (key, value) = (key.as_ref(), value.as_ref());
         let hash = hash_key(key);
+        let index = self.index();
+        // The lookup below needs the key's bucket and, for an overwrite,
+        // its old block (two dependent cache misses): start both now, so
+        // that they arrive while the gate is entered and the new block is
+        // taken and written, work that does not depend on them.
+        index.prefetch_bucket(hash);
         let _op = self.enter_write()?;
         self.ensure_spare(false)?;
+        index.prefetch_blocks(hash);
         // Declared after `_op`: an unpublished block is freed inside the gate.
         let new = self.prepare(key, hash, value)?;
-        let index = self.index();
         loop {
             let found = index.find(key, hash, None).map_err(|c| self.corrupt(c))?;
             if self.publish(key, hash, new.entry, found)? {

@@ -232,6 +232,31 @@ impl<'a> Index<'a> {
         Ok(None)
     }
 
+    /// Prefetches the home bucket of `hash` (see [`Region::prefetch`]).
+    #[inline]
+    pub(crate) fn prefetch_bucket(&self, hash: u64) {
+        Region::prefetch(&self.bucket(hash & self.mask())[0]);
+    }
+
+    /// Prefetches the blocks that the home bucket of `hash` names under
+    /// `hash`'s tag: where a lookup of the key will compare it. Loads the
+    /// bucket's entry words (Relaxed: a hint; nothing is concluded from
+    /// them).
+    #[inline]
+    pub(crate) fn prefetch_blocks(&self, hash: u64) {
+        let words = self.bucket(hash & self.mask());
+        let tag = Entry::tag_of(hash);
+        for s in 0..SLOTS_PER_BUCKET {
+            let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
+            let e = Entry(words[w + 1].load(Ordering::Relaxed));
+            if e.0 != Entry::EMPTY && e.tag() == tag {
+                if let Some(block) = self.block_of(e) {
+                    Region::prefetch(&block[0]);
+                }
+            }
+        }
+    }
+
     /// Looks `key` up for a reader pinned in the epoch (`epoch.rs`), without
     /// the seqlock: returns the byte offset (in the region) and length of
     /// the value, whose bytes stay unchanged while the pin lives.
