@@ -32,13 +32,17 @@ const GROUPS: [(&str, &str); 6] = [
     ("peers_remove_insert/1KiB", "remove+insert 1 KiB"),
 ];
 
-/// Stores in the order drawn, with their colours.
-const STORES: [(&str, RGBColor); 7] = [
+/// Stores in the order drawn, with their colours (`shmdict_reader`,
+/// `shmdict_ref` and `lmdb_txn` are zero-copy reads: `get` groups only).
+const STORES: [(&str, RGBColor); 10] = [
     ("shmdict", RGBColor(31, 119, 180)),
+    ("shmdict_reader", RGBColor(23, 190, 207)),
+    ("shmdict_ref", RGBColor(158, 218, 229)),
     ("seqlock_floor", RGBColor(148, 103, 189)),
     ("rwlock_hashmap", RGBColor(255, 127, 14)),
     ("dashmap", RGBColor(44, 160, 44)),
     ("lmdb", RGBColor(140, 86, 75)),
+    ("lmdb_txn", RGBColor(196, 156, 148)),
     ("redis_pipe100", RGBColor(214, 39, 40)),
     ("redis", RGBColor(227, 119, 194)),
 ];
@@ -122,6 +126,13 @@ fn print_table(m: &Medians) {
 }
 
 fn draw(m: &Medians, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    // Only the workloads that were run (e.g. `scripts/peers.sh` runs the get
+    // and insert groups only).
+    let groups: Vec<(&str, &str)> = GROUPS
+        .iter()
+        .copied()
+        .filter(|(g, _)| m.contains_key(&(g.to_string(), "shmdict".to_string())))
+        .collect();
     let root = BitMapBackend::new(out, (1600, 840)).into_drawing_area();
     root.fill(&WHITE)?;
     let (y_lo, y_hi) = (0.001f64, 20.0f64);
@@ -133,7 +144,7 @@ fn draw(m: &Medians, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
         .margin(20)
         .x_label_area_size(64)
         .y_label_area_size(80)
-        .build_cartesian_2d(0f64..GROUPS.len() as f64, (y_lo..y_hi).log_scale())?;
+        .build_cartesian_2d(0f64..groups.len().max(1) as f64, (y_lo..y_hi).log_scale())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -149,7 +160,7 @@ fn draw(m: &Medians, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     for (s, (store, color)) in STORES.iter().enumerate() {
         let mut bars = Vec::new();
         let mut labels = Vec::new();
-        for (g, (group, _)) in GROUPS.iter().enumerate() {
+        for (g, (group, _)) in groups.iter().enumerate() {
             let key = |f: &str| (group.to_string(), f.to_string());
             let (Some(&shm), Some(&ns)) = (m.get(&key("shmdict")), m.get(&key(store))) else {
                 continue;
@@ -190,10 +201,10 @@ fn draw(m: &Medians, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     }
     // shmdict's level, and the workload names under each group of bars.
     chart.draw_series(std::iter::once(PathElement::new(
-        vec![(0.0, 1.0), (GROUPS.len() as f64, 1.0)],
+        vec![(0.0, 1.0), (groups.len() as f64, 1.0)],
         BLACK.stroke_width(1),
     )))?;
-    for (g, (group, label)) in GROUPS.iter().enumerate() {
+    for (g, (group, label)) in groups.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(g as f64 + 0.5, y_lo));
         let shm = m.get(&(group.to_string(), "shmdict".to_string()));
         let under = [
