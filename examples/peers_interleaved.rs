@@ -83,7 +83,11 @@ impl Lmdb {
     }
 
     /// The unnamed database, filled with the keys.
-    fn fill(&self, value_len: usize, inserted: &[[u8; KEY_LEN]]) -> heed::Database<'_, Bytes, Bytes> {
+    fn fill(
+        &self,
+        value_len: usize,
+        inserted: &[[u8; KEY_LEN]],
+    ) -> heed::Database<'_, Bytes, Bytes> {
         let txn = self.env.write_txn().expect("write txn");
         let db = self
             .env
@@ -163,7 +167,8 @@ fn main() {
     let new_value = value(value_len, 7);
 
     let mut loops: Vec<(&str, Loop<'_>)> = Vec::new();
-    let mut cur = Cursor::starting_at(&visited, 0 * SPREAD);
+    let at = |i: usize| Cursor::starting_at(&visited, i * SPREAD);
+    let mut cur = at(0);
     loops.push((
         "shmdict_reader",
         Box::new(move || {
@@ -173,7 +178,7 @@ fn main() {
             })
         }),
     ));
-    let mut cur = Cursor::starting_at(&visited, 1 * SPREAD);
+    let mut cur = at(1);
     loops.push((
         "shmdict_ref",
         Box::new(move || {
@@ -182,7 +187,7 @@ fn main() {
             })
         }),
     ));
-    let (mut cur, mut buf) = (Cursor::starting_at(&visited, 2 * SPREAD), Vec::with_capacity(value_len));
+    let (mut cur, mut buf) = (at(2), Vec::with_capacity(value_len));
     loops.push((
         "shmdict",
         Box::new(move || {
@@ -192,14 +197,14 @@ fn main() {
             })
         }),
     ));
-    let mut cur = Cursor::starting_at(&visited, 3 * SPREAD);
+    let mut cur = at(3);
     let nv = &new_value;
     loops.push((
         "shmdict_insert",
         Box::new(move || timed(|| d.insert(cur.next_key(), nv).unwrap())),
     ));
     if let Some(f) = &floor {
-        let (mut cur, mut buf) = (Cursor::starting_at(&visited, 4 * SPREAD), [0u8; floor::VALUE_LEN]);
+        let (mut cur, mut buf) = (at(4), [0u8; floor::VALUE_LEN]);
         loops.push((
             "seqlock_floor",
             Box::new(move || {
@@ -209,14 +214,14 @@ fn main() {
                 })
             }),
         ));
-        let mut cur = Cursor::starting_at(&visited, 5 * SPREAD);
+        let mut cur = at(5);
         let v: &[u8; floor::VALUE_LEN] = new_value.as_slice().try_into().expect("64");
         loops.push((
             "seqlock_floor_insert",
             Box::new(move || timed(|| f.insert(cur.next_key(), v))),
         ));
     }
-    let (mut cur, mut buf) = (Cursor::starting_at(&visited, 6 * SPREAD), Vec::with_capacity(value_len));
+    let (mut cur, mut buf) = (at(6), Vec::with_capacity(value_len));
     let b = &base;
     loops.push((
         "rwlock_hashmap",
@@ -232,7 +237,7 @@ fn main() {
             })
         }),
     ));
-    let mut cur = Cursor::starting_at(&visited, 7 * SPREAD);
+    let mut cur = at(7);
     loops.push((
         "rwlock_hashmap_insert",
         Box::new(move || {
@@ -245,7 +250,7 @@ fn main() {
             })
         }),
     ));
-    let mut cur = Cursor::starting_at(&visited, 8 * SPREAD);
+    let mut cur = at(8);
     let (env, db) = (&lmdb.env, &db);
     loops.push((
         "lmdb_txn",

@@ -238,13 +238,19 @@ mod tests {
     #[test]
     fn pinned_lookups_agree_with_get_and_hold_their_bytes() {
         let d = ShmDict::on_heap(600, 1 << 20);
-        let keys: Vec<Vec<u8>> = (0..600u32).map(|i| i.to_le_bytes().repeat(i as usize % 7 + 1)).collect();
+        let keys: Vec<Vec<u8>> = (0..600u32)
+            .map(|i| i.to_le_bytes().repeat(i as usize % 7 + 1))
+            .collect();
         for (i, k) in keys.iter().enumerate() {
             d.insert(k, vec![i as u8; i % 100]).unwrap();
         }
         let r = d.reader().unwrap();
         for (i, k) in keys.iter().enumerate() {
-            assert_eq!(r.get(k).unwrap(), Some(&vec![i as u8; i % 100][..]), "key {i}");
+            assert_eq!(
+                r.get(k).unwrap(),
+                Some(&vec![i as u8; i % 100][..]),
+                "key {i}"
+            );
             assert_eq!(d.get(k).unwrap().as_deref(), r.get(k).unwrap());
         }
         assert_eq!(r.get(b"absent").unwrap(), None);

@@ -30,8 +30,8 @@
 use crate::shm::attach::{self, Holder, Token};
 use crate::shm::block;
 use crate::shm::layout::{
-    Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, GRANULE, H_LIVE,
-    SLOTS_PER_BUCKET, SLOT_BYTES,
+    Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, GRANULE, H_LIVE, SLOTS_PER_BUCKET,
+    SLOT_BYTES,
 };
 
 /// Words in a bucket.
@@ -275,7 +275,11 @@ impl<'a> Index<'a> {
     ///
     /// Only for a caller whose pin's fence precedes this call.
     #[inline]
-    pub(crate) fn find_pinned(&self, key: &[u8], hash: u64) -> Result<Option<(u64, usize)>, Corrupt> {
+    pub(crate) fn find_pinned(
+        &self,
+        key: &[u8],
+        hash: u64,
+    ) -> Result<Option<(u64, usize)>, Corrupt> {
         let home = hash & self.mask();
         let tag = Entry::tag_of(hash);
         for steps in 0..self.g.nbuckets {

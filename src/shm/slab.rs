@@ -259,7 +259,7 @@ impl<'a> Slab<'a> {
         let mut cur = head.load(Ordering::Relaxed); // Relaxed: validated by the CAS.
         loop {
             last.store(cur.top & LINK_MASK, Ordering::Relaxed); // Relaxed: published by the CAS.
-            // Release: pairs with the Acquire in `pop`, as in `push`.
+                                                                // Release: pairs with the Acquire in `pop`, as in `push`.
             match head.compare_exchange_weak(
                 cur,
                 cur.next(first + 1),
