@@ -3,7 +3,7 @@
 //! keys, declared when the blackboard is created, one writer.
 //!
 //! ```sh
-//! cargo bench -p shmdict-blackboard-bench     # about 6 min, 3 of them setup
+//! cargo bench --manifest-path benches/blackboard/Cargo.toml   # about 6 min, 3 of them setup
 //! ```
 //!
 //! The same 100,000 keys of 16 bytes and values of 64 bytes and 1 KiB as
