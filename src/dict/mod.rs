@@ -623,7 +623,26 @@ impl ShmDict {
             let e = match block {
                 Some(e) => e,
                 None => match self.take_reserve(reserve, rhash) {
-                    Ok(Some(e)) => *block.insert(e),
+                    // The reserve's block was in the index until now: a
+                    // borrowed read may hold its bytes. It is ours to
+                    // rewrite only once no pin can see it; otherwise it is
+                    // retired like any replaced block, and the write is
+                    // `Full` (a live holder may cause that, never a wrong
+                    // value).
+                    Ok(Some(e)) => match self.epochs().quiesce(&|i| self.entry_alive(i)) {
+                        Ok(true) => *block.insert(e),
+                        Ok(false) => {
+                            self.retire_and_notify(e, rhash);
+                            break Err(Error::full(
+                                &self.name,
+                                "arena, and the reserve block is held by a borrowed read",
+                            ));
+                        }
+                        Err(c) => {
+                            self.retire_and_notify(e, rhash);
+                            break Err(self.corrupt(c));
+                        }
+                    },
                     Ok(None) => {
                         break Err(Error::full(
                             &self.name,
@@ -932,5 +951,58 @@ mod tests {
         lockword::unlock(lock, &d.me);
         t.join().unwrap();
         assert_eq!(d.len(), 1);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod reserve_tests {
+    //! Regression (issue 11): `read_modify_write_reserved` (the tuple
+    //! space's way to write when the arena is full) removed the reserve key
+    //! and wrote the new value into its block at once. A `Reader` that had
+    //! borrowed the reserve key's value saw its bytes change under it (the
+    //! snapshot guarantee broken), and a block taken that way and then not
+    //! used was freed at once, not retired.
+
+    use super::*;
+
+    #[test]
+    fn a_reserve_block_a_reader_holds_is_not_rewritten() {
+        let d = ShmDict::on_heap(64, 64 * 1024);
+        d.insert("reserve", vec![7u8; 1000]).unwrap();
+        let r = d.reader().unwrap();
+        let held = r.get("reserve").unwrap().unwrap();
+        let mut n = 0;
+        loop {
+            match d.insert(format!("fill{n}"), vec![1u8; 1000]) {
+                Ok(()) => n += 1,
+                Err(Error::Full { .. }) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(n > 0);
+        let result =
+            d.read_modify_write_reserved(b"k", b"reserve", |_| Ok(Op::Set(vec![9u8; 900])));
+        assert!(
+            held.iter().all(|&b| b == 7),
+            "the reserve's bytes, borrowed by a Reader, were rewritten"
+        );
+        assert!(
+            matches!(result, Err(Error::Full { .. })),
+            "while the reserve's block is borrowed, the write is Full: {result:?}"
+        );
+        assert_eq!(d.get("reserve").unwrap(), None, "the reserve was taken");
+        drop(r);
+        // Once nobody holds it, a reserve's block serves again: fill the
+        // room the retired block left, then write through a reserve.
+        while d.insert(format!("fill{n}"), vec![1u8; 1000]).is_ok() {
+            n += 1;
+        }
+        let (stored, used) = d
+            .read_modify_write_reserved(b"k2", b"fill0", |_| Ok(Op::Set(vec![9u8; 900])))
+            .unwrap();
+        assert_eq!(stored.as_deref(), Some(&[9u8; 900][..]));
+        assert!(used, "the reserve was used");
+        assert_eq!(d.get("k2").unwrap().as_deref(), Some(&[9u8; 900][..]));
+        assert_eq!(d.get("fill0").unwrap(), None);
     }
 }

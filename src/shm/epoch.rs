@@ -343,6 +343,33 @@ impl<'a> Epochs<'a> {
             || global.load(Ordering::Relaxed) != epoch)
     }
 
+    /// Whether a block the caller has just unpublished can no longer be seen
+    /// by any pinned reader, so that the caller may write into it at once
+    /// instead of retiring it: moves the epoch, as far as the pins allow,
+    /// two steps past the epoch read after the unpublication (what a block
+    /// retired then would wait for). `false`: a live pin may still see the
+    /// block; the caller retires it instead.
+    pub(crate) fn quiesce(&self, alive: &dyn Fn(u64) -> bool) -> Result<bool, Corrupt> {
+        // SeqCst: as in `retire`: orders the unpublication before the read
+        // of the epoch; pairs with the fence of `pin`.
+        fence(Ordering::SeqCst);
+        let start = self.global()?.load(Ordering::Relaxed); // Relaxed: after the fence.
+        let done = |epoch: u64| epoch >= start.saturating_add(2);
+        for _ in 0..3 {
+            // Acquire: as in `reclaim_locked`: pairs with the Release CAS of
+            // `try_advance`, so the reads of every reader it waited for
+            // happen before the caller writes into the block.
+            if done(self.global()?.load(Ordering::Acquire)) {
+                return Ok(true);
+            }
+            if !self.try_advance(alive)? {
+                break;
+            }
+        }
+        // Acquire: as above.
+        Ok(done(self.global()?.load(Ordering::Acquire)))
+    }
+
     /// Makes sure stash `stash` has a spare spill bag, so that a retire
     /// after the caller publishes never needs new memory. `Ok(false)`: the
     /// arena has no room for one (the caller reports `Full` before it
