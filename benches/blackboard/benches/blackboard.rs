@@ -32,7 +32,10 @@
 //! known entries through handles, with no lookup by key at all.
 //!
 //! Everything is removed at the end: the dictionary segment, the floor's
-//! table, and the blackboard's service (when the node is dropped).
+//! table, and the blackboard's service (when the node is dropped). iceoryx2
+//! itself leaves its machine-wide bookkeeping behind, shared by all its
+//! processes: a `/dev/shm/iox2_*global_mgmt` file and `/tmp/iceoryx2/`;
+//! remove them by hand when no iceoryx2 process runs.
 
 #[path = "../../common/mod.rs"]
 mod common;
