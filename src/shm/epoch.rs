@@ -65,6 +65,16 @@ use crate::sync::{fence, AtomicU64, Ordering};
 pub(crate) const PIN_SLOTS: u64 = 4;
 #[cfg(loom)]
 pub(crate) const PIN_SLOTS: u64 = 2;
+/// Ring records kept free, before a spare bag is needed, for the retires
+/// of a handle's other threads (see `ensure_spare`). Half the ring: the
+/// ring is then also emptied of what it can free every 22 retires, which
+/// keeps blocks flowing back while the arena is tight (the tuple space's
+/// full-arena reserves, `space/mod.rs`, rely on prompt reuse: a margin of 8
+/// made `tests/space.rs` `full_arena_drains` fail).
+#[cfg(not(loom))]
+const SPARE_MARGIN: u64 = RING_RECORDS / 2;
+#[cfg(loom)]
+const SPARE_MARGIN: u64 = 0;
 /// Records in a stash's ring.
 #[cfg(not(loom))]
 pub(crate) const RING_RECORDS: u64 = 44;
@@ -86,6 +96,67 @@ const PIN_BYTES: u64 = 64;
 const S_RING: u64 = S_PINS + PIN_SLOTS * PIN_BYTES;
 const RECORD_BYTES: u64 = 16;
 const _: () = assert!(S_RING + RING_RECORDS * RECORD_BYTES <= STASH_BYTES);
+
+const STASH_WORDS: usize = (STASH_BYTES / 8) as usize;
+
+/// The words of one stash, with fixed offsets (no bounds check per field).
+#[derive(Clone, Copy)]
+struct Stash<'a>(&'a [AtomicU64; STASH_WORDS]);
+
+impl<'a> Stash<'a> {
+    /// The word at byte offset `off`: one of the `S_` fields, a pin slot's
+    /// word or a ring record's (offsets below `STASH_BYTES` by the const
+    /// assertion above; callers bound ring indices by `RING_RECORDS`).
+    #[inline]
+    fn at(self, off: u64) -> &'a AtomicU64 {
+        &self.0[(off / 8) as usize]
+    }
+
+    #[inline]
+    fn pin(self, slot: u64) -> &'a AtomicU64 {
+        self.at(S_PINS + (slot % PIN_SLOTS) * PIN_BYTES)
+    }
+
+    /// Ring record `i` (`i < RING_RECORDS`): entry word, retire epoch.
+    #[inline]
+    fn record(self, i: u64) -> (&'a AtomicU64, &'a AtomicU64) {
+        let off = S_RING + i.min(RING_RECORDS - 1) * RECORD_BYTES;
+        (self.at(off), self.at(off + 8))
+    }
+}
+
+/// Adds to (or takes from) the stash's count of bytes held back: retired
+/// blocks and the bags that list them. Under the stash lock.
+fn add_bytes(st: Stash<'_>, n: u64, add: bool) {
+    let bytes = st.at(S_RETIRED_BYTES);
+    // Relaxed: under the stash lock.
+    let v = bytes.load(Ordering::Relaxed);
+    let v = if add {
+        v.saturating_add(n)
+    } else {
+        v.saturating_sub(n)
+    };
+    bytes.store(v, Ordering::Relaxed);
+}
+
+/// The ring is full and nothing can take its records: forget the oldest
+/// (leaked until `check()`): the newest moves into its place, after the
+/// ring is shortened (so it is never listed twice). Under the stash lock.
+#[cold]
+fn drop_oldest(st: Stash<'_>) {
+    let (first_e, first_s) = st.record(0);
+    let (last_e, last_s) = st.record(RING_RECORDS - 1);
+    // Relaxed (all): under the stash lock.
+    let e0 = Entry(first_e.load(Ordering::Relaxed));
+    let (e, s) = (
+        last_e.load(Ordering::Relaxed),
+        last_s.load(Ordering::Relaxed),
+    );
+    st.at(S_RING_LEN).store(RING_RECORDS - 1, Ordering::Relaxed);
+    first_e.store(e, Ordering::Relaxed);
+    first_s.store(s, Ordering::Relaxed);
+    add_bytes(st, GRANULE << e0.order(), false);
+}
 
 /// Pins a slot can count (the low 16 bits of its word).
 const COUNT_MASK: u64 = 0xffff;
@@ -161,19 +232,27 @@ impl<'a> Epochs<'a> {
         self.word(H_EPOCH)
     }
 
-    fn stash(&self, stash: u64, field: u64) -> Result<&'a AtomicU64, Corrupt> {
+    /// The words of stash `stash`, bounds-checked once.
+    #[inline]
+    fn st(&self, stash: u64) -> Result<Stash<'a>, Corrupt> {
         if stash >= ATTACH_ENTRIES {
             return Err(Corrupt("stash index out of range"));
         }
-        self.word(STASH_OFF + stash * STASH_BYTES + field)
+        self.r
+            .words(STASH_OFF + stash * STASH_BYTES, STASH_WORDS as u64)
+            .and_then(|w| w.try_into().ok())
+            .map(Stash)
+            .ok_or(Corrupt("stash outside the segment"))
     }
 
     fn pin_word(&self, stash: u64, slot: u64) -> Result<&'a AtomicU64, Corrupt> {
-        self.stash(stash, S_PINS + (slot % PIN_SLOTS) * PIN_BYTES)
+        Ok(self.st(stash)?.pin(slot))
     }
 
     fn pin_since(&self, stash: u64, slot: u64) -> Result<&'a AtomicU64, Corrupt> {
-        self.stash(stash, S_PINS + (slot % PIN_SLOTS) * PIN_BYTES + 8)
+        Ok(self
+            .st(stash)?
+            .at(S_PINS + (slot % PIN_SLOTS) * PIN_BYTES + 8))
     }
 
     /// Entries that may be in use: `0..hwm` (see `livecount.rs`).
@@ -193,10 +272,11 @@ impl<'a> Epochs<'a> {
         // Relaxed: a stale epoch only makes the pin older (conservative);
         // the SeqCst fence below orders the pin before the reads.
         let epoch = self.global()?.load(Ordering::Relaxed);
+        let st = self.st(stash)?;
         let mut pinned = None;
         for k in 0..PIN_SLOTS {
             let slot = (hint + k) % PIN_SLOTS;
-            let w = self.pin_word(stash, slot)?;
+            let w = st.pin(slot);
             let v = w.load(Ordering::Relaxed); // Relaxed: the CAS decides.
             if pin_count(v) == 0
                 // Relaxed: the fence below publishes the pin.
@@ -316,19 +396,18 @@ impl<'a> Epochs<'a> {
             || global.load(Ordering::Relaxed) != epoch)
     }
 
-    /// Makes sure stash `stash` has a spare spill bag, so that a retire
-    /// after the caller publishes never needs new memory. `Ok(false)`: the
-    /// arena has no room for one (the caller reports `Full` before it
-    /// publishes anything).
+    /// Makes sure stash `stash` has room to retire a block without new
+    /// memory, so that a retire after the caller publishes never fails.
+    /// `Ok(false)`: the arena has no room for a spare spill bag (the caller
+    /// reports `Full` before it publishes anything).
     ///
-    /// A spare is only taken once the ring is half full: the other half is
-    /// room for the retires of threads of this handle between their check
-    /// and their retire. (Taking one for every handle at once would cost
-    /// a tiny arena its room: 200 handles would hold 100 KiB of bags.)
-    ///
-    /// Before taking a spare, the ring is emptied of what no pin can see
-    /// (moving the epoch if it can): without borrowed readers, no bag is
-    /// ever taken, so a tight arena keeps all its room for values.
+    /// Only a ring within [`SPARE_MARGIN`] records of full needs a spare
+    /// bag: the margin is room for the retires of other threads of this
+    /// handle between their check and their retire. Before taking one, the
+    /// ring is emptied of what no pin can see (moving the epoch if it can):
+    /// without borrowed readers no bag is ever taken, so a tight arena keeps
+    /// its room for values. (A spare for every handle at once would cost a
+    /// tiny arena dearly: 200 handles would hold 100 KiB of bags.)
     #[inline]
     pub(crate) fn ensure_spare(
         &self,
@@ -336,67 +415,45 @@ impl<'a> Epochs<'a> {
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<bool, Corrupt> {
+        let st = self.st(stash)?;
         // Relaxed (both): only this stash's owner consumes the spare or
         // fills the ring; a stale value at worst means one retire finds no
         // spare later (handled there).
-        if self.stash(stash, S_RING_LEN)?.load(Ordering::Relaxed) < RING_RECORDS.div_ceil(2)
-            || self.stash(stash, S_SPARE)?.load(Ordering::Relaxed) != 0
+        if st.at(S_RING_LEN).load(Ordering::Relaxed) < RING_RECORDS - SPARE_MARGIN
+            || st.at(S_SPARE).load(Ordering::Relaxed) != 0
         {
             return Ok(true);
         }
-        self.ensure_spare_slow(stash, me, alive)
-    }
-
-    /// A handle detaches: its spare bag goes back to the arena, and what
-    /// its stash holds that no pin can see is freed. The rest waits for
-    /// the entry's next owner or any writer short of room.
-    pub(crate) fn release_stash(&self, stash: u64, me: &Holder, alive: &dyn Fn(u64) -> bool) {
-        let Ok(lock) = self.stash(stash, S_LOCK) else {
-            return;
-        };
-        let _ = self.try_advance(alive);
-        lockword::lock(self.r, lock, me);
-        if let Ok(spare) = self.stash(stash, S_SPARE) {
-            // Relaxed: under the stash lock.
-            let s = spare.load(Ordering::Relaxed);
-            if s != 0 {
-                spare.store(0, Ordering::Relaxed);
-                Slab::new(self.r, self.g).free(s - 1, SPILL_ORDER, me);
-                let _ = self.add_bytes(stash, GRANULE << SPILL_ORDER, false);
-            }
-        }
-        let _ = self.reclaim_locked(stash, me);
-        lockword::unlock(lock, me);
+        self.ensure_spare_slow(st, me, alive)
     }
 
     #[cold]
     fn ensure_spare_slow(
         &self,
-        stash: u64,
+        st: Stash<'a>,
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<bool, Corrupt> {
-        self.try_advance(alive)?;
-        let lock = self.stash(stash, S_LOCK)?;
+        self.advance_twice(alive)?;
+        let lock = st.at(S_LOCK);
         lockword::lock(self.r, lock, me);
-        let reclaimed = self.reclaim_locked(stash, me);
+        let reclaimed = self.reclaim_locked(st, me);
         lockword::unlock(lock, me);
         reclaimed?;
         // Relaxed: as in `ensure_spare`.
-        if self.stash(stash, S_RING_LEN)?.load(Ordering::Relaxed) < RING_RECORDS.div_ceil(2) {
+        if st.at(S_RING_LEN).load(Ordering::Relaxed) < RING_RECORDS - SPARE_MARGIN {
             return Ok(true);
         }
         let slab = Slab::new(self.r, self.g);
         let Some(bag) = slab.alloc(SPILL_ORDER, me)? else {
             return Ok(false);
         };
-        let lock = self.stash(stash, S_LOCK)?;
         lockword::lock(self.r, lock, me);
-        let spare = self.stash(stash, S_SPARE)?;
+        let spare = st.at(S_SPARE);
         // Relaxed: under the stash lock.
         if spare.load(Ordering::Relaxed) == 0 {
             spare.store(bag + 1, Ordering::Relaxed);
-            self.add_bytes(stash, GRANULE << SPILL_ORDER, true)?;
+            add_bytes(st, GRANULE << SPILL_ORDER, true);
         } else {
             slab.free(bag, SPILL_ORDER, me);
         }
@@ -404,11 +461,43 @@ impl<'a> Epochs<'a> {
         Ok(true)
     }
 
+    /// Moves the epoch up to twice (what a block retired now needs before
+    /// it can be freed), stopping at the first pin in the way.
+    fn advance_twice(&self, alive: &dyn Fn(u64) -> bool) -> Result<(), Corrupt> {
+        if self.try_advance(alive)? {
+            self.try_advance(alive)?;
+        }
+        Ok(())
+    }
+
+    /// A handle detaches: its spare bag goes back to the arena, and what
+    /// its stash holds that no pin can see is freed. The rest waits for
+    /// the entry's next owner or any writer short of room.
+    pub(crate) fn release_stash(&self, stash: u64, me: &Holder, alive: &dyn Fn(u64) -> bool) {
+        let Ok(st) = self.st(stash) else {
+            return;
+        };
+        let _ = self.advance_twice(alive);
+        let lock = st.at(S_LOCK);
+        lockword::lock(self.r, lock, me);
+        let spare = st.at(S_SPARE);
+        // Relaxed: under the stash lock.
+        let s = spare.load(Ordering::Relaxed);
+        if s != 0 {
+            spare.store(0, Ordering::Relaxed);
+            Slab::new(self.r, self.g).free(s - 1, SPILL_ORDER, me);
+            add_bytes(st, GRANULE << SPILL_ORDER, false);
+        }
+        let _ = self.reclaim_locked(st, me);
+        lockword::unlock(lock, me);
+    }
+
     /// Records that the block of `e`, just unpublished by the caller, is
     /// retired: it is freed once no pinned reader can see it. Never fails
     /// for want of memory if [`Epochs::ensure_spare`] succeeded before the
-    /// unpublication (if two threads of one handle raced for the spare and
-    /// the arena is full, the block is leaked until `check()`).
+    /// unpublication (if more threads of one handle than the margin raced
+    /// for the spare and the arena is full, a block is leaked until
+    /// `check()`).
     pub(crate) fn retire(
         &self,
         stash: u64,
@@ -416,60 +505,47 @@ impl<'a> Epochs<'a> {
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<(), Corrupt> {
+        let st = self.st(stash)?;
         // SeqCst: orders the unpublication (the slot's Release unlock,
         // before this) before reading the epoch; pairs with the fence of
         // `pin` (see the module docs).
         fence(Ordering::SeqCst);
         let epoch = self.global()?.load(Ordering::Relaxed); // Relaxed: after the fence.
-        let lock = self.stash(stash, S_LOCK)?;
+        let lock = st.at(S_LOCK);
         lockword::lock(self.r, lock, me);
-        let r = self.retire_locked(stash, e, epoch, me, alive);
+        let r = self.retire_locked(st, e, epoch, me, alive);
         lockword::unlock(lock, me);
         r
     }
 
     fn retire_locked(
         &self,
-        stash: u64,
+        st: Stash<'a>,
         e: Entry,
         epoch: u64,
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<(), Corrupt> {
-        let len_w = self.stash(stash, S_RING_LEN)?;
+        let len_w = st.at(S_RING_LEN);
         // Relaxed (all stash words): under the stash lock, whose Acquire and
         // Release order them between holders.
         let mut len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
         if len == RING_RECORDS {
             // The ring is full: move the epoch if nobody stands in the way,
             // free what that allows, and spill the rest into a bag.
-            self.try_advance(alive)?;
-            self.reclaim_locked(stash, me)?;
+            self.advance_twice(alive)?;
+            self.reclaim_locked(st, me)?;
             len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
             if len == RING_RECORDS {
-                self.spill(stash, me)?;
-                len = 0;
+                self.spill(st, me)?;
+                len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
             }
         }
-        let rec = S_RING + len * RECORD_BYTES;
-        self.stash(stash, rec)?.store(e.0, Ordering::Relaxed);
-        self.stash(stash, rec + 8)?.store(epoch, Ordering::Relaxed);
+        let (rec_e, rec_s) = st.record(len);
+        rec_e.store(e.0, Ordering::Relaxed);
+        rec_s.store(epoch, Ordering::Relaxed);
         len_w.store(len + 1, Ordering::Relaxed);
-        self.add_bytes(stash, GRANULE << e.order(), true)
-    }
-
-    /// Adds to (or takes from) the stash's count of bytes held back:
-    /// retired blocks and the bags that list them. Under the stash lock.
-    fn add_bytes(&self, stash: u64, n: u64, add: bool) -> Result<(), Corrupt> {
-        let bytes = self.stash(stash, S_RETIRED_BYTES)?;
-        // Relaxed: under the stash lock.
-        let v = bytes.load(Ordering::Relaxed);
-        let v = if add {
-            v.saturating_add(n)
-        } else {
-            v.saturating_sub(n)
-        };
-        bytes.store(v, Ordering::Relaxed);
+        add_bytes(st, GRANULE << e.order(), true);
         Ok(())
     }
 
@@ -481,19 +557,22 @@ impl<'a> Epochs<'a> {
     /// leave it to be freed twice. Records are removed from where they were
     /// *before* they appear elsewhere; a holder killed in between leaks
     /// them, and `check()` reclaims leaked blocks.
-    fn spill(&self, stash: u64, me: &Holder) -> Result<(), Corrupt> {
+    fn spill(&self, st: Stash<'a>, me: &Holder) -> Result<(), Corrupt> {
         let slab = Slab::new(self.r, self.g);
-        let spare = self.stash(stash, S_SPARE)?;
+        let spare = st.at(S_SPARE);
         let bag = match spare.load(Ordering::Relaxed) {
             0 => match slab.alloc(SPILL_ORDER, me)? {
                 Some(g) => {
-                    self.add_bytes(stash, GRANULE << SPILL_ORDER, true)?;
+                    add_bytes(st, GRANULE << SPILL_ORDER, true);
                     g
                 }
-                // No spare (two threads of this handle raced for it) and no
-                // room: the oldest ring record's block is leaked (`check()`
-                // reclaims it) so that the retire can proceed.
-                None => return self.drop_oldest(stash),
+                // No spare (more threads of this handle than the margin
+                // raced for it) and no room: the oldest record's block is
+                // leaked (`check()` reclaims it) so the retire can proceed.
+                None => {
+                    drop_oldest(st);
+                    return Ok(());
+                }
             },
             s => {
                 spare.store(0, Ordering::Relaxed);
@@ -506,44 +585,25 @@ impl<'a> Epochs<'a> {
         let mut newest = 0;
         let n = RING_RECORDS.min(words.len() as u64 - BAG_HEADER_WORDS);
         for i in 0..n {
-            let rec = S_RING + i * RECORD_BYTES;
-            let e = self.stash(stash, rec)?.load(Ordering::Relaxed);
-            newest = newest.max(self.stash(stash, rec + 8)?.load(Ordering::Relaxed));
+            let (e, s) = st.record(i);
+            newest = newest.max(s.load(Ordering::Relaxed));
             // Relaxed: the bag is ours until linked (under the lock).
-            words[(BAG_HEADER_WORDS + i) as usize].store(e, Ordering::Relaxed);
+            words[(BAG_HEADER_WORDS + i) as usize]
+                .store(e.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        let head = self.stash(stash, S_SPILL)?;
+        let head = st.at(S_SPILL);
         words[0].store(head.load(Ordering::Relaxed) & LINK_MASK, Ordering::Relaxed);
         words[1].store(newest, Ordering::Relaxed);
         words[2].store(n, Ordering::Relaxed);
         // The ring is emptied before the bag is linked (see above).
-        self.stash(stash, S_RING_LEN)?.store(0, Ordering::Relaxed);
+        st.at(S_RING_LEN).store(0, Ordering::Relaxed);
         head.store(bag + 1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// The ring is full and nothing can take its records: forget the
-    /// oldest (leaked until `check()`): the newest moves into its place,
-    /// after the ring is shortened (so it is never listed twice).
-    #[cold]
-    fn drop_oldest(&self, stash: u64) -> Result<(), Corrupt> {
-        let first = self.stash(stash, S_RING)?;
-        let e0 = Entry(first.load(Ordering::Relaxed));
-        let last = S_RING + (RING_RECORDS - 1) * RECORD_BYTES;
-        let (e, s) = (
-            self.stash(stash, last)?.load(Ordering::Relaxed),
-            self.stash(stash, last + 8)?.load(Ordering::Relaxed),
-        );
-        self.stash(stash, S_RING_LEN)?
-            .store(RING_RECORDS - 1, Ordering::Relaxed);
-        first.store(e, Ordering::Relaxed);
-        self.stash(stash, S_RING + 8)?.store(s, Ordering::Relaxed);
-        self.add_bytes(stash, GRANULE << e0.order(), false)
-    }
-
-    /// Frees what stash `stash` holds that no pinned reader can see any
-    /// more. The caller holds the stash's lock. Returns the bytes freed.
-    fn reclaim_locked(&self, stash: u64, me: &Holder) -> Result<u64, Corrupt> {
+    /// Frees what stash `st` holds that no pinned reader can see any more.
+    /// The caller holds the stash's lock. Returns the bytes freed.
+    fn reclaim_locked(&self, st: Stash<'a>, me: &Holder) -> Result<u64, Corrupt> {
         let slab = Slab::new(self.r, self.g);
         // Acquire: pairs with the Release CAS of `try_advance`: the reads of
         // every reader it waited for happen before our frees.
@@ -552,36 +612,32 @@ impl<'a> Epochs<'a> {
         let mut freed = 0;
         // The ring: the records kept are rewritten with the ring emptied
         // first, and the others freed after it is rewritten (see `spill`).
-        let len_w = self.stash(stash, S_RING_LEN)?;
-        let len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
-        let mut kept = Vec::new();
-        let mut done = Vec::new();
-        for i in 0..len {
-            let rec = S_RING + i * RECORD_BYTES;
-            let e = Entry(self.stash(stash, rec)?.load(Ordering::Relaxed));
-            let s = self.stash(stash, rec + 8)?.load(Ordering::Relaxed);
-            if free_before(s) {
-                done.push(e);
-            } else {
-                kept.push((e, s));
-            }
+        let len_w = st.at(S_RING_LEN);
+        let len = len_w.load(Ordering::Relaxed).min(RING_RECORDS) as usize;
+        let mut records = [(Entry(0), 0u64); RING_RECORDS as usize];
+        for (i, r) in records.iter_mut().enumerate().take(len) {
+            let (e, s) = st.record(i as u64);
+            *r = (Entry(e.load(Ordering::Relaxed)), s.load(Ordering::Relaxed));
         }
-        if !done.is_empty() {
+        let records = &records[..len];
+        if records.iter().any(|&(_, s)| free_before(s)) {
             len_w.store(0, Ordering::Relaxed);
-            for (k, &(e, s)) in kept.iter().enumerate() {
-                let to = S_RING + k as u64 * RECORD_BYTES;
-                self.stash(stash, to)?.store(e.0, Ordering::Relaxed);
-                self.stash(stash, to + 8)?.store(s, Ordering::Relaxed);
+            let mut kept = 0;
+            for &(e, s) in records.iter().filter(|&&(_, s)| !free_before(s)) {
+                let (rec_e, rec_s) = st.record(kept);
+                rec_e.store(e.0, Ordering::Relaxed);
+                rec_s.store(s, Ordering::Relaxed);
+                kept += 1;
             }
-            len_w.store(kept.len() as u64, Ordering::Relaxed);
-            for e in done {
+            len_w.store(kept, Ordering::Relaxed);
+            for &(e, _) in records.iter().filter(|&&(_, s)| free_before(s)) {
                 slab.free(e.granule() as u64, e.order(), me);
                 freed += GRANULE << e.order();
             }
         }
         // The spill chain, newest first: cut it at the first bag old enough
         // (every older one is older still) and free the rest.
-        let head = self.stash(stash, S_SPILL)?;
+        let head = st.at(S_SPILL);
         let mut link: &AtomicU64 = head;
         let mut cur = head.load(Ordering::Relaxed) & LINK_MASK;
         let max_bags = self.g.arena_bytes / (GRANULE << SPILL_ORDER);
@@ -602,7 +658,7 @@ impl<'a> Epochs<'a> {
             link = &words[0];
             cur = words[0].load(Ordering::Relaxed) & LINK_MASK;
         }
-        self.add_bytes(stash, freed, false)?;
+        add_bytes(st, freed, false);
         Ok(freed)
     }
 
@@ -640,7 +696,7 @@ impl<'a> Epochs<'a> {
     }
 
     /// Frees, in every stash, whatever no pinned reader can see: first
-    /// moving the epoch as far as the pins allow (twice is what a block
+    /// moving the epoch as far as the pins allow (twice is all a block
     /// retired now needs). Stashes whose lock a live process holds are
     /// skipped, never waited for. Returns the bytes freed.
     pub(crate) fn reclaim_everywhere(
@@ -648,14 +704,10 @@ impl<'a> Epochs<'a> {
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<u64, Corrupt> {
-        for _ in 0..3 {
-            if !self.try_advance(alive)? {
-                break;
-            }
-        }
+        self.advance_twice(alive)?;
         let mut freed = 0;
         for i in 0..self.hwm() {
-            let lock = self.stash(i, S_LOCK)?;
+            let lock = self.st(i)?.at(S_LOCK);
             let mut backoff = Backoff::new();
             let mut taken = lockword::try_lock(lock, me);
             for _ in 0..2 {
@@ -671,7 +723,7 @@ impl<'a> Epochs<'a> {
             if !taken {
                 continue;
             }
-            let r = self.reclaim_locked(i, me);
+            let r = self.reclaim_locked(self.st(i)?, me);
             lockword::unlock(lock, me);
             freed += r?;
         }
@@ -685,29 +737,25 @@ impl<'a> Epochs<'a> {
         let slab = Slab::new(self.r, self.g);
         let max_bags = self.g.arena_bytes / (GRANULE << SPILL_ORDER);
         for i in 0..self.hwm() {
-            let len = self
-                .stash(i, S_RING_LEN)?
-                .load(Ordering::Acquire) // Acquire: a snapshot; the gate orders it.
-                .min(RING_RECORDS);
+            let st = self.st(i)?;
+            // Acquire: a snapshot; the write gate orders it.
+            let len = st.at(S_RING_LEN).load(Ordering::Acquire).min(RING_RECORDS);
             for k in 0..len {
-                let e = Entry(
-                    self.stash(i, S_RING + k * RECORD_BYTES)?
-                        .load(Ordering::Relaxed),
-                );
+                let e = Entry(st.record(k).0.load(Ordering::Relaxed));
                 if slab.block_ok(e.granule() as u64, e.order()) {
                     f(e.granule() as u64, e.order());
                 } else {
                     return Err(Corrupt("a retired record names an invalid block"));
                 }
             }
-            let spare = self.stash(i, S_SPARE)?.load(Ordering::Relaxed);
+            let spare = st.at(S_SPARE).load(Ordering::Relaxed);
             if spare != 0 {
                 if !slab.block_ok(spare - 1, SPILL_ORDER) {
                     return Err(Corrupt("a spare spill bag is outside the arena"));
                 }
                 f(spare - 1, SPILL_ORDER);
             }
-            let mut cur = self.stash(i, S_SPILL)?.load(Ordering::Relaxed) & LINK_MASK;
+            let mut cur = st.at(S_SPILL).load(Ordering::Relaxed) & LINK_MASK;
             let mut steps = 0;
             while cur != 0 {
                 steps += 1;
@@ -742,8 +790,8 @@ impl<'a> Epochs<'a> {
             ..Held::default()
         };
         for i in 0..self.hwm() {
-            if let Ok(w) = self.stash(i, S_RETIRED_BYTES) {
-                h.retired_bytes += w.load(Ordering::Relaxed);
+            if let Ok(st) = self.st(i) {
+                h.retired_bytes += st.at(S_RETIRED_BYTES).load(Ordering::Relaxed);
             }
             let mut pinned = Vec::new();
             for slot in 0..PIN_SLOTS {
