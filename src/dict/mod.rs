@@ -321,6 +321,9 @@ impl ShmDict {
     }
 
     fn corrupt(&self, c: Corrupt) -> Error {
+        if c.0 == crate::shm::epoch::NO_ROOM {
+            return self.no_room("handle's stash");
+        }
         Error::corrupt(&self.name, c.0)
     }
 
@@ -405,6 +408,7 @@ impl ShmDict {
                 NewKey::Inserted => Ok(true),
                 NewKey::Exists => Ok(false),
                 NewKey::Full => Err(self.index_full()),
+                NewKey::NoRoom => Err(self.no_room("index")),
             },
         }
     }
@@ -704,6 +708,9 @@ impl ShmDict {
             .alloc(order)
             .map_err(|c| self.corrupt(c))?
             .ok_or_else(|| {
+                if crate::shm::slab::short_of_shm() {
+                    return self.no_room("arena");
+                }
                 Error::full(
                     &self.name,
                     format!(
@@ -746,6 +753,14 @@ impl ShmDict {
     /// have seen it).
     fn release(&self, e: Entry) {
         self.slab().free(e.granule() as u64, e.order(), &self.me);
+    }
+
+    /// /dev/shm could not give the memory a write needs (`commit.rs`).
+    pub(crate) fn no_room(&self, what: &str) -> Error {
+        Error::full(
+            &self.name,
+            format!("/dev/shm has no room for more of the {what} (fallocate failed: the file system is full)"),
+        )
     }
 
     fn index_full(&self) -> Error {

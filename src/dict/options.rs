@@ -139,6 +139,14 @@ impl Options {
             geo.total_bytes,
             self.create_new,
             |r| {
+                // The header and tables get their memory before anything is
+                // written (the rest is committed as it is first used).
+                if !crate::shm::commit::at_creation(r) {
+                    return Err(Error::full(
+                        name,
+                        "/dev/shm has no room for a new dictionary's header and tables (fallocate failed: the file system is full)",
+                    ));
+                }
                 crate::dict::locks::init(r).map_err(|rc| {
                     Error::io(
                         name,

@@ -52,6 +52,7 @@
 //! (the newest of its records), word 2 its count, words 3.. block entries.
 
 use crate::shm::attach::Holder;
+use crate::shm::commit::Commits;
 use crate::shm::layout::{
     Entry, Geometry, ATTACH_ENTRIES, GRANULE, H_ATTACH_HWM, H_EPOCH, STASH_BYTES, STASH_OFF,
 };
@@ -158,6 +159,10 @@ fn drop_oldest(st: Stash<'_>) {
     add_bytes(st, GRANULE << e0.order(), false);
 }
 
+/// The message of the error a stash gives when /dev/shm has no room for
+/// its page (the dictionary reports it as `Full`).
+pub(crate) const NO_ROOM: &str = "/dev/shm has no room for the handle's stash";
+
 /// Pins a slot can count (the low 16 bits of its word).
 const COUNT_MASK: u64 = 0xffff;
 /// Words of a spill bag before its entries.
@@ -232,12 +237,31 @@ impl<'a> Epochs<'a> {
         self.word(H_EPOCH)
     }
 
-    /// The words of stash `stash`, bounds-checked once.
+    /// The words of stash `stash`, bounds-checked once, for its owner (or a
+    /// reclaimer that took its lock): its page is committed first
+    /// (`commit.rs`; [`NO_ROOM`] if /dev/shm has no room).
     #[inline]
     fn st(&self, stash: u64) -> Result<Stash<'a>, Corrupt> {
         if stash >= ATTACH_ENTRIES {
             return Err(Corrupt("stash index out of range"));
         }
+        if !Commits::new(self.r, self.g).ensure_stash(stash) {
+            return Err(Corrupt(NO_ROOM));
+        }
+        self.words_of(stash)
+    }
+
+    /// Stash `stash` to look at, if its page was ever committed (else it
+    /// holds no pin and no retired block, and is not touched).
+    #[inline]
+    fn st_if_used(&self, stash: u64) -> Option<Stash<'a>> {
+        if stash >= ATTACH_ENTRIES || !Commits::new(self.r, self.g).stash_ready(stash) {
+            return None;
+        }
+        self.words_of(stash).ok()
+    }
+
+    fn words_of(&self, stash: u64) -> Result<Stash<'a>, Corrupt> {
         self.r
             .words(STASH_OFF + stash * STASH_BYTES, STASH_WORDS as u64)
             .and_then(|w| w.try_into().ok())
@@ -374,9 +398,12 @@ impl<'a> Epochs<'a> {
         // after every unpublication that preceded our caller's retire.
         fence(Ordering::SeqCst);
         for i in 0..self.hwm() {
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
             let mut blocked = false;
             for slot in 0..PIN_SLOTS {
-                let v = self.pin_word(i, slot)?.load(Ordering::Relaxed); // Relaxed: after the fence.
+                let v = st.pin(slot).load(Ordering::Relaxed); // Relaxed: after the fence.
                 if pin_count(v) > 0 && pin_epoch(v) != epoch {
                     blocked = true;
                     break;
@@ -707,7 +734,10 @@ impl<'a> Epochs<'a> {
         self.advance_twice(alive)?;
         let mut freed = 0;
         for i in 0..self.hwm() {
-            let lock = self.st(i)?.at(S_LOCK);
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
+            let lock = st.at(S_LOCK);
             let mut backoff = Backoff::new();
             let mut taken = lockword::try_lock(lock, me);
             for _ in 0..2 {
@@ -723,7 +753,7 @@ impl<'a> Epochs<'a> {
             if !taken {
                 continue;
             }
-            let r = self.reclaim_locked(self.st(i)?, me);
+            let r = self.reclaim_locked(st, me);
             lockword::unlock(lock, me);
             freed += r?;
         }
@@ -737,7 +767,9 @@ impl<'a> Epochs<'a> {
         let slab = Slab::new(self.r, self.g);
         let max_bags = self.g.arena_bytes / (GRANULE << SPILL_ORDER);
         for i in 0..self.hwm() {
-            let st = self.st(i)?;
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
             // Acquire: a snapshot; the write gate orders it.
             let len = st.at(S_RING_LEN).load(Ordering::Acquire).min(RING_RECORDS);
             for k in 0..len {
@@ -790,14 +822,13 @@ impl<'a> Epochs<'a> {
             ..Held::default()
         };
         for i in 0..self.hwm() {
-            if let Ok(st) = self.st(i) {
-                h.retired_bytes += st.at(S_RETIRED_BYTES).load(Ordering::Relaxed);
-            }
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
+            h.retired_bytes += st.at(S_RETIRED_BYTES).load(Ordering::Relaxed);
             let mut pinned = Vec::new();
             for slot in 0..PIN_SLOTS {
-                let (Ok(w), Ok(since)) = (self.pin_word(i, slot), self.pin_since(i, slot)) else {
-                    continue;
-                };
+                let (w, since) = (st.pin(slot), st.at(S_PINS + slot * PIN_BYTES + 8));
                 let v = w.load(Ordering::Relaxed);
                 if pin_count(v) > 0 {
                     pinned.push((pin_count(v), since.load(Ordering::Relaxed)));

@@ -49,6 +49,7 @@
 //! Acquire fence it pairs with.
 
 use crate::shm::attach::Holder;
+use crate::shm::commit::Commits;
 use crate::shm::layout::{
     Geometry, FREE_OFF, FREE_SHARDS, GRANULE, H_CHUNKS_CARVED, H_DEFRAG_EPOCH, H_DEFRAG_LOCK,
 };
@@ -153,6 +154,30 @@ impl HeadWords<'_> {
                 tag: v >> 32,
             })
     }
+}
+
+#[cfg(not(loom))]
+std::thread_local! {
+    static SHORT_OF_SHM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn note_short_of_shm() {
+    #[cfg(not(loom))]
+    SHORT_OF_SHM.with(|c| c.set(true));
+}
+
+fn clear_short_of_shm() {
+    #[cfg(not(loom))]
+    SHORT_OF_SHM.with(|c| c.set(false));
+}
+
+/// Whether the calling thread's last failed `alloc` failed because /dev/shm
+/// had no room for the block's memory (not because the arena is full).
+pub(crate) fn short_of_shm() -> bool {
+    #[cfg(not(loom))]
+    return SHORT_OF_SHM.with(|c| c.get());
+    #[cfg(loom)]
+    false
 }
 
 /// The allocator over one segment's arena.
@@ -265,12 +290,19 @@ impl<'a> Slab<'a> {
         }
     }
 
-    /// Carves a fresh chunk from the untouched end of the arena.
-    fn carve(&self) -> Option<u64> {
+    /// Carves a fresh chunk from the untouched end of the arena, for a
+    /// block of `order` (its memory, and the links `split` stores, are
+    /// committed first: `commit.rs`).
+    fn carve(&self, order: u32) -> Option<u64> {
         let w = self.r.word(H_CHUNKS_CARVED)?;
         let mut cur = w.load(Ordering::Relaxed); // Relaxed: a counter; the CAS decides.
         loop {
             if cur >= self.g.nchunks() {
+                return None;
+            }
+            // Committed before the chunk is ours: if another allocator
+            // carves it instead, it finds the memory there (harmless).
+            if !self.commit_split(cur << self.g.chunk_order, self.g.chunk_order, order) {
                 return None;
             }
             // Relaxed: the chunk's memory is untouched zeroes; nothing to order.
@@ -301,8 +333,10 @@ impl<'a> Slab<'a> {
     }
 
     /// Takes a block of `order`. `Ok(None)` means the arena is full even after
-    /// defragmentation (or the order exceeds a chunk).
+    /// defragmentation (or the order exceeds a chunk), or /dev/shm could not
+    /// give the block's memory ([`short_of_shm`] then says so).
     pub(crate) fn alloc(&self, order: u32, me: &Holder) -> Result<Option<u64>, Corrupt> {
+        clear_short_of_shm();
         if order > self.g.chunk_order {
             return Ok(None);
         }
@@ -335,17 +369,42 @@ impl<'a> Slab<'a> {
         }
     }
 
+    /// Commits what splitting block `granule` of order `from` down to
+    /// `to` touches: the kept block, and the link word of every half
+    /// pushed. `false` (and a note for [`short_of_shm`]) if /dev/shm has no
+    /// room.
+    fn commit_split(&self, granule: u64, from: u32, to: u32) -> bool {
+        let c = Commits::new(self.r, self.g);
+        let ok =
+            c.ensure_block(granule, to) && (to..from).all(|o| c.ensure_link(granule + (1u64 << o)));
+        if !ok {
+            note_short_of_shm();
+        }
+        ok
+    }
+
     fn take(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
         if let Some(g) = self.pop_any(order, shard)? {
-            return Ok(Some(g));
+            if Commits::new(self.r, self.g).ensure_block(g, order)
+                || self.commit_split(g, order, order)
+            {
+                return Ok(Some(g));
+            }
+            // Its link word was stored while it was listed: it goes back.
+            self.push(g, order, shard);
+            return Ok(None);
         }
         for larger in order + 1..=self.g.chunk_order {
             if let Some(g) = self.pop_any(larger, shard)? {
-                return Ok(Some(self.split(g, larger, order, shard)));
+                if self.commit_split(g, larger, order) {
+                    return Ok(Some(self.split(g, larger, order, shard)));
+                }
+                self.push(g, larger, shard);
+                return Ok(None);
             }
         }
         Ok(self
-            .carve()
+            .carve(order)
             .map(|g| self.split(g, self.g.chunk_order, order, shard)))
     }
 
