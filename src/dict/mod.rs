@@ -324,6 +324,12 @@ impl ShmDict {
         if c.0 == crate::shm::epoch::NO_ROOM {
             return self.no_room("handle's stash");
         }
+        if c.0 == crate::shm::epoch::TOO_MANY_PINS {
+            return Error::InvalidArgument {
+                segment: self.name.clone(),
+                reason: c.0.to_owned(),
+            };
+        }
         Error::corrupt(&self.name, c.0)
     }
 
@@ -743,10 +749,31 @@ impl ShmDict {
             return Ok(Some(g));
         }
         let alive = |i: u64| self.entry_alive(i);
-        if self.epochs().reclaim_everywhere(&self.me, &alive)? == 0 {
-            return Ok(None);
+        let ep = self.epochs();
+        // A borrowed read in progress (its process preempted between pin
+        // and unpin, on a loaded machine) can hold the epoch for a moment:
+        // retry a few times, about a millisecond in all, before `Full`. A
+        // reader that holds its pin longer (a stopped one) makes this
+        // write fail, never wait longer.
+        for round in 0..RECLAIM_ROUNDS {
+            if ep.reclaim_everywhere(&self.me, &alive)? > 0 {
+                if let Some(g) = self.slab().alloc(order, &self.me)? {
+                    return Ok(Some(g));
+                }
+            }
+            if ep.held(&alive).pins == 0 {
+                break;
+            }
+            if round < RECLAIM_ROUNDS / 2 {
+                crate::sync::yield_now();
+            } else {
+                #[cfg(not(loom))]
+                std::thread::sleep(std::time::Duration::from_micros(100));
+                #[cfg(loom)]
+                crate::sync::yield_now();
+            }
         }
-        self.slab().alloc(order, &self.me)
+        Ok(None)
     }
 
     /// Frees the block of an entry that was never published (no reader can
@@ -816,6 +843,10 @@ impl ShmDict {
         }
     }
 }
+
+/// Rounds of reclamation a writer short of room tries while borrowed reads
+/// are held (see `ShmDict::alloc`).
+const RECLAIM_ROUNDS: u32 = 16;
 
 fn attach_table_full(name: &str) -> Error {
     Error::full(name, "attach table (4096 live handles)")

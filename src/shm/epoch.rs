@@ -9,11 +9,11 @@
 //!
 //! - **Epoch.** One global word (`H_EPOCH`), only ever increased.
 //! - **Pins.** Each attach entry has a stash (`layout::STASH_OFF`) with
-//!   [`PIN_SLOTS`] pin words, each on its own cache line: `epoch << 16 |
-//!   count`. A reader claims a slot whose count is 0 with the current epoch,
-//!   or joins a busy slot (count + 1, keeping its older epoch: a
-//!   conservative pin), then issues a SeqCst fence before it reads the
-//!   index. Unpinning decrements the count (Release).
+//!   [`PIN_SLOTS`] pin lines, each on its own cache line with two
+//!   sub-slots: `epoch << 32 | count`. A reader joins a sub-slot counting
+//!   pins at the current epoch, or claims an idle one with it (see
+//!   [`Epochs::pin`] for why two suffice), then issues a SeqCst fence before
+//!   it reads the index. Unpinning decrements the count (Release).
 //! - **Advance.** The epoch moves from `e` to `e + 1` only if every pin
 //!   slot with a count, in every *live* entry, says `e`. Entries whose owner
 //!   is dead are skipped: the kernel-kept liveness of `attach.rs` (OFD
@@ -45,7 +45,7 @@
 //! | 16           | newest spill bag: granule + 1 (0 = none)              |
 //! | 24           | spare spill bag, taken ahead of need: granule + 1     |
 //! | 32           | records in the ring                                   |
-//! | 64 + 64 * i  | pin slot `i`: pin word, then the pin's start (ms)     |
+//! | 64 + 64 * i  | pin line `i`: two sub-slot words, then their starts (ms) |
 //! | `S_RING`..   | ring records: block entry word, retire epoch          |
 //!
 //! A spill bag: word 0 the next (older) bag's granule + 1, word 1 its epoch
@@ -113,9 +113,19 @@ impl<'a> Stash<'a> {
         &self.0[(off / 8) as usize]
     }
 
+    /// Pin sub-slot `slot` (`0..2 * PIN_SLOTS`): line `slot / 2`, word
+    /// `slot % 2` of it.
     #[inline]
     fn pin(self, slot: u64) -> &'a AtomicU64 {
-        self.at(S_PINS + (slot % PIN_SLOTS) * PIN_BYTES)
+        let slot = slot % (PIN_SLOTS * 2);
+        self.at(S_PINS + (slot / 2) * PIN_BYTES + (slot % 2) * 8)
+    }
+
+    /// When sub-slot `slot`'s count last went from 0 to 1 (ms).
+    #[inline]
+    fn since(self, slot: u64) -> &'a AtomicU64 {
+        let slot = slot % (PIN_SLOTS * 2);
+        self.at(S_PINS + (slot / 2) * PIN_BYTES + 16 + (slot % 2) * 8)
     }
 
     /// Ring record `i` (`i < RING_RECORDS`): entry word, retire epoch.
@@ -163,8 +173,17 @@ fn drop_oldest(st: Stash<'_>) {
 /// its page (the dictionary reports it as `Full`).
 pub(crate) const NO_ROOM: &str = "/dev/shm has no room for the handle's stash";
 
-/// Pins a slot can count (the low 16 bits of its word).
-const COUNT_MASK: u64 = 0xffff;
+/// Pins a sub-slot can count (the low 32 bits of its word hold the count,
+/// the high 32 the epoch's low 32 bits: a live pin is never 2^32 epochs
+/// behind, since the epoch cannot pass it by more than one).
+const COUNT_MASK: u64 = 0xffff_ffff;
+const EPOCH_MASK: u64 = 0xffff_ffff;
+/// More pins than this on one sub-slot is an error, not a wrap.
+const MAX_PINS: u64 = 1 << 31;
+/// The message of the error for a pin past [`MAX_PINS`] (the dictionary
+/// reports it as `InvalidArgument`).
+pub(crate) const TOO_MANY_PINS: &str =
+    "more than 2^31 borrowed reads held at once through one handle";
 /// Words of a spill bag before its entries.
 const BAG_HEADER_WORDS: u64 = 3;
 /// Granule index + 1 fits in 32 bits (`layout::Geometry`).
@@ -175,7 +194,7 @@ fn pin_count(v: u64) -> u64 {
 }
 
 fn pin_epoch(v: u64) -> u64 {
-    v >> 16
+    v >> 32
 }
 
 /// A pin held on slot `slot` of stash `stash`: what [`Epochs::unpin`]
@@ -269,16 +288,6 @@ impl<'a> Epochs<'a> {
             .ok_or(Corrupt("stash outside the segment"))
     }
 
-    fn pin_word(&self, stash: u64, slot: u64) -> Result<&'a AtomicU64, Corrupt> {
-        Ok(self.st(stash)?.pin(slot))
-    }
-
-    fn pin_since(&self, stash: u64, slot: u64) -> Result<&'a AtomicU64, Corrupt> {
-        Ok(self
-            .st(stash)?
-            .at(S_PINS + (slot % PIN_SLOTS) * PIN_BYTES + 8))
-    }
-
     /// Entries that may be in use: `0..hwm` (see `livecount.rs`).
     fn hwm(&self) -> u64 {
         self.r
@@ -289,34 +298,35 @@ impl<'a> Epochs<'a> {
             .min(ATTACH_ENTRIES)
     }
 
-    /// Pins the stash of entry `stash` (this handle's own), preferring slot
-    /// `hint`. Until [`Epochs::unpin`], no block this reader can reach from
-    /// the index afterwards is recycled.
+    /// Pins the stash of entry `stash` (this handle's own), on pin line
+    /// `hint` by preference. Until [`Epochs::unpin`], no block this reader
+    /// can reach from the index afterwards is recycled.
+    ///
+    /// A pin joins a sub-slot that already counts pins at the current
+    /// epoch, or claims an idle one; each line has two, because live pins
+    /// are only ever at the current epoch or the one before (the epoch
+    /// cannot pass a pin by more than one). So overlapping borrowed reads
+    /// never hold the epoch back: the older sub-slot drains while new pins
+    /// go to the other. (With one epoch per slot, a reader that kept four
+    /// `ValueRef`s alive at all times made every new pin join an old
+    /// epoch, and nothing was ever reclaimed again.)
     pub(crate) fn pin(&self, stash: u64, hint: u64) -> Result<Pin, Corrupt> {
+        let st = self.st(stash)?;
         // Relaxed: a stale epoch only makes the pin older (conservative);
         // the SeqCst fence below orders the pin before the reads.
-        let epoch = self.global()?.load(Ordering::Relaxed);
-        let st = self.st(stash)?;
-        let mut pinned = None;
-        for k in 0..PIN_SLOTS {
-            let slot = (hint + k) % PIN_SLOTS;
-            let w = st.pin(slot);
-            let v = w.load(Ordering::Relaxed); // Relaxed: the CAS decides.
-            if pin_count(v) == 0
-                // Relaxed: the fence below publishes the pin.
-                && w.compare_exchange(v, epoch << 16 | 1, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                // Relaxed: a statistic (the oldest pin's age).
-                self.pin_since(stash, slot)?
-                    .store(now_ms(), Ordering::Relaxed);
-                pinned = Some(slot);
-                break;
+        let epoch = self.global()?.load(Ordering::Relaxed) & EPOCH_MASK;
+        let mut spins = 0u32;
+        let slot = loop {
+            if let Some(slot) = self.try_pin(st, hint, epoch)? {
+                break slot;
             }
-        }
-        let slot = match pinned {
-            Some(slot) => slot,
-            None => self.join(stash, hint)?,
+            // Only contention on the words (a CAS lost) gets here.
+            spins += 1;
+            if spins % 64 == 0 {
+                crate::sync::yield_now();
+            } else {
+                crate::sync::spin_hint();
+            }
         };
         // SeqCst: orders the pin before every read of the index that
         // follows; pairs with the SeqCst fences of `try_advance` (which
@@ -325,41 +335,61 @@ impl<'a> Epochs<'a> {
         Ok(Pin { stash, slot })
     }
 
-    /// Every slot is busy: joins one (its count + 1, its epoch kept).
-    #[cold]
-    fn join(&self, stash: u64, hint: u64) -> Result<u64, Corrupt> {
-        let epoch = self.global()?.load(Ordering::Relaxed); // Relaxed: as in `pin`.
-        let mut k = 0;
-        loop {
-            let slot = (hint + k) % PIN_SLOTS;
-            let w = self.pin_word(stash, slot)?;
-            let v = w.load(Ordering::Relaxed); // Relaxed: the CAS decides.
-            let new = match pin_count(v) {
-                0 => epoch << 16 | 1,
-                COUNT_MASK => {
-                    k += 1;
-                    crate::sync::spin_hint();
+    /// One attempt at pinning at `epoch` (its low 32 bits): join a sub-slot
+    /// at `epoch`, else claim an idle one, on line `hint` first, then on the
+    /// others; failing both (every sub-slot busy at another epoch: only
+    /// pins that read a stale epoch do that), join the first busy one,
+    /// keeping its older epoch. `None`: a CAS lost a race; try again.
+    fn try_pin(&self, st: Stash<'a>, hint: u64, epoch: u64) -> Result<Option<u64>, Corrupt> {
+        let slots = PIN_SLOTS * 2;
+        let first = (hint % PIN_SLOTS) * 2;
+        let order = |k: u64| (first + k) % slots;
+        // Relaxed (all): the caller's fence publishes the pin.
+        for want_join in [true, false] {
+            for k in 0..slots {
+                let slot = order(k);
+                let w = st.pin(slot);
+                let v = w.load(Ordering::Relaxed);
+                let (n, e) = (pin_count(v), pin_epoch(v));
+                let new = if want_join && n > 0 && e == epoch {
+                    if n >= MAX_PINS {
+                        return Err(Corrupt(TOO_MANY_PINS));
+                    }
+                    v + 1
+                } else if !want_join && n == 0 {
+                    epoch << 32 | 1
+                } else {
                     continue;
+                };
+                if w.compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+                {
+                    return Ok(None);
                 }
-                _ => v + 1,
-            };
-            // Relaxed: published by the caller's fence.
-            if w.compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
-                if pin_count(v) == 0 {
-                    // Relaxed: a statistic.
-                    self.pin_since(stash, slot)?
-                        .store(now_ms(), Ordering::Relaxed);
+                if n == 0 {
+                    // Relaxed: a statistic (the oldest pin's age).
+                    st.since(slot).store(now_ms(), Ordering::Relaxed);
                 }
-                return Ok(slot);
+                return Ok(Some(slot));
             }
         }
+        let slot = order(0);
+        let w = st.pin(slot);
+        let v = w.load(Ordering::Relaxed);
+        if pin_count(v) == 0 || pin_count(v) >= MAX_PINS {
+            return Ok(None);
+        }
+        Ok(
+            w.compare_exchange(v, v + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+                .then_some(slot),
+        )
     }
 
     /// Releases a pin taken by [`Epochs::pin`].
     pub(crate) fn unpin(&self, pin: Pin) {
-        if let Ok(w) = self.pin_word(pin.stash, pin.slot) {
+        if let Ok(st) = self.st(pin.stash) {
+            let w = st.pin(pin.slot);
             // Release: the reads made under the pin happen before an advance
             // that sees it gone (its Acquire fence), hence before any reuse
             // of what they read. A CAS loop, not fetch_sub: a count of 0
@@ -377,10 +407,10 @@ impl<'a> Epochs<'a> {
     /// Clears the pin slots of entry `stash`, whose previous owner is gone
     /// (called by the entry's new owner before it uses it).
     pub(crate) fn reset_pins(&self, stash: u64) {
-        for slot in 0..PIN_SLOTS {
-            if let Ok(w) = self.pin_word(stash, slot) {
+        if let Ok(st) = self.st(stash) {
+            for slot in 0..PIN_SLOTS * 2 {
                 // Release: pairs with an advance's Acquire fence, as unpin.
-                w.store(0, Ordering::Release);
+                st.pin(slot).store(0, Ordering::Release);
             }
         }
     }
@@ -402,9 +432,9 @@ impl<'a> Epochs<'a> {
                 continue;
             };
             let mut blocked = false;
-            for slot in 0..PIN_SLOTS {
+            for slot in 0..PIN_SLOTS * 2 {
                 let v = st.pin(slot).load(Ordering::Relaxed); // Relaxed: after the fence.
-                if pin_count(v) > 0 && pin_epoch(v) != epoch {
+                if pin_count(v) > 0 && pin_epoch(v) != epoch & EPOCH_MASK {
                     blocked = true;
                     break;
                 }
@@ -827,8 +857,8 @@ impl<'a> Epochs<'a> {
             };
             h.retired_bytes += st.at(S_RETIRED_BYTES).load(Ordering::Relaxed);
             let mut pinned = Vec::new();
-            for slot in 0..PIN_SLOTS {
-                let (w, since) = (st.pin(slot), st.at(S_PINS + slot * PIN_BYTES + 8));
+            for slot in 0..PIN_SLOTS * 2 {
+                let (w, since) = (st.pin(slot), st.since(slot));
                 let v = w.load(Ordering::Relaxed);
                 if pin_count(v) > 0 {
                     pinned.push((pin_count(v), since.load(Ordering::Relaxed)));
@@ -942,6 +972,22 @@ mod tests {
         }
         assert_eq!(ep.held(&everyone_alive).pins, 0);
         assert!(ep.try_advance(&everyone_alive).unwrap());
+    }
+
+    /// Regression: past 65,535 pins on every slot, `pin` spun forever
+    /// (the Python view work found it: 262,141 views hung). Now a
+    /// sub-slot counts up to 2^31 and more is an error.
+    #[test]
+    fn too_many_pins_is_an_error_not_a_hang() {
+        let (r, g) = setup();
+        let ep = Epochs::new(&r, &g);
+        let first = ep.pin(0, 0).unwrap();
+        let st = ep.st(0).unwrap();
+        let w = st.pin(first.slot);
+        w.store(w.load(Ordering::Relaxed) - 1 + MAX_PINS, Ordering::Relaxed);
+        assert_eq!(ep.pin(0, 0), Err(Corrupt(TOO_MANY_PINS)));
+        w.store(0, Ordering::Relaxed);
+        assert!(ep.pin(0, 0).is_ok(), "usable again once pins are dropped");
     }
 
     #[test]
