@@ -64,13 +64,14 @@ class ShmDict:
         ``g.recovered`` says whether its previous holder died holding it). Waits
         without the GIL; Ctrl-C interrupts the wait."""
     def view(self, key: _Key) -> ValueView:
-        """A zero-copy, read-only view of the value of ``key`` (KeyError if absent).
+        """A zero-copy, read-only view of the value of ``key``.
 
+        ``with d.view(k) as v:`` gives ``v = None`` if the key is absent.
         ``bytes(v)``, ``memoryview(v)`` and ``numpy.frombuffer(v, dtype)`` read the
         shared memory itself; the bytes never change while the view is held,
         whatever other processes write to the key. Release it soon (``with``, or
         ``v.release()``): while held, memory of values replaced since cannot be
-        reused by any process.
+        reused by any process. A buffer of an absent key's view is KeyError.
         """
     def stats(self) -> Stats:
         """Occupancy figures, views held and memory they hold back (a snapshot)."""
@@ -81,19 +82,24 @@ class ValueView(Buffer):
 
     The view holds a pin: the bytes stay valid and unchanged until it is
     released, and at least as long as any buffer exported from it (memoryview,
-    numpy array) is alive. ``release()`` and the end of a ``with`` block raise
-    BufferError instead of releasing while such buffers are alive.
+    numpy array) is alive. ``release()`` raises BufferError instead of releasing
+    while such buffers are alive; the end of a ``with`` block then leaves the view
+    held until the last of them is released.
     """
 
     def __buffer__(self, flags: int, /) -> memoryview: ...
-    def __enter__(self) -> Self: ...
+    def __enter__(self) -> Optional[Self]:
+        """The view, or None if the key was absent."""
+    def __bool__(self) -> bool:
+        """Whether the view holds a value (present, not released)."""
     def __exit__(
         self,
         exc_type: Optional[type[BaseException]],
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> bool:
-        """Releases the view (BufferError if exported buffers are alive)."""
+        """Releases the view, or, while exported buffers are alive, leaves it held
+        until the last of them is released."""
     def release(self) -> None:
         """Releases the view now; BufferError if exported buffers are alive."""
     @property

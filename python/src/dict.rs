@@ -320,18 +320,18 @@ impl PyShmDict {
         })
     }
 
-    /// A zero-copy, read-only view of the value of `key` (KeyError if
-    /// absent): `bytes(v)`, `memoryview(v)` and `numpy.frombuffer(v, ...)`
-    /// read the shared memory itself. The bytes never change while the view
-    /// is held, whatever other processes write meanwhile; use it as a
-    /// context manager (`with d.view(k) as v:`) or `v.release()`, which
-    /// raise BufferError while buffers exported from it are alive.
+    /// A zero-copy, read-only view of the value of `key`: `bytes(v)`,
+    /// `memoryview(v)` and `numpy.frombuffer(v, ...)` read the shared
+    /// memory itself. The bytes never change while the view is held,
+    /// whatever other processes write meanwhile. Use it as a context
+    /// manager: `with d.view(k) as v:` gives `v = None` if the key is
+    /// absent, and the block's end releases the view (or, while buffers
+    /// exported from it are alive, leaves it held until the last of them
+    /// is released). `v.release()` raises BufferError while buffers are
+    /// alive. A buffer of an absent key's view is KeyError.
     fn view(&self, key: &Bound<'_, PyAny>) -> PyResult<ValueView> {
         let k = key_bytes(key)?;
-        match ValueView::new(self.handle.get_arc()?, &k).or_py()? {
-            Some(v) => Ok(v),
-            None => Err(PyKeyError::new_err(key.clone().unbind())),
-        }
+        ValueView::new(self.handle.get_arc()?, &k).or_py()
     }
 
     /// Occupancy figures (a snapshot; exact only when the segment is

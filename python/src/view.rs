@@ -10,14 +10,20 @@
 //! - each exported buffer (`memoryview(v)`, `bytes(v)` while it copies, a
 //!   numpy array) counts in `exports` and holds a reference to the view
 //!   (`Py_buffer.obj`), so the view cannot be dropped while one is alive;
-//! - `release()` and the end of a `with` block refuse (`BufferError`) while
-//!   `exports > 0`, instead of releasing the pin;
+//! - `release()` refuses (`BufferError`) while `exports > 0`, instead of
+//!   releasing the pin; the end of a `with` block then leaves the pin to
+//!   the last exported buffer, whose release releases it (CONTRACT.md: a
+//!   view keeps its memory pinned until the last exported buffer is
+//!   released, even past the `with` block);
 //! - `__getbuffer__` refuses once released.
+//!
+//! A view of an absent key holds nothing: `with d.view(k) as m` gives
+//! `m = None`, and asking it for a buffer is `KeyError`.
 
 use std::ffi::{c_int, c_void};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyKeyError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -30,6 +36,9 @@ struct ViewState {
     value: Option<ValueRef<'static>>,
     /// Buffers exported and not yet released.
     exports: usize,
+    /// A `with` block ended while buffers were exported: the last one's
+    /// release releases the read.
+    release_with_last_export: bool,
 }
 
 /// A zero-copy, read-only view of one value of a ShmDict, from
@@ -39,10 +48,13 @@ struct ViewState {
 /// The bytes never change while the view holds them, whatever other
 /// processes write to the key meanwhile; a new `d[key]` sees the new value.
 /// While held, memory of values replaced since cannot be reused by any
-/// process (writers may get FullError): release views soon. `release()` (or
-/// the end of a `with` block) releases it, and raises BufferError instead
-/// while buffers exported from it (memoryviews, numpy arrays) are alive;
-/// the view is also released when garbage-collected.
+/// process (writers may get FullError): release views soon. `release()`
+/// releases it, and raises BufferError instead while buffers exported from
+/// it (memoryviews, numpy arrays) are alive; the end of a `with` block
+/// releases it, or, while buffers are alive, leaves it held until the last
+/// of them is released; the view is also released when garbage-collected.
+/// A view of an absent key holds nothing: `with d.view(k) as m` gives
+/// `m = None`, and a buffer of it is KeyError.
 #[pyclass(name = "ValueView", module = "shmdict", frozen)]
 pub(crate) struct ValueView {
     // Declared before `_dict`, and released first in `Drop`: the borrowed
@@ -55,6 +67,8 @@ pub(crate) struct ValueView {
     len: usize,
     /// The fork generation of the process that took the view.
     generation: u64,
+    /// Whether the key was present when the view was taken.
+    present: bool,
     key: Vec<u8>,
     /// The crate handle the read borrows. An `Arc` of the handle itself,
     /// not the Python `ShmDict` object: the object may be collected first,
@@ -64,8 +78,8 @@ pub(crate) struct ValueView {
 }
 
 impl ValueView {
-    /// The view of `key` in `dict`, or `None` if absent.
-    pub(crate) fn new(dict: Arc<ShmDict>, key: &[u8]) -> shmdict::Result<Option<ValueView>> {
+    /// The view of `key` in `dict` (holding nothing if absent).
+    pub(crate) fn new(dict: Arc<ShmDict>, key: &[u8]) -> shmdict::Result<ValueView> {
         // SAFETY: the reference points into the `Arc` stored in the view
         // below, which keeps the handle alive until the view is dropped;
         // the read made from it lives in `state`, which `Drop` empties
@@ -73,20 +87,24 @@ impl ValueView {
         // So the read never outlives the handle it borrows, though its
         // type says `'static`.
         let d: &'static ShmDict = unsafe { &*Arc::as_ptr(&dict) };
-        let Some(value) = d.get_ref(key)? else {
-            return Ok(None);
-        };
-        Ok(Some(ValueView {
-            addr: value.as_ptr() as usize,
-            len: value.len(),
+        let value = d.get_ref(key)?;
+        Ok(ValueView {
+            addr: value.as_ref().map_or(0, |v| v.as_ptr() as usize),
+            len: value.as_ref().map_or(0, |v| v.len()),
+            present: value.is_some(),
             state: Mutex::new(ViewState {
-                value: Some(value),
+                value,
                 exports: 0,
+                release_with_last_export: false,
             }),
             generation: crate::fork_generation(),
             key: key.to_vec(),
             _dict: dict,
-        }))
+        })
+    }
+
+    fn absent(&self, py: Python<'_>) -> PyErr {
+        PyKeyError::new_err(key_object(py, &self.key))
     }
 
     fn state(&self) -> MutexGuard<'_, ViewState> {
@@ -121,6 +139,9 @@ impl ValueView {
             return Err(PyBufferError::new_err(
                 "a view inherited through fork: take a new view in this process",
             ));
+        }
+        if !this.present {
+            return Err(this.absent(slf.py()));
         }
         let mut st = this.state();
         if st.value.is_none() {
@@ -157,6 +178,11 @@ impl ValueView {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
         let mut st = self.state();
         st.exports = st.exports.saturating_sub(1);
+        if st.exports == 0 && st.release_with_last_export {
+            let value = st.value.take();
+            drop(st);
+            drop(value);
+        }
     }
 
     /// Releases the view (its pin) now. BufferError if buffers exported
@@ -177,17 +203,30 @@ impl ValueView {
         Ok(())
     }
 
-    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
-        slf
+    /// The view, or None if the key was absent.
+    fn __enter__(slf: Bound<'_, Self>) -> Option<Bound<'_, Self>> {
+        slf.get().present.then_some(slf)
     }
 
-    /// Ends the `with` block by releasing the view: BufferError if
-    /// buffers exported from it are still alive (the view stays held until
-    /// they and the view are gone).
+    /// Ends the `with` block by releasing the view; while buffers exported
+    /// from it are alive, the view stays held until the last is released.
     #[pyo3(signature = (*_args))]
     fn __exit__(&self, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        self.release()?;
+        let mut st = self.state();
+        if st.exports > 0 {
+            st.release_with_last_export = true;
+            return Ok(false);
+        }
+        let value = st.value.take();
+        drop(st);
+        drop(value);
         Ok(false)
+    }
+
+    /// Whether the view holds a value (the key was present, and the view
+    /// is not released).
+    fn __bool__(&self) -> bool {
+        self.present && !self.released()
     }
 
     /// Whether the view was released.
@@ -202,8 +241,12 @@ impl ValueView {
         &self.key
     }
 
-    /// The value's length in bytes; ValueError once released.
-    fn __len__(&self) -> PyResult<usize> {
+    /// The value's length in bytes; ValueError once released, KeyError if
+    /// the key was absent.
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        if !self.present {
+            return Err(self.absent(py));
+        }
         if self.released() {
             return Err(PyValueError::new_err(
                 "operation forbidden on a released view",
@@ -214,10 +257,21 @@ impl ValueView {
 
     fn __repr__(&self) -> String {
         let key = String::from_utf8_lossy(&self.key);
-        if self.released() {
+        if !self.present {
+            format!("<shmdict.ValueView {key:?} absent>")
+        } else if self.released() {
             format!("<shmdict.ValueView {key:?} released>")
         } else {
             format!("<shmdict.ValueView {key:?}, {} bytes>", self.len)
         }
+    }
+}
+
+/// The key as Python shows it in a KeyError: `str` if it is UTF-8, else
+/// `bytes`.
+fn key_object(py: Python<'_>, key: &[u8]) -> Py<PyAny> {
+    match std::str::from_utf8(key) {
+        Ok(s) => pyo3::types::PyString::new(py, s).into_any().unbind(),
+        Err(_) => pyo3::types::PyBytes::new(py, key).into_any().unbind(),
     }
 }
