@@ -376,8 +376,13 @@ impl<'a> Epochs<'a> {
         let slot = order(0);
         let w = st.pin(slot);
         let v = w.load(Ordering::Relaxed);
-        if pin_count(v) == 0 || pin_count(v) >= MAX_PINS {
-            return Ok(None);
+        if pin_count(v) >= MAX_PINS {
+            // Every sub-slot busy and this one full: only a corrupted stash
+            // (or 2^31 pins) does that. An error, never an endless retry.
+            return Err(Corrupt(TOO_MANY_PINS));
+        }
+        if pin_count(v) == 0 {
+            return Ok(None); // Freed meanwhile: the next attempt claims it.
         }
         Ok(
             w.compare_exchange(v, v + 1, Ordering::Relaxed, Ordering::Relaxed)
@@ -988,6 +993,21 @@ mod tests {
         assert_eq!(ep.pin(0, 0), Err(Corrupt(TOO_MANY_PINS)));
         w.store(0, Ordering::Relaxed);
         assert!(ep.pin(0, 0).is_ok(), "usable again once pins are dropped");
+    }
+
+    /// Every sub-slot busy at other epochs with full counts (garbage in a
+    /// corrupted stash): an error, not an endless retry.
+    #[test]
+    fn pins_on_a_stash_full_of_garbage_fail_instead_of_spinning() {
+        let (r, g) = setup();
+        let ep = Epochs::new(&r, &g);
+        let st = ep.st(0).unwrap();
+        for slot in 0..PIN_SLOTS * 2 {
+            st.pin(slot).store(u64::MAX, Ordering::Relaxed);
+        }
+        assert_eq!(ep.pin(0, 1), Err(Corrupt(TOO_MANY_PINS)));
+        ep.reset_pins(0);
+        assert!(ep.pin(0, 1).is_ok());
     }
 
     #[test]
