@@ -86,12 +86,25 @@ fn slot_hint() -> u64 {
 
 impl ShmDict {
     /// Starts a batch of zero-copy reads: see [`Reader`].
+    ///
+    /// `Error::Full` if this handle already holds as many `Reader`s and
+    /// [`ValueRef`]s as its pin slots count (262,140 at once).
     pub fn reader(&self) -> Result<Reader<'_>> {
         let reg = self.registration()?;
         let pin = self
             .epochs()
             .pin(reg.index, slot_hint())
-            .map_err(|c| self.corrupt(c))?;
+            .map_err(|c| self.corrupt(c))?
+            .ok_or_else(|| {
+                crate::error::Error::full(
+                    &self.name,
+                    format!(
+                        "the pin slots of this handle (it holds {} Readers and ValueRefs \
+                         at once, as many as they count)",
+                        crate::shm::epoch::MAX_PINS
+                    ),
+                )
+            })?;
         Ok(Reader {
             dict: self,
             reg,

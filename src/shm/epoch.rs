@@ -12,7 +12,8 @@
 //!   [`PIN_SLOTS`] pin words, each on its own cache line: `epoch << 16 |
 //!   count`. A reader claims a slot whose count is 0 with the current epoch,
 //!   or joins a busy slot (count + 1, keeping its older epoch: a
-//!   conservative pin), then issues a SeqCst fence before it reads the
+//!   conservative pin; the one with the newest epoch, so that the others
+//!   drain: see `join`), then issues a SeqCst fence before it reads the
 //!   index. Unpinning decrements the count (Release).
 //! - **Advance.** The epoch moves from `e` to `e + 1` only if every pin
 //!   slot with a count, in every *live* entry, says `e`. Entries whose owner
@@ -89,6 +90,8 @@ const _: () = assert!(S_RING + RING_RECORDS * RECORD_BYTES <= STASH_BYTES);
 
 /// Pins a slot can count (the low 16 bits of its word).
 const COUNT_MASK: u64 = 0xffff;
+/// Pins one handle (one stash) can hold at once.
+pub(crate) const MAX_PINS: u64 = PIN_SLOTS * COUNT_MASK;
 /// Words of a spill bag before its entries.
 const BAG_HEADER_WORDS: u64 = 3;
 /// Granule index + 1 fits in 32 bits (`layout::Geometry`).
@@ -188,8 +191,10 @@ impl<'a> Epochs<'a> {
 
     /// Pins the stash of entry `stash` (this handle's own), preferring slot
     /// `hint`. Until [`Epochs::unpin`], no block this reader can reach from
-    /// the index afterwards is recycled.
-    pub(crate) fn pin(&self, stash: u64, hint: u64) -> Result<Pin, Corrupt> {
+    /// the index afterwards is recycled. `Ok(None)`: every slot already
+    /// counts as many pins as it can (`COUNT_MASK`); the caller reports it
+    /// rather than waiting for one to be released (it may be its own).
+    pub(crate) fn pin(&self, stash: u64, hint: u64) -> Result<Option<Pin>, Corrupt> {
         // Relaxed: a stale epoch only makes the pin older (conservative);
         // the SeqCst fence below orders the pin before the reads.
         let epoch = self.global()?.load(Ordering::Relaxed);
@@ -212,35 +217,69 @@ impl<'a> Epochs<'a> {
         }
         let slot = match pinned {
             Some(slot) => slot,
-            None => self.join(stash, hint)?,
+            None => match self.join(stash)? {
+                Some(slot) => slot,
+                None => return Ok(None),
+            },
         };
         // SeqCst: orders the pin before every read of the index that
         // follows; pairs with the SeqCst fences of `try_advance` (which
         // then sees the pin) and of `retire` (see the module docs).
         fence(Ordering::SeqCst);
-        Ok(Pin { stash, slot })
+        Ok(Some(Pin { stash, slot }))
     }
 
-    /// Every slot is busy: joins one (its count + 1, its epoch kept).
+    /// Every slot is busy: joins one (its count + 1, its epoch kept), or
+    /// claims one that became free meanwhile. `None` if every slot's count
+    /// is at its maximum (65,535 pins each, or garbage): waiting for a
+    /// release could wait forever, since the pins may be the caller's own.
+    ///
+    /// Which busy slot matters for progress, not for safety (any slot's
+    /// epoch was read from the global epoch, so it is never newer than the
+    /// epoch when our fence runs). A joined slot keeps its epoch until its
+    /// count reaches zero, and the epoch cannot pass a live pin's epoch + 1:
+    /// a slot that joiners keep busy (one thread keeping its last five
+    /// `ValueRef`s, or five threads each holding one) would hold the epoch
+    /// back forever. So a joiner takes the slot with the *newest* epoch,
+    /// the lowest-numbered among equals: the other slots get no joiners and
+    /// drain (each pin lives a finite time), are claimed again at the
+    /// current epoch, and from then on take the joiners while the old one
+    /// drains in turn. (Busy slots' epochs differ by at most one: the
+    /// epoch only moves when every pin is at it.)
     #[cold]
-    fn join(&self, stash: u64, hint: u64) -> Result<u64, Corrupt> {
+    fn join(&self, stash: u64) -> Result<Option<u64>, Corrupt> {
         let epoch = self.global()?.load(Ordering::Relaxed); // Relaxed: as in `pin`.
-        let mut k = 0;
         loop {
-            let slot = (hint + k) % PIN_SLOTS;
-            let w = self.pin_word(stash, slot)?;
-            let v = w.load(Ordering::Relaxed); // Relaxed: the CAS decides.
-            let new = match pin_count(v) {
-                0 => epoch << 16 | 1,
-                COUNT_MASK => {
-                    k += 1;
-                    crate::sync::spin_hint();
-                    continue;
+            // (slot, its word) to join or claim.
+            let mut best: Option<(u64, u64)> = None;
+            for slot in 0..PIN_SLOTS {
+                let v = self.pin_word(stash, slot)?.load(Ordering::Relaxed); // Relaxed: the CAS decides.
+                match pin_count(v) {
+                    0 => {
+                        best = Some((slot, v));
+                        break;
+                    }
+                    COUNT_MASK => {}
+                    _ => {
+                        if best.is_none_or(|(_, b)| pin_epoch(v) > pin_epoch(b)) {
+                            best = Some((slot, v));
+                        }
+                    }
                 }
-                _ => v + 1,
+            }
+            let Some((slot, v)) = best else {
+                return Ok(None);
             };
-            // Relaxed: published by the caller's fence.
-            if w.compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
+            let new = if pin_count(v) == 0 {
+                epoch << 16 | 1
+            } else {
+                v + 1
+            };
+            // Relaxed: published by the caller's fence. On failure the
+            // word changed (another thread pinned or unpinned): choose again.
+            if self
+                .pin_word(stash, slot)?
+                .compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
             {
                 if pin_count(v) == 0 {
@@ -248,7 +287,7 @@ impl<'a> Epochs<'a> {
                     self.pin_since(stash, slot)?
                         .store(now_ms(), Ordering::Relaxed);
                 }
-                return Ok(slot);
+                return Ok(Some(slot));
             }
         }
     }
@@ -790,7 +829,7 @@ mod tests {
         let ep = Epochs::new(&r, &g);
         let slab = Slab::new(&r, &g);
         let me = Holder::new(Token(1));
-        let pin = ep.pin(1, 0).unwrap();
+        let pin = ep.pin(1, 0).unwrap().unwrap();
         let mut retired = Vec::new();
         for _ in 0..500 {
             let b = slab.alloc(0, &me).unwrap().unwrap();
@@ -834,7 +873,7 @@ mod tests {
         let (r, g) = setup();
         let ep = Epochs::new(&r, &g);
         let me = Holder::new(Token(1));
-        let _stuck = ep.pin(2, 0).unwrap();
+        let _stuck = ep.pin(2, 0).unwrap().unwrap();
         let only_0_alive = |i: u64| i != 2;
         assert!(
             ep.try_advance(&everyone_alive).unwrap(),
@@ -855,7 +894,7 @@ mod tests {
     fn joined_slots_count_every_pin() {
         let (r, g) = setup();
         let ep = Epochs::new(&r, &g);
-        let pins: Vec<Pin> = (0..PIN_SLOTS * 3).map(|_| ep.pin(0, 0).unwrap()).collect();
+        let pins: Vec<Pin> = (0..PIN_SLOTS * 3).map(|_| ep.pin(0, 0).unwrap().unwrap()).collect();
         assert_eq!(ep.held(&everyone_alive).pins, PIN_SLOTS * 3);
         for p in pins {
             assert!(!ep.try_advance(&everyone_alive).unwrap() || ep.held(&everyone_alive).pins > 0);
@@ -865,13 +904,30 @@ mod tests {
         assert!(ep.try_advance(&everyone_alive).unwrap());
     }
 
+    /// Regression: with every slot at its maximum count (or garbage
+    /// saying so), `pin` spun forever looking for room.
+    #[test]
+    fn pin_with_every_slot_full_fails_instead_of_spinning() {
+        let (r, g) = setup();
+        let ep = Epochs::new(&r, &g);
+        for slot in 0..PIN_SLOTS {
+            ep.pin_word(0, slot).unwrap().store(7 << 16 | COUNT_MASK, Ordering::Relaxed);
+        }
+        assert_eq!(ep.pin(0, 1).unwrap(), None);
+        let one = ep.pin_word(0, 2).unwrap();
+        one.store(7 << 16 | (COUNT_MASK - 1), Ordering::Relaxed);
+        assert_eq!(ep.pin(0, 1).unwrap(), Some(Pin { stash: 0, slot: 2 }));
+        assert_eq!(pin_count(one.load(Ordering::Relaxed)), COUNT_MASK);
+        assert_eq!(ep.pin(0, 1).unwrap(), None);
+    }
+
     #[test]
     fn check_accounting_sees_every_held_block_once() {
         let (r, g) = setup();
         let ep = Epochs::new(&r, &g);
         let slab = Slab::new(&r, &g);
         let me = Holder::new(Token(1));
-        let _pin = ep.pin(3, 0).unwrap();
+        let _pin = ep.pin(3, 0).unwrap().unwrap();
         let mut want = std::collections::BTreeSet::new();
         for _ in 0..200 {
             ep.ensure_spare(0, &me, &everyone_alive).unwrap();
