@@ -810,6 +810,11 @@ impl Drop for ShmDict {
     fn drop(&mut self) {
         let reg = self.me.registered();
         if reg.is_ours() {
+            // Inside the write gate, as every write: releasing the stash
+            // moves blocks from it to the free lists, and a `check()` that
+            // saw one in neither place would take it for leaked (and own it
+            // while we free it).
+            let _op = crate::shm::gate::enter(&self.region, reg.index, &reg.local);
             let alive = |i: u64| self.entry_alive(i);
             self.epochs().release_stash(reg.index, &reg.local, &alive);
         }
