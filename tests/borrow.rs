@@ -145,8 +145,14 @@ fn mapping_ranges(name: &str) -> Vec<(usize, usize)> {
 /// are the value's bytes in shared memory, not a copy on the heap).
 fn assert_in_mapping(name: &str, bytes: &[u8]) {
     let ranges = mapping_ranges(name);
-    assert!(!ranges.is_empty(), "/proc/self/maps has no mapping of {name}");
-    let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
+    assert!(
+        !ranges.is_empty(),
+        "/proc/self/maps has no mapping of {name}"
+    );
+    let (start, end) = (
+        bytes.as_ptr() as usize,
+        bytes.as_ptr() as usize + bytes.len(),
+    );
     assert!(
         ranges.iter().any(|&(a, b)| a <= start && end <= b),
         "{} bytes at {start:#x} are not inside the mapping of {name} ({ranges:x?})",
@@ -262,7 +268,7 @@ fn child_main(role: &str, args: &[String]) {
 fn child_churn_keys(name: &str, ctl: &str, total: u64) {
     let d = open_existing(name);
     let ctl = open_existing(ctl);
-    let mut rng = Rng(0xb0_7707);
+    let mut rng = Rng(0xb077_07b0);
     let mut bytes = 0u64;
     let deadline = Instant::now() + WATCHDOG;
     for i in 1..=total {
@@ -360,7 +366,7 @@ fn child_churn_forever(name: &str, seed: u64) {
 fn child_pinned_verifier(name: &str, ctl: &str) {
     let d = open_existing(name);
     let ctl = open_existing(ctl);
-    let mut rng = Rng(0x7e_21f1);
+    let mut rng = Rng(0x7e21_f1f1);
     for round in 1u64.. {
         if ctl.contains_key("stop").expect("ctl") {
             return;
@@ -529,7 +535,11 @@ fn held_bytes_never_change() {
         .collect();
     assert_eq!(d.stats().pins, 2, "a ValueRef and a Reader");
     let verify = |when: &str| {
-        assert_eq!(&one[..], &one_copy[..], "{when}: the ValueRef's bytes changed");
+        assert_eq!(
+            &one[..],
+            &one_copy[..],
+            "{when}: the ValueRef's bytes changed"
+        );
         for (k, b, copy) in &held {
             assert_eq!(b, copy, "{when}: the Reader's bytes of key {k} changed");
         }
@@ -553,7 +563,10 @@ fn held_bytes_never_change() {
         "the writer changed every key while they were held"
     );
     let s = d.stats();
-    assert!(s.retired_bytes > 0, "replaced values wait for the pins: {s:?}");
+    assert!(
+        s.retired_bytes > 0,
+        "replaced values wait for the pins: {s:?}"
+    );
     eprintln!(
         "phase 1: {checks} checks of 17 held values over {CHURN_PINNED} writes; \
          retired {} bytes",
@@ -567,7 +580,7 @@ fn held_bytes_never_change() {
     // Phase 2: refs taken and dropped all along (at most four held at once),
     // so that retired blocks are recycled while some are pinned.
     ctl.insert("budget", CHURN_TOTAL.to_le_bytes()).unwrap();
-    let mut rng = Rng(0x5_11d3);
+    let mut rng = Rng(0x0005_11d3);
     let mut window: VecDeque<(u8, shmdict::ValueRef<'_>, Vec<u8>)> = VecDeque::new();
     let mut taken = 0u64;
     let deadline = Instant::now() + WATCHDOG;
@@ -632,10 +645,19 @@ fn spawn_holder(seg: &Segment, ctl_seg: &Segment, ctl: &ShmDict, mode: &str) -> 
     let mut holder = Proc::spawn(
         format!("holder ({mode})"),
         "hold",
-        &[seg.arg(), ctl_seg.arg(), SMALL_KEYS.to_string(), mode.into()],
+        &[
+            seg.arg(),
+            ctl_seg.arg(),
+            SMALL_KEYS.to_string(),
+            mode.into(),
+        ],
     );
     await_key(ctl, "pinned", &mut holder);
-    assert_eq!(read_u64(ctl, "pinned"), SMALL_KEYS, "the holder read every key");
+    assert_eq!(
+        read_u64(ctl, "pinned"),
+        SMALL_KEYS,
+        "the holder read every key"
+    );
     holder
 }
 
@@ -684,7 +706,13 @@ fn a_killed_holder_stops_holding_memory() {
     );
     let s = d.stats();
     assert_eq!((s.pins, s.oldest_pin_age), (0, None), "{s:?}");
-    churn_without_full(&d, SMALL_KEYS, SMALL_VALUE, 2 << 20, "after the holder's death");
+    churn_without_full(
+        &d,
+        SMALL_KEYS,
+        SMALL_VALUE,
+        2 << 20,
+        "after the holder's death",
+    );
     let r = checked(&d, "after the holder's death");
     assert!(!r.repaired(), "the holder only read:\n{r}");
     assert_eq!(r.handles_dead, 1, "{r}");
@@ -706,9 +734,7 @@ fn a_stopped_holder_causes_full_at_worst() {
     let ops = 4 * SMALL_ARENA as u64 / SMALL_VALUE as u64;
     let d2 = Arc::clone(&d);
     let fulls = with_watchdog("churn beside a stopped holder", move || {
-        let mut stored: Vec<Vec<u8>> = (0..SMALL_KEYS)
-            .map(|k| filler(k, SMALL_VALUE))
-            .collect();
+        let mut stored: Vec<Vec<u8>> = (0..SMALL_KEYS).map(|k| filler(k, SMALL_VALUE)).collect();
         let mut fulls = 0u64;
         for i in 0..ops {
             let k = i % SMALL_KEYS;
@@ -800,7 +826,10 @@ fn stats_and_check_report_pins() {
         text.contains("borrowed reads: 2 held, the oldest for"),
         "{text}"
     );
-    assert!(text.contains(&format!("{} retired", r.bytes_retired)), "{text}");
+    assert!(
+        text.contains(&format!("{} retired", r.bytes_retired)),
+        "{text}"
+    );
     // This process's own pins count too.
     let mine = d.reader().unwrap();
     assert_eq!(d.stats().pins, 3);
@@ -839,7 +868,7 @@ fn writer_killed_under_a_pinned_reader() {
         &[seg.arg(), ctl_seg.arg()],
     );
     await_count(&ctl, "verified", 1, &mut verifier);
-    let mut rng = Rng(0xdead_b0);
+    let mut rng = Rng(0xdead_b0b0);
     let (mut leaked_rounds, mut leaked_bytes) = (0, 0);
     for round in 0..kill_rounds(WRITER_KILL_ROUNDS) {
         // Our own pin, across the kill and the check: what check() retires
@@ -859,10 +888,23 @@ fn writer_killed_under_a_pinned_reader() {
         // A second check right away: nothing left to repair, and the same
         // figures (nothing moved in between: the verifier only reads).
         let again = checked(&d, &format!("round {round}, again"));
-        assert!(!again.repaired(), "round {round}: repaired twice:\n{r}\n{again}");
+        assert!(
+            !again.repaired(),
+            "round {round}: repaired twice:\n{r}\n{again}"
+        );
         assert_eq!(
-            (again.bytes_in_use, again.bytes_free, again.bytes_retired, again.bytes_untouched),
-            (r.bytes_in_use, r.bytes_free, r.bytes_retired, r.bytes_untouched),
+            (
+                again.bytes_in_use,
+                again.bytes_free,
+                again.bytes_retired,
+                again.bytes_untouched
+            ),
+            (
+                r.bytes_in_use,
+                r.bytes_free,
+                r.bytes_retired,
+                r.bytes_untouched
+            ),
             "round {round}: the first check's figures are not what it left:\n{r}\n{again}"
         );
         if r.leaked_blocks_reclaimed > 0 {
@@ -988,7 +1030,10 @@ fn fork_child_dropping_an_inherited_reader() {
         }
         0
     });
-    assert_eq!(code, 0, "pins seen by the child (10: after dropping the inherited reader)");
+    assert_eq!(
+        code, 0,
+        "pins seen by the child (10: after dropping the inherited reader)"
+    );
     let reader = cell.take().unwrap();
     assert_eq!(d.stats().pins, 1, "the parent's pin still counts");
     // And still holds: what the parent reads through it now is not
@@ -1003,7 +1048,13 @@ fn fork_child_dropping_an_inherited_reader() {
     assert_eq!(held, &copy[..], "the parent's borrowed bytes changed");
     drop(reader);
     assert_eq!(d.stats().pins, 0);
-    churn_without_full(&d, SMALL_KEYS, SMALL_VALUE, 2 << 20, "after the parent's drop");
+    churn_without_full(
+        &d,
+        SMALL_KEYS,
+        SMALL_VALUE,
+        2 << 20,
+        "after the parent's drop",
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1143,7 +1194,13 @@ fn a_joined_pin_keeps_its_bytes() {
     assert!(full.is_some(), "the joined pin held nothing back");
     assert_eq!(held, &copy[..], "the joined reader's bytes changed");
     drop(joined);
-    churn_without_full(&d, SMALL_KEYS, SMALL_VALUE, 2 << 20, "after the joined reader");
+    churn_without_full(
+        &d,
+        SMALL_KEYS,
+        SMALL_VALUE,
+        2 << 20,
+        "after the joined reader",
+    );
 }
 
 /// `as_pod` views a value in place, aligned for any type of alignment up
@@ -1174,7 +1231,11 @@ fn as_pod_views_borrowed_values() {
         assert_eq!(v.as_ptr() as usize % 16, 0, "key of {klen} bytes");
         let view: &Point = v.as_pod().expect("aligned, right size");
         assert_eq!(*view, p);
-        assert_eq!(view as *const Point as usize, v.as_ptr() as usize, "in place");
+        assert_eq!(
+            view as *const Point as usize,
+            v.as_ptr() as usize,
+            "in place"
+        );
         assert_eq!(v.as_pod::<[u64; 3]>(), None, "wrong size");
         let words: &[u64; 4] = v.as_pod().unwrap();
         assert_eq!(words[2], klen as u64);

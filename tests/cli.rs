@@ -207,7 +207,10 @@ fn stat_and_check_report_borrowed_reads() {
         .and_then(|n| n.parse().ok())
         .expect(line);
     assert!(secs >= 0.2, "{line}");
-    assert!(!text.contains("neither in use"), "every byte accounted for:\n{text}");
+    assert!(
+        !text.contains("neither in use"),
+        "every byte accounted for:\n{text}"
+    );
     let v = json(&ok(&["stat", seg.s(), "--json"]));
     assert_eq!(v["pins"], 2);
     assert!(v["oldest_pin_age_ms"].as_u64().unwrap() >= 250, "{v}");
@@ -218,13 +221,22 @@ fn stat_and_check_report_borrowed_reads() {
     assert_eq!(in_use + free + retired, v["arena_bytes"].as_u64().unwrap());
 
     let text = ok(&["check", seg.s()]);
-    assert!(text.starts_with(&format!("segment {}: ok\n", seg.s())), "{text}");
-    assert!(text.contains(&format!("untouched, {retired} retired")), "{text}");
+    assert!(
+        text.starts_with(&format!("segment {}: ok\n", seg.s())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("untouched, {retired} retired")),
+        "{text}"
+    );
     assert!(
         text.contains("  borrowed reads: 2 held, the oldest for "),
         "{text}"
     );
-    assert!(text.contains("0 leaked blocks (0 bytes) reclaimed"), "{text}");
+    assert!(
+        text.contains("0 leaked blocks (0 bytes) reclaimed"),
+        "{text}"
+    );
     assert_eq!(&*one, &[1u8; 100][..]);
     assert_eq!(held, &[0u8; 100][..]);
     drop(one);

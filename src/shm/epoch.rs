@@ -894,7 +894,9 @@ mod tests {
     fn joined_slots_count_every_pin() {
         let (r, g) = setup();
         let ep = Epochs::new(&r, &g);
-        let pins: Vec<Pin> = (0..PIN_SLOTS * 3).map(|_| ep.pin(0, 0).unwrap().unwrap()).collect();
+        let pins: Vec<Pin> = (0..PIN_SLOTS * 3)
+            .map(|_| ep.pin(0, 0).unwrap().unwrap())
+            .collect();
         assert_eq!(ep.held(&everyone_alive).pins, PIN_SLOTS * 3);
         for p in pins {
             assert!(!ep.try_advance(&everyone_alive).unwrap() || ep.held(&everyone_alive).pins > 0);
@@ -911,7 +913,9 @@ mod tests {
         let (r, g) = setup();
         let ep = Epochs::new(&r, &g);
         for slot in 0..PIN_SLOTS {
-            ep.pin_word(0, slot).unwrap().store(7 << 16 | COUNT_MASK, Ordering::Relaxed);
+            ep.pin_word(0, slot)
+                .unwrap()
+                .store(7 << 16 | COUNT_MASK, Ordering::Relaxed);
         }
         assert_eq!(ep.pin(0, 1).unwrap(), None);
         let one = ep.pin_word(0, 2).unwrap();
