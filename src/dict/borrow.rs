@@ -86,6 +86,10 @@ fn slot_hint() -> u64 {
 
 impl ShmDict {
     /// Starts a batch of zero-copy reads: see [`Reader`].
+    ///
+    /// `Error::Full` if this handle already holds 2^31 `Reader`s and
+    /// [`ValueRef`]s at once on one pin slot (or its pin slots are
+    /// corrupted so that they say so).
     pub fn reader(&self) -> Result<Reader<'_>> {
         let reg = self.registration()?;
         let pin = self

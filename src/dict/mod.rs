@@ -325,10 +325,7 @@ impl ShmDict {
             return self.no_room("handle's stash");
         }
         if c.0 == crate::shm::epoch::TOO_MANY_PINS {
-            return Error::InvalidArgument {
-                segment: self.name.clone(),
-                reason: c.0.to_owned(),
-            };
+            return Error::full(&self.name, format!("pin slots: {}", c.0));
         }
         Error::corrupt(&self.name, c.0)
     }
@@ -856,6 +853,11 @@ impl Drop for ShmDict {
     fn drop(&mut self) {
         let reg = self.me.registered();
         if reg.is_ours() {
+            // Inside the write gate, as every write: releasing the stash
+            // moves blocks from it to the free lists, and a `check()` that
+            // saw one in neither place would take it for leaked (and own it
+            // while we free it).
+            let _op = crate::shm::gate::enter(&self.region, reg.index, &reg.local);
             let alive = |i: u64| self.entry_alive(i);
             self.epochs().release_stash(reg.index, &reg.local, &alive);
         }

@@ -181,7 +181,7 @@ const EPOCH_MASK: u64 = 0xffff_ffff;
 /// More pins than this on one sub-slot is an error, not a wrap.
 const MAX_PINS: u64 = 1 << 31;
 /// The message of the error for a pin past [`MAX_PINS`] (the dictionary
-/// reports it as `InvalidArgument`).
+/// reports it as `Full`).
 pub(crate) const TOO_MANY_PINS: &str =
     "more than 2^31 borrowed reads held at once through one handle";
 /// Words of a spill bag before its entries.
