@@ -219,6 +219,96 @@ impl ValueRef<'_> {
     }
 }
 
+#[cfg(feature = "rkyv")]
+impl ValueRef<'_> {
+    /// The value read in place as an [rkyv](https://docs.rs/rkyv/0.8)
+    /// archive of a `T`, after validating it (feature `rkyv`): the
+    /// `Archived<T>` at the archive's root, without a copy, or
+    /// [`Error::Archive`](crate::Error::Archive) if the bytes are not a
+    /// valid archive of a `T`.
+    ///
+    /// Any process that can open the segment can have written the value,
+    /// so nothing in it is trusted: the whole archive is checked with
+    /// rkyv's `bytecheck` validation (`rkyv::access`) before a reference is
+    /// made. It checks that every relative pointer (of strings, vectors,
+    /// boxes, ...) stays inside the value, is aligned for what it points to,
+    /// and claims no bytes another pointer claims; that every length fits;
+    /// that every `bool`, `char`, enum tag and `NonZero` holds a valid
+    /// value, and every string valid UTF-8. Validation costs a pass over
+    /// the archive (about as much as reading it); the bytes are not copied.
+    ///
+    /// What is trusted, and not checked:
+    /// - That the bytes do not change while the `ValueRef` lives. Every
+    ///   process that writes through shmdict keeps that promise (a held
+    ///   value is never rewritten or recycled: see [`Reader`]); a process
+    ///   that writes into the shared mapping directly, outside the
+    ///   protocol, could change the bytes after they were validated, as with
+    ///   any shared memory.
+    /// - That the bytes were meant as a `T`. Validation proves the bytes
+    ///   are *a* valid `Archived<T>`, not that a `T` was serialized: the
+    ///   archive of another type with the same layout (a `u32` read as an
+    ///   `f32`, or two structs with the same field types) passes. Keep one
+    ///   type per key, or put a tag in the type.
+    /// - That the writer used rkyv 0.8's format with the same format
+    ///   features (default: little-endian, aligned, 32-bit relative
+    ///   pointers). Another format fails validation or, where it happens to
+    ///   be valid, reads as different values.
+    ///
+    /// Alignment: values start 16-aligned in the mapping, and rkyv
+    /// serializes with the root and every field aligned relative to the
+    /// start of the archive, so any archive whose types need at most 16
+    /// (everything but `#[repr(align(32))]` and above) is aligned in place.
+    /// A type that needs more is reported as invalid, never read misaligned.
+    ///
+    /// ```
+    /// use rkyv::{rancor, Archive, Serialize};
+    ///
+    /// #[derive(Archive, Serialize)]
+    /// struct Job {
+    ///     id: u64,
+    ///     name: String,
+    ///     tags: Vec<u32>,
+    /// }
+    ///
+    /// # let name = format!("doc-archived-{}", std::process::id());
+    /// let dict = shmdict::ShmDict::open(&name)?;
+    /// let job = Job { id: 7, name: "resize".into(), tags: vec![1, 2] };
+    /// let bytes = rkyv::to_bytes::<rancor::Error>(&job).expect("serializes");
+    /// dict.insert("job:7", &bytes)?;
+    ///
+    /// let v = dict.get_ref("job:7")?.unwrap();
+    /// let job = v.access_archived::<Job>()?; // &ArchivedJob, in the mapping
+    /// assert_eq!(job.id, 7);
+    /// assert_eq!(job.name, "resize");
+    /// assert_eq!(job.tags.as_slice(), [1, 2]);
+    ///
+    /// dict.insert("junk", [0xff; 8])?;
+    /// let junk = dict.get_ref("junk")?.unwrap();
+    /// assert!(matches!(
+    ///     junk.access_archived::<Job>(),
+    ///     Err(shmdict::Error::Archive { .. })
+    /// ));
+    /// # drop((v, junk));
+    /// # shmdict::ShmDict::unlink(&name)?;
+    /// # Ok::<(), shmdict::Error>(())
+    /// ```
+    pub fn access_archived<T>(&self) -> Result<&rkyv::Archived<T>>
+    where
+        T: rkyv::Archive,
+        rkyv::Archived<T>: rkyv::Portable
+            + for<'a> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+            >,
+    {
+        rkyv::access::<rkyv::Archived<T>, rkyv::rancor::Error>(self.bytes).map_err(|source| {
+            crate::Error::Archive {
+                segment: self._reader.dict.name.clone(),
+                source,
+            }
+        })
+    }
+}
+
 impl fmt::Debug for ValueRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("ValueRef").field(&self.bytes).finish()

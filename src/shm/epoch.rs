@@ -49,7 +49,8 @@
 //! | `S_RING`..   | ring records: block entry word, retire epoch          |
 //!
 //! A spill bag: word 0 the next (older) bag's granule + 1, word 1 its epoch
-//! (the newest of its records), word 2 its count, words 3.. block entries.
+//! (the newest of its records' and of the next bag's: never older than the
+//! next bag's), word 2 its count, words 3.. block entries.
 
 use crate::shm::attach::Holder;
 use crate::shm::commit::Commits;
@@ -335,42 +336,45 @@ impl<'a> Epochs<'a> {
         Ok(Pin { stash, slot })
     }
 
-    /// One attempt at pinning at `epoch` (its low 32 bits): join a sub-slot
-    /// at `epoch`, else claim an idle one, on line `hint` first, then on the
-    /// others; failing both (every sub-slot busy at another epoch: only
-    /// pins that read a stale epoch do that), join the first busy one,
-    /// keeping its older epoch. `None`: a CAS lost a race; try again.
+    /// One attempt at pinning at `epoch` (its low 32 bits): on line `hint`
+    /// first, then on the others, join the line's sub-slot at `epoch`, else
+    /// claim an idle one; failing on every line (every sub-slot busy at
+    /// another epoch: only pins that read a stale epoch do that), join the
+    /// first busy one, keeping its older epoch. `None`: a CAS lost a race;
+    /// try again.
     fn try_pin(&self, st: Stash<'a>, hint: u64, epoch: u64) -> Result<Option<u64>, Corrupt> {
         let slots = PIN_SLOTS * 2;
         let first = (hint % PIN_SLOTS) * 2;
         let order = |k: u64| (first + k) % slots;
         // Relaxed (all): the caller's fence publishes the pin.
-        for want_join in [true, false] {
-            for k in 0..slots {
-                let slot = order(k);
-                let w = st.pin(slot);
-                let v = w.load(Ordering::Relaxed);
-                let (n, e) = (pin_count(v), pin_epoch(v));
-                let new = if want_join && n > 0 && e == epoch {
-                    if n >= MAX_PINS {
-                        return Err(Corrupt(TOO_MANY_PINS));
+        for line in 0..PIN_SLOTS {
+            for want_join in [true, false] {
+                for sub in 0..2 {
+                    let slot = order(line * 2 + sub);
+                    let w = st.pin(slot);
+                    let v = w.load(Ordering::Relaxed);
+                    let (n, e) = (pin_count(v), pin_epoch(v));
+                    let new = if want_join && n > 0 && e == epoch {
+                        if n >= MAX_PINS {
+                            return Err(Corrupt(TOO_MANY_PINS));
+                        }
+                        v + 1
+                    } else if !want_join && n == 0 {
+                        epoch << 32 | 1
+                    } else {
+                        continue;
+                    };
+                    if w.compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_err()
+                    {
+                        return Ok(None);
                     }
-                    v + 1
-                } else if !want_join && n == 0 {
-                    epoch << 32 | 1
-                } else {
-                    continue;
-                };
-                if w.compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_err()
-                {
-                    return Ok(None);
+                    if n == 0 {
+                        // Relaxed: a statistic (the oldest pin's age).
+                        st.since(slot).store(now_ms(), Ordering::Relaxed);
+                    }
+                    return Ok(Some(slot));
                 }
-                if n == 0 {
-                    // Relaxed: a statistic (the oldest pin's age).
-                    st.since(slot).store(now_ms(), Ordering::Relaxed);
-                }
-                return Ok(Some(slot));
             }
         }
         let slot = order(0);
@@ -654,7 +658,19 @@ impl<'a> Epochs<'a> {
                 .store(e.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         let head = st.at(S_SPILL);
-        words[0].store(head.load(Ordering::Relaxed) & LINK_MASK, Ordering::Relaxed);
+        let next = head.load(Ordering::Relaxed) & LINK_MASK;
+        // A bag's epoch is never older than the next bag's, so that
+        // `reclaim_locked` may cut the chain at the first bag old enough.
+        // Its records alone do not ensure it: a thread reads the epoch
+        // before it takes the lock (`retire`), so a ring can fill with
+        // records older than a bag spilled before them.
+        if next != 0 {
+            let older = slab
+                .block(next - 1, SPILL_ORDER)
+                .ok_or(Corrupt("spill bag outside the arena"))?;
+            newest = newest.max(older[1].load(Ordering::Relaxed));
+        }
+        words[0].store(next, Ordering::Relaxed);
         words[1].store(newest, Ordering::Relaxed);
         words[2].store(n, Ordering::Relaxed);
         // The ring is emptied before the bag is linked (see above).
@@ -1034,6 +1050,85 @@ mod tests {
         assert!(!bags.is_empty(), "200 records spilled into bags");
         for w in &want {
             assert!(seen.contains(w), "retired block {w:?} not accounted");
+        }
+    }
+
+    /// Threads of one handle read the epoch before they take the stash
+    /// lock (`retire`), so records can reach the ring out of epoch order.
+    /// A spill bag whose records are all older than an earlier bag's must
+    /// not let `reclaim_locked` cut the chain there: the earlier bag's
+    /// blocks would be freed an epoch early, under a reader pinned at their
+    /// epoch.
+    #[test]
+    fn a_bag_of_stale_records_does_not_free_newer_bags_early() {
+        let (r, g) = setup();
+        let ep = Epochs::new(&r, &g);
+        let slab = Slab::new(&r, &g);
+        let me = Holder::new(Token(1));
+        // Readers pinned at 6 (entry 2) and at 7 (entry 3).
+        for _ in 0..6 {
+            assert!(ep.try_advance(&everyone_alive).unwrap());
+        }
+        let at6 = ep.pin(2, 0).unwrap();
+        assert!(ep.try_advance(&everyone_alive).unwrap());
+        let _at7 = ep.pin(3, 0).unwrap();
+        let block = || slab.alloc(0, &me).unwrap().unwrap();
+        let mut retired_at_7 = Vec::new();
+        // A full ring of blocks retired at 7.
+        for _ in 0..RING_RECORDS {
+            let b = block();
+            ep.retire_locked(
+                ep.st(0).unwrap(),
+                Entry::new(b as u32, 0, 0),
+                7,
+                &me,
+                &everyone_alive,
+            )
+            .unwrap();
+            retired_at_7.push(b);
+        }
+        // Then the retires of threads that read 6 and took the lock only
+        // now: the first spills the 7s into a bag, the others fill the ring.
+        for _ in 0..RING_RECORDS {
+            let b = block();
+            ep.retire_locked(
+                ep.st(0).unwrap(),
+                Entry::new(b as u32, 0, 0),
+                6,
+                &me,
+                &everyone_alive,
+            )
+            .unwrap();
+        }
+        // One more spills the 6s into a second bag.
+        let b = block();
+        ep.retire_locked(
+            ep.st(0).unwrap(),
+            Entry::new(b as u32, 0, 0),
+            7,
+            &me,
+            &everyone_alive,
+        )
+        .unwrap();
+        retired_at_7.push(b);
+        assert_eq!(
+            ep.global().unwrap().load(Ordering::Relaxed),
+            7,
+            "held by the pin at 6"
+        );
+        ep.unpin(at6);
+        ep.reclaim_everywhere(&me, &everyone_alive).unwrap();
+        assert_eq!(
+            ep.global().unwrap().load(Ordering::Relaxed),
+            8,
+            "held by the pin at 7"
+        );
+        // Nothing retired at 7 may be free while a reader pinned at 7 lives.
+        while let Some(b) = slab.alloc(0, &me).unwrap() {
+            assert!(
+                !retired_at_7.contains(&b),
+                "block {b}, retired at 7, freed at epoch 8 under a pin at 7"
+            );
         }
     }
 }
