@@ -57,6 +57,16 @@ pub enum Error {
         /// The codec's message.
         source: postcard::Error,
     },
+    /// A value is not a valid rkyv archive of the type asked for
+    /// ([`ValueRef::access_archived`](crate::ValueRef::access_archived),
+    /// feature `rkyv`).
+    #[cfg(feature = "rkyv")]
+    Archive {
+        /// The segment's name.
+        segment: String,
+        /// What rkyv's validation found.
+        source: rkyv::rancor::Error,
+    },
     /// An argument is out of the supported range (for example a capacity that
     /// does not fit the format).
     InvalidArgument {
@@ -151,6 +161,13 @@ impl fmt::Display for Error {
                     "shmdict segment '{segment}': value codec error: {source}"
                 )
             }
+            #[cfg(feature = "rkyv")]
+            Error::Archive { segment, source } => {
+                write!(
+                    f,
+                    "shmdict segment '{segment}': the value is not a valid archive of the type asked for: {source}"
+                )
+            }
             Error::InvalidArgument { segment, reason } => {
                 write!(f, "shmdict segment '{segment}': invalid argument: {reason}")
             }
@@ -184,6 +201,8 @@ impl std::error::Error for Error {
         match self {
             Error::Io { source, .. } => Some(source),
             Error::Codec { source, .. } => Some(source),
+            #[cfg(feature = "rkyv")]
+            Error::Archive { source, .. } => Some(source),
             _ => None,
         }
     }

@@ -163,6 +163,102 @@ fn stat_reports_occupancy() {
     assert_eq!(in_use, 10);
 }
 
+/// Borrowed reads held by this (live) process while values are replaced:
+/// `stat` shows the pins, the oldest's age and the retired bytes, in text
+/// and JSON, with every arena byte accounted for; `check` reports the same
+/// without repairing anything; once the reads are dropped and the memory
+/// reused, both say so.
+#[test]
+fn stat_and_check_report_borrowed_reads() {
+    let seg = Seg::new("borrow");
+    let d = seg.dict();
+    for i in 0..8 {
+        d.insert(format!("k{i}"), [i as u8; 100]).unwrap();
+    }
+    let text = ok(&["stat", seg.s()]);
+    assert!(text.contains("borrowed:     none held"), "{text}");
+    assert!(text.contains(", 0 B retired"), "{text}");
+
+    let reader = d.reader().unwrap();
+    let held = reader.get("k0").unwrap().unwrap();
+    let one = d.get_ref("k1").unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..10u8 {
+        for i in 0..8 {
+            d.insert(format!("k{i}"), [round; 100]).unwrap();
+        }
+    }
+    let retired = d.stats().retired_bytes;
+    // 80 replaced values of 256-byte blocks (and the bags that list them).
+    assert!(retired >= 80 * 256, "{retired}");
+    let text = ok(&["stat", seg.s()]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("borrowed:"))
+        .expect(&text);
+    assert!(
+        line.starts_with("borrowed:     2 reads held by live processes, the oldest for "),
+        "{line}"
+    );
+    let secs: f64 = line
+        .split("the oldest for ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect(line);
+    assert!(secs >= 0.2, "{line}");
+    assert!(
+        !text.contains("neither in use"),
+        "every byte accounted for:\n{text}"
+    );
+    let v = json(&ok(&["stat", seg.s(), "--json"]));
+    assert_eq!(v["pins"], 2);
+    assert!(v["oldest_pin_age_ms"].as_u64().unwrap() >= 250, "{v}");
+    assert_eq!(v["arena_retired_bytes"].as_u64(), Some(retired));
+    assert_eq!(v["arena_unaccounted_bytes"], 0, "{v}");
+    let free = v["arena_free_bytes"].as_u64().unwrap();
+    let in_use = v["arena_in_use_bytes"].as_u64().unwrap();
+    assert_eq!(in_use + free + retired, v["arena_bytes"].as_u64().unwrap());
+
+    let text = ok(&["check", seg.s()]);
+    assert!(
+        text.starts_with(&format!("segment {}: ok\n", seg.s())),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("untouched, {retired} retired")),
+        "{text}"
+    );
+    assert!(
+        text.contains("  borrowed reads: 2 held, the oldest for "),
+        "{text}"
+    );
+    assert!(
+        text.contains("0 leaked blocks (0 bytes) reclaimed"),
+        "{text}"
+    );
+    assert_eq!(&*one, &[1u8; 100][..]);
+    assert_eq!(held, &[0u8; 100][..]);
+    drop(one);
+    drop(reader);
+
+    let v = json(&ok(&["stat", seg.s(), "--json"]));
+    assert_eq!(v["pins"], 0);
+    assert!(v["oldest_pin_age_ms"].is_null(), "{v}");
+    let text = ok(&["check", seg.s()]);
+    assert!(!text.contains("borrowed reads"), "{text}");
+    // Writers that need room reuse what was retired: six arenas' worth of
+    // overwrites fit.
+    for round in 0..200u32 {
+        for i in 0..8 {
+            d.insert(format!("k{i}"), round.to_le_bytes().repeat(1000))
+                .unwrap();
+        }
+    }
+    let v = json(&ok(&["stat", seg.s(), "--json"]));
+    assert_eq!(v["arena_unaccounted_bytes"], 0, "{v}");
+}
+
 #[test]
 fn set_get_del_round_trip() {
     let seg = Seg::new("sgd");

@@ -15,7 +15,8 @@
 //!   child left half done is rolled forward from its journal, every key can
 //!   be written again, and `check()` finds nothing it cannot repair;
 //! - `lock()` and `lock_keys()` held by a process that is then killed are
-//!   recovered; opposite-order `lock_keys` never deadlock; same-thread
+//!   recovered; `lock_timeout()` gives up on a live holder (`None`), and
+//!   a loop of short `lock_timeout`s recovers a killed one; opposite-order `lock_keys` never deadlock; same-thread
 //!   misuse is refused;
 //! - `wait_for` and `wait_change` across processes: wake-up latency, CPU
 //!   use while waiting, timeouts, and no return for an unrelated key;
@@ -48,6 +49,10 @@ fn main() {
         (
             "lock_held_by_a_killed_process_is_recovered",
             lock_held_by_a_killed_process_is_recovered,
+        ),
+        (
+            "lock_timeout_gives_up_on_a_live_holder_and_recovers_a_killed_one",
+            lock_timeout_waits_in_slices,
         ),
         (
             "key_locks_held_by_a_killed_process_are_recovered",
@@ -645,6 +650,87 @@ fn lock_held_by_a_killed_process_is_recovered() {
             "only the first acquisition after the death recovers"
         );
     });
+}
+
+/// `lock_timeout` returns `None` while a live process holds the lock (a zero
+/// timeout included), without blocking single-key operations; once the
+/// holder is killed, a loop of short `lock_timeout`s (how the Python binding
+/// waits, checking for Ctrl-C between slices) gets the lock, recovered.
+fn lock_timeout_waits_in_slices() {
+    let seg = Segment::new("lock-timeout");
+    let d = Arc::new(create(&seg, 64, 1 << 16));
+    {
+        // Free: taken at once, even with a zero timeout; misuse is refused.
+        let g = d
+            .lock_timeout(Duration::ZERO)
+            .unwrap()
+            .expect("a free lock");
+        assert!(!g.recovered());
+        assert!(is_invalid_argument(&d.lock_timeout(Duration::ZERO)));
+    }
+    let mut holder = Proc::spawn("lock holder", "hold-lock", &[seg.name().to_owned()]);
+    await_key(&d, "held", &mut holder);
+    let d2 = Arc::clone(&d);
+    with_watchdog(
+        "lock_timeout while a live process holds the lock",
+        move || {
+            assert!(d2.lock_timeout(Duration::ZERO).unwrap().is_none());
+            let t0 = Instant::now();
+            assert!(d2
+                .lock_timeout(Duration::from_millis(250))
+                .unwrap()
+                .is_none());
+            assert!(t0.elapsed() >= Duration::from_millis(250), "gave up early");
+            d2.insert("free", b"x").unwrap();
+        },
+    );
+    // A timeout too long for the clock is no limit: this one waits on.
+    let rx = attempt(&d, |d| {
+        d.lock_timeout(Duration::MAX)
+            .map(|g| g.map(|g| g.recovered()))
+    });
+    assert!(
+        matches!(
+            rx.recv_timeout(Duration::from_millis(300)),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        ),
+        "lock_timeout(MAX) returned while a live process held the lock"
+    );
+    holder.assert_running();
+    let (tx, sliced) = mpsc::channel();
+    let d2 = Arc::clone(&d);
+    thread::spawn(move || {
+        let mut slices = 0u64;
+        let r = loop {
+            slices += 1;
+            match d2.lock_timeout(Duration::from_millis(50)) {
+                Ok(Some(g)) => break Ok(g.recovered()),
+                Ok(None) => continue,
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = tx.send((r, slices));
+    });
+    thread::sleep(Duration::from_millis(300));
+    holder.kill();
+    // One of the two waiters recovers the lock, then the other gets it.
+    let (r, slices) = sliced
+        .recv_timeout(WATCHDOG)
+        .expect("watchdog: a lock_timeout loop still waits after its holder was killed");
+    let by_slices = r.expect("lock_timeout after the holder's death");
+    let by_max = rx
+        .recv_timeout(WATCHDOG)
+        .expect("watchdog: lock_timeout(MAX) still waits")
+        .expect("lock_timeout(MAX) after the holder's death")
+        .expect("no limit: it cannot time out");
+    assert!(
+        slices > 1,
+        "the holder was killed after some slices: {slices}"
+    );
+    assert!(
+        by_slices ^ by_max,
+        "exactly one acquisition recovers: slices {by_slices}, MAX {by_max}"
+    );
 }
 
 /// Key locks of several stripes held by a killed process are each recovered.

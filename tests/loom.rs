@@ -13,7 +13,10 @@
 //! shared, read vs chunk mode, claims) and its recovery from dead holders; the
 //! double buffer of large `Value`s and its recovery from a dead writer; the
 //! exact key count (`len()`) across a writer killed at each step of a
-//! counted write, settled concurrently by a writer and an adopter.
+//! counted write, settled concurrently by a writer and an adopter; borrowed
+//! reads (the epoch of `shm/epoch.rs`): a pinned read against an overwrite
+//! or removal and reclamation, readers sharing a pin slot, an advance made
+//! by another thread than the frees, and pins of dead and live processes.
 #![cfg(loom)]
 
 use loom::sync::Arc;
@@ -680,4 +683,343 @@ fn killed_writer_then_settle(insert: bool, step: u32, adopt_races: bool) {
     }
     assert_eq!(d.keys().unwrap().len(), 1);
     assert_eq!(d.len(), 1, "{what}: after settling");
+}
+
+// ---------------------------------------------------------------------------
+// Borrowed reads (`shm/epoch.rs`): pins, retirement and reclamation. The
+// reader is `Reader::get` under loom (`shmdict::__loom::Pinned::get`); a
+// block freed by reclamation is recycled at once (`Borrowing::recycle`:
+// poison bytes, and a write of the block's shadow loom cell, which loom
+// reports if it is not ordered after a pinned reader's read of the block).
+//
+// Each model below lists the mutations of `src/shm/epoch.rs` it was run
+// against, one at a time, and whether it failed (it must). What loom 0.7.3
+// (the version in Cargo.lock) can and cannot show here:
+// - `fence(SeqCst)` is modelled as an AcqRel fence that also joins one
+//   global clock both ways (`rt/thread.rs`, `seq_cst_fence`): every SeqCst
+//   fence happens after every earlier one. That is stronger than the
+//   language's model, where SeqCst fences create no happens-before and only
+//   constrain which stores later loads may read. So a protocol that relied
+//   on a SeqCst fence for happens-before would pass here and be wrong. The
+//   epoch's SeqCst fences are only used for what the language does give
+//   (a pin whose fence precedes an advance's is seen by its scan; an
+//   unpublication whose fence precedes a pin's is seen by the reader; a
+//   retire reads an epoch no older than a pin whose fence preceded it);
+//   the happens-before its frees need comes from Release/Acquire pairs (the
+//   unpin and the advance's Acquire fence; the advance's CAS and the
+//   reclaimer's Acquire load), and each of those, weakened, is caught by
+//   some model below without a SeqCst fence standing in (M2's one miss
+//   is a real acquire, see there). Every removal or weakening of one of
+//   the three SeqCst fences was caught.
+// - SeqCst *accesses* are modelled as AcqRel (loom's README): weaker, so
+//   false alarms, never missed bugs; the epoch code has none.
+// - Loom explores no load buffering: a load never returns a store that runs
+//   later in its schedule. A reader's reads that are not ordered before a
+//   recycling write can then still return the old bytes, which is why the
+//   shadow cells are there: with them a missing Release on the unpin is
+//   caught; with the poison check alone it is not.
+// ---------------------------------------------------------------------------
+
+use shmdict::__loom::{Borrowing, POISON};
+
+/// 4 keys, a 1 KiB arena (as `small`), with the models' view of block
+/// reads and writes.
+fn borrowing() -> Borrowing {
+    Borrowing::new(4, 1024)
+}
+
+/// Pin, then read (the slot's entry, then the block's bytes) against
+/// retire, then reclaim: a reader pinned before or during an overwrite or
+/// a removal reads the old value or the new one (or none), whole, and
+/// never a block recycled under its pin; once it is gone, the old block
+/// is freed.
+///
+/// A writer replaces the value or removes the key (the real `insert` and
+/// `remove`: `try_replace` or `try_remove`, then `retire`); the main
+/// thread first moves the epoch once (so that the writer's read of the
+/// epoch can be stale), then reclaims as a writer short of room does
+/// (`reclaim_everywhere`: up to three advances, then the frees) and
+/// recycles what it freed. The reader is descheduled between finding the
+/// entry and reading the block.
+///
+/// Fails (each mutation made in `src/shm/epoch.rs`, the model run alone
+/// with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2
+/// CARGO_TARGET_DIR=target/loom cargo test --release --test loom --
+/// a_pinned_reader`, then reverted):
+/// - `pin`: its `fence(SeqCst)` removed, or made `AcqRel`: caught.
+/// - `retire`: its `fence(SeqCst)` removed, or made `AcqRel`: caught.
+/// - `try_advance`: its `fence(SeqCst)` removed, made `AcqRel`, or moved
+///   after the scan of the pin words: caught.
+/// - `try_advance`: its `fence(Acquire)` removed: caught.
+/// - `try_advance`: the `pin_epoch(v) != epoch` check dropped (pins never
+///   block), or weakened to `pin_epoch(v) + 1 < epoch` (a pin one epoch
+///   behind ignored): caught.
+/// - `reclaim_locked`: frees at `s + 1` instead of `s + 2`: caught (also by
+///   the poison check alone: the reader finds the free-list link).
+/// - `unpin`: `Release` made `Relaxed`: caught, by the shadow cell only (see
+///   `shmdict::__loom::Borrowing`; with it removed this mutation passes).
+/// - Not caught here: the `Release` of the advance's CAS or the `Acquire`
+///   load of `reclaim_locked` made `Relaxed` (this model's reclaimer is its
+///   own advancer); `an_advance_elsewhere_orders_the_frees_after_the_reads`
+///   catches both.
+///
+/// The removal variant alone (with `[true]` as the loop's list) catches
+/// the `pin`, `retire` and `try_advance` fence removals and `s + 1` too.
+#[test]
+fn a_pinned_reader_never_sees_its_block_recycled() {
+    for remove in [false, true] {
+        loom::model(move || pinned_read_against_retire_and_reclaim(remove));
+    }
+}
+
+fn pinned_read_against_retire_and_reclaim(remove: bool) {
+    let d = Arc::new(borrowing());
+    let (v0, v1) = (vec![0xa0; 24], vec![0xb1; 24]);
+    d.insert("k", &v0).unwrap();
+    let old = d.granule_of(b"k").unwrap();
+    let r = {
+        let d = d.clone();
+        let (v0, v1) = (v0.clone(), v1.clone());
+        thread::spawn(move || {
+            let pin = d.pin(0);
+            match pin.get_descheduled(b"k") {
+                Some(got) => {
+                    assert!(!got.contains(&POISON), "read a recycled block: {got:?}");
+                    assert!(got == v0 || (!remove && got == v1), "torn read: {got:?}");
+                }
+                None => assert!(remove, "the key is always present"),
+            }
+        })
+    };
+    let w = {
+        let d = d.clone();
+        thread::spawn(move || {
+            if remove {
+                assert!(d.remove("k").unwrap());
+            } else {
+                d.insert("k", &v1).unwrap();
+            }
+        })
+    };
+    d.advance();
+    let mut freed = d.reclaim();
+    if freed > 0 {
+        assert_eq!(freed, 64, "only the unpublished block was retired");
+        d.recycle(old);
+    }
+    r.join().unwrap();
+    w.join().unwrap();
+    freed += d.reclaim();
+    assert_eq!(freed, 64, "the unpublished block is freed once unpinned");
+}
+
+/// Pin joining: two readers of one handle share a pin slot (the third pin
+/// of a handle whose stash has two slots under loom: the main thread holds
+/// the other one while it writes). The slot keeps the epoch of its oldest
+/// pin, so the reader that joined later protects the earlier one's block,
+/// and one reader's unpin, racing with an advance, leaves the other's pin
+/// in place.
+///
+/// Reader 1 pins at epoch 0 and may read the first value's block `b0`;
+/// the main thread replaces it (retiring `b0` at 0) and moves the epoch
+/// to 1; reader 2 pins at 1 on the same pin line (it must not join reader
+/// 1's sub-slot, which counts pins at 0: it claims the line's other one),
+/// and may read the second value's block `b1`; the main thread replaces that too (retiring
+/// `b1` at 1), drops its own pin and reclaims, recycling whatever was
+/// freed, while the readers unpin. The readers wait for nothing; the main
+/// thread waits for each reader to have pinned (a Relaxed census, which
+/// orders nothing).
+///
+/// Fails (each mutation made in `src/shm/epoch.rs`, the model run alone
+/// with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2
+/// CARGO_TARGET_DIR=target/loom cargo test --release --test loom --
+/// readers_sharing`, then reverted):
+/// - `try_pin`: joining a busy sub-slot whatever its epoch and setting
+///   its epoch to the joiner's (`epoch << 32 | n + 1`, the analogue of the
+///   old design's `join` mutation): caught (the earlier reader's block is
+///   recycled under it: loom reports the shadow cell's causality
+///   violation).
+/// - `unpin`: clearing the slot's count (`v & !COUNT_MASK`) instead of
+///   decrementing it: caught (the later reader's block is freed).
+/// - `unpin`: `Release` made `Relaxed`: caught.
+/// - `pin`: its `fence(SeqCst)` removed: caught.
+/// - Not caught here: `try_advance`'s `fence(Acquire)` removed. The next
+///   advance of the same `reclaim_everywhere` begins with a SeqCst fence,
+///   which is an acquire fence too (in the language's model as in loom's),
+///   so the frees are still ordered after the unpin; the other models
+///   catch it.
+#[test]
+fn readers_sharing_a_pin_slot_protect_each_other() {
+    use loom::sync::atomic::{AtomicU64, Ordering};
+    loom::model(|| {
+        let d = Arc::new(borrowing());
+        let (v0, v1, v2) = (vec![0xa0; 24], vec![0xb1; 24], vec![0xc2; 24]);
+        d.insert("k", &v0).unwrap();
+        let b0 = d.granule_of(b"k").unwrap();
+        let census = Arc::new(AtomicU64::new(0));
+        let reader = |expect: [Vec<u8>; 2]| {
+            let (d, census) = (d.clone(), census.clone());
+            thread::spawn(move || {
+                let pin = d.pin(0);
+                assert_eq!(pin.slot() / 2, 0, "pin line 1 is the main thread's");
+                // Relaxed: a census, not a synchronization.
+                census.fetch_add(1, Ordering::Relaxed);
+                let got = pin
+                    .get_descheduled(b"k")
+                    .expect("the key is always present");
+                assert!(!got.contains(&POISON), "read a recycled block: {got:?}");
+                assert!(expect.contains(&got), "torn read: {got:?}");
+            })
+        };
+        let wait_for = |n: u64| {
+            // Relaxed: as in the readers.
+            while census.load(Ordering::Relaxed) < n {
+                thread::yield_now();
+            }
+        };
+        let mine = d.pin(1);
+        assert_eq!(mine.slot() / 2, 1);
+        let r1 = reader([v0.clone(), v1.clone()]);
+        wait_for(1);
+        d.insert("k", &v1).unwrap();
+        let b1 = d.granule_of(b"k").unwrap();
+        assert!(d.advance(), "every pin is at epoch 0");
+        let r2 = reader([v1.clone(), v2.clone()]);
+        wait_for(2);
+        d.insert("k", &v2).unwrap();
+        drop(mine);
+        d.reclaim();
+        let held = d.held();
+        for b in [b0, b1] {
+            if !held.contains(&b) {
+                d.recycle(b);
+            }
+        }
+        r1.join().unwrap();
+        r2.join().unwrap();
+        d.reclaim();
+        let held = d.held();
+        assert!(
+            !held.contains(&b0) && !held.contains(&b1),
+            "both replaced blocks are freed once unpinned: {held:?}"
+        );
+    });
+}
+
+/// The epoch moved by one thread (another process's writer, which saw the
+/// reader unpin), the block freed by another (whose own advance still saw
+/// the pin): the frees are ordered after the reader's reads through the
+/// advance's Release and the reclaimer's Acquire load of the epoch.
+///
+/// The main thread is the reader: it starts the writer (which replaces
+/// the value, then reclaims) and the advancer (which tries to move the
+/// epoch twice), then pins and reads once. Neither of them joins a thread
+/// before it acts: whatever orders the frees after the reads is the
+/// protocol's.
+///
+/// Fails (each mutation made in `src/shm/epoch.rs`, the model run alone
+/// with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2
+/// CARGO_TARGET_DIR=target/loom cargo test --release --test loom --
+/// an_advance_elsewhere`, then reverted):
+/// - `reclaim_locked`: the `Acquire` load of the epoch made `Relaxed`:
+///   caught.
+/// - `try_advance`: the `Release` of the CAS made `Relaxed`: caught.
+/// - `try_advance`: its `fence(Acquire)` removed: caught.
+#[test]
+fn an_advance_elsewhere_orders_the_frees_after_the_reads() {
+    loom::model(|| {
+        let d = Arc::new(borrowing());
+        let (v0, v1) = (vec![0xa0; 24], vec![0xb1; 24]);
+        d.insert("k", &v0).unwrap();
+        let old = d.granule_of(b"k").unwrap();
+        let w = {
+            let (d, v1) = (d.clone(), v1.clone());
+            thread::spawn(move || {
+                d.insert("k", &v1).unwrap();
+                let freed = d.reclaim();
+                if freed > 0 {
+                    assert_eq!(freed, 64, "only the replaced block was retired");
+                    d.recycle(old);
+                }
+                freed
+            })
+        };
+        let a = {
+            let d = d.clone();
+            thread::spawn(move || {
+                d.advance();
+                d.advance();
+            })
+        };
+        let pin = d.pin(0);
+        let got = pin.get(b"k").expect("the key is always present");
+        assert!(!got.contains(&POISON), "read a recycled block: {got:?}");
+        assert!(got == v0 || got == v1, "torn read: {got:?}");
+        drop(pin);
+        let freed = w.join().unwrap() + d.reclaim();
+        a.join().unwrap();
+        assert_eq!(
+            freed + d.reclaim(),
+            64,
+            "the replaced block is freed once unpinned"
+        );
+    });
+}
+
+/// A dead pinner: another process pinned its stash (so it may read the
+/// block being replaced) and was killed, or lives on (stopped, say),
+/// while this handle's reader pins and reads and this handle replaces the
+/// value and reclaims. A dead process's pin holds nothing: the replaced
+/// block is freed (once this handle's own reader is gone). A live one's
+/// pin holds it until that pin is released, however long.
+///
+/// Fails (each mutation made in `src/shm/epoch.rs`, the model run alone
+/// with `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2
+/// CARGO_TARGET_DIR=target/loom cargo test --release --test loom --
+/// a_dead_pinner`, then reverted):
+/// - `try_advance`: `blocked && alive(i)` made `blocked` (every owner taken
+///   for alive): caught ("a dead process's pin holds nothing").
+/// - made `blocked && alive(i) && i == 0` (every other process taken for
+///   dead): caught ("freed under a live process's pin").
+/// - made `blocked && false` (every owner taken for dead): caught (the
+///   reader's own block is recycled under it).
+#[test]
+fn a_dead_pinner_holds_nothing_a_live_one_holds_on() {
+    for other_alive in [false, true] {
+        loom::model(move || {
+            let d = Arc::new(borrowing());
+            let (v0, v1) = (vec![0xa0; 24], vec![0xb1; 24]);
+            d.insert("k", &v0).unwrap();
+            let old = d.granule_of(b"k").unwrap();
+            let other = d.foreign_pin(other_alive);
+            let r = {
+                let d = d.clone();
+                let (v0, v1) = (v0.clone(), v1.clone());
+                thread::spawn(move || {
+                    let pin = d.pin(0);
+                    let got = pin
+                        .get_descheduled(b"k")
+                        .expect("the key is always present");
+                    assert!(!got.contains(&POISON), "read a recycled block: {got:?}");
+                    assert!(got == v0 || got == v1, "torn read: {got:?}");
+                })
+            };
+            d.insert("k", &v1).unwrap();
+            let mut freed = d.reclaim();
+            if freed > 0 {
+                assert!(!other_alive, "freed under a live process's pin");
+                assert_eq!(freed, 64, "only the replaced block was retired");
+                d.recycle(old);
+            }
+            r.join().unwrap();
+            freed += d.reclaim();
+            if other_alive {
+                assert_eq!(freed, 0, "freed under a live process's pin");
+                d.foreign_unpin(other);
+                assert_eq!(d.reclaim(), 64, "freed once the live pin is released");
+            } else {
+                assert_eq!(freed, 64, "a dead process's pin holds nothing");
+            }
+        });
+    }
 }

@@ -12,16 +12,26 @@
 //! - after removing every key, a 4 KiB key with a value of 1/8 of the arena
 //!   must fit (the contract's size promise; exercises defragmentation).
 //!
+//! Borrowed reads run beside all of it: `get_ref`, `Reader::get` through a
+//! `Reader` that stays pinned across other operations (on a second handle
+//! of the same segment), a window of held `ValueRef`s whose bytes must not
+//! change whatever is written, and a `ValueRef` held across an overwrite
+//! of its own key by its own handle. While anything is pinned, memory of
+//! replaced values waits for it, so a write may be `Full` (which leaves the
+//! model unchanged); `check()` must still repair nothing.
+//!
 //! A fault overwrites bytes of the segment file `/dev/shm/<name>` behind the
 //! library's back (through `std::fs`, which the mapping sees). From then on
 //! results are not compared: operations keep running and may return any
 //! error (`Corrupt`, `Full`, `Codec`, ...), but must not panic, crash or hang.
+//! Faults also hit the stashes of the first handles (pin slots, retired
+//! blocks), so borrowed reads and pins run on garbage too.
 //!
 //! The segment is unlinked at the end of every input, and also if the target
 //! panics (so a crash found by the fuzzer leaves nothing in /dev/shm).
 #![no_main]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,16 +40,24 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use shmdict::{Error, ShmDict};
+use shmdict::{Error, Reader, ShmDict, ValueRef};
 
 /// Number of distinct keys.
 const KEYS: u8 = 8;
 /// The longest key the contract promises always fits.
 const MAX_KEY: usize = 4096;
-/// Where the index starts in the current format (header 4 KiB + attach table
-/// 64 KiB + free-list table 8 KiB). Only used to aim faults; nothing depends
-/// on it being right.
-const INDEX_OFF_HINT: u64 = 4096 + 4096 * 64 + 32 * 4 * 64 + 256 * 64 + 1024 * 4;
+/// Where the stash table starts in the current format (header 4 KiB, attach
+/// table 256 KiB, free-list table 8 KiB, key-lock table 16 KiB, futex
+/// channels 4 KiB), and where the index starts (after 4,096 stashes of 1 KiB).
+/// Only used to aim faults; nothing depends on them being right.
+const STASH_OFF_HINT: u64 = 4096 + 4096 * 64 + 32 * 4 * 64 + 256 * 64 + 1024 * 4;
+const INDEX_OFF_HINT: u64 = STASH_OFF_HINT + 4096 * 1024;
+/// The stashes faults aim at: those of the first eight attach entries (the
+/// handles one input opens).
+const STASHES_HINT: u64 = 8 * 1024;
+/// `ValueRef`s held at once across operations (more than a handle's four
+/// pin slots, so pins join busy slots).
+const HELD_REFS: usize = 6;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -106,6 +124,31 @@ enum Op {
         key: u8,
         value: Value,
     },
+    /// `get_ref`: the same bytes as the model.
+    GetRef {
+        key: u8,
+    },
+    /// `Reader::get` through the pinned `Reader` if there is one (see
+    /// `Pin`), else through a new one.
+    ReaderGet {
+        key: u8,
+    },
+    /// Takes the pinned `Reader` (on the second handle), or drops it.
+    Pin,
+    /// Holds a `ValueRef` (on the second handle) across the operations that
+    /// follow; the oldest is dropped past `HELD_REFS`. Their bytes must
+    /// never change.
+    HoldRef {
+        key: u8,
+    },
+    /// Drops every held `ValueRef`.
+    DropRefs,
+    /// `get_ref`, an overwrite of the same key by the same handle, and the
+    /// ref's bytes unchanged.
+    RefAcrossWrite {
+        key: u8,
+        value: Value,
+    },
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -137,6 +180,8 @@ enum Area {
     Index,
     Arena,
     Anywhere,
+    /// The stashes of the first handles (pin slots, retired-block rings).
+    Stashes,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -444,6 +489,12 @@ impl Run {
                 let got = self.dict.wait_for(&k, Duration::ZERO).expect("wait_for");
                 assert_eq!(got.as_ref(), self.model.get(&k), "wait_for");
             }
+            Op::GetRef { .. }
+            | Op::ReaderGet { .. }
+            | Op::Pin
+            | Op::HoldRef { .. }
+            | Op::DropRefs
+            | Op::RefAcrossWrite { .. } => unreachable!("run by Borrows::step"),
             Op::Memo { key: k, value } => {
                 let k = key(k);
                 let r = self.dict.get_or_insert_with(&k, || value.bytes());
@@ -527,6 +578,12 @@ impl Run {
             Op::Memo { key: k, value } => {
                 let _ = self.dict.get_or_insert_with(key(k), || value.bytes());
             }
+            Op::GetRef { .. }
+            | Op::ReaderGet { .. }
+            | Op::Pin
+            | Op::HoldRef { .. }
+            | Op::DropRefs
+            | Op::RefAcrossWrite { .. } => unreachable!("run by Borrows::step"),
         }
     }
 
@@ -573,13 +630,149 @@ impl Run {
         let arena_off = len.saturating_sub(arena);
         let (start, size) = match area {
             Area::Header => (0, 4096),
-            Area::AttachTable => (4096, INDEX_OFF_HINT - 4096),
+            Area::AttachTable => (4096, STASH_OFF_HINT - 4096),
+            Area::Stashes => (STASH_OFF_HINT, STASHES_HINT),
             Area::Index => (INDEX_OFF_HINT, index_len),
             Area::Arena => (arena_off, arena),
             Area::Anywhere => (0, len),
         };
         let start = start.min(len - 1);
         (start, size.clamp(1, len - start))
+    }
+}
+
+/// The borrowed reads held across operations: a pinned `Reader` and a
+/// window of `ValueRef`s, on a second handle of the segment (so that
+/// `Reopen` can replace the first while they live).
+struct Borrows<'p> {
+    handle: &'p ShmDict,
+    pinned: Option<Reader<'p>>,
+    /// Key, the held ref, and a copy of its bytes when taken.
+    held: VecDeque<(Vec<u8>, ValueRef<'p>, Vec<u8>)>,
+}
+
+impl<'p> Borrows<'p> {
+    fn step(&mut self, run: &mut Run, op: Op) {
+        let faulted = run.faulted;
+        // Before the first fault: any error is a bug.
+        let ok = |what: &str, e: Error| {
+            if !faulted {
+                panic!("{what}: unexpected error {e}");
+            }
+        };
+        match op {
+            Op::GetRef { key: k } => {
+                let k = key(k);
+                match run.dict.get_ref(&k) {
+                    Ok(got) if !faulted => {
+                        assert_eq!(
+                            got.as_deref(),
+                            run.model.get(&k).map(Vec::as_slice),
+                            "get_ref"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => ok("get_ref", e),
+                }
+            }
+            Op::ReaderGet { key: k } => {
+                let k = key(k);
+                let copy = |b: Option<&[u8]>| b.map(<[u8]>::to_vec);
+                let got = match &self.pinned {
+                    Some(r) => r.get(&k).map(copy),
+                    None => run.dict.reader().and_then(|r| r.get(&k).map(copy)),
+                };
+                match got {
+                    Ok(got) if !faulted => {
+                        assert_eq!(got.as_ref(), run.model.get(&k), "Reader::get")
+                    }
+                    Ok(_) => {}
+                    Err(e) => ok("Reader::get", e),
+                }
+            }
+            Op::Pin => {
+                if self.pinned.take().is_none() {
+                    match self.handle.reader() {
+                        Ok(r) => self.pinned = Some(r),
+                        Err(e) => ok("reader", e),
+                    }
+                }
+            }
+            Op::HoldRef { key: k } => {
+                let k = key(k);
+                match self.handle.get_ref(&k) {
+                    Ok(Some(v)) => {
+                        if !faulted {
+                            assert_eq!(Some(&*v), run.model.get(&k).map(Vec::as_slice), "held ref");
+                        }
+                        let copy = v.to_vec();
+                        self.held.push_back((k, v, copy));
+                        if self.held.len() > HELD_REFS {
+                            self.held.pop_front();
+                        }
+                    }
+                    Ok(None) => assert!(faulted || !run.model.contains_key(&k), "held ref: none"),
+                    Err(e) => ok("get_ref to hold", e),
+                }
+            }
+            Op::DropRefs => {
+                self.verify(faulted);
+                self.held.clear();
+            }
+            Op::RefAcrossWrite { key: k, value } => {
+                let (k, v) = (key(k), value.bytes());
+                match run.dict.get_ref(&k) {
+                    Ok(r) => {
+                        let before = r.as_deref().map(<[u8]>::to_vec);
+                        let w = run.dict.insert(&k, &v);
+                        if !faulted {
+                            run.check_new_key_full(&k, &w);
+                            match w {
+                                Ok(()) => {
+                                    run.model.insert(k.clone(), v);
+                                }
+                                Err(Error::Full { .. }) => {}
+                                Err(e) => panic!("insert under its own ref: {e}"),
+                            }
+                            assert_eq!(
+                                r.as_deref().map(<[u8]>::to_vec),
+                                before,
+                                "a ref changed when its own handle overwrote its key"
+                            );
+                        }
+                    }
+                    Err(e) => ok("get_ref", e),
+                }
+            }
+            other => unreachable!("{other:?} is run by Run::step"),
+        }
+    }
+
+    /// The held refs' bytes never changed (compared only before the first
+    /// fault: a fault may overwrite the very bytes a ref holds).
+    fn verify(&self, faulted: bool) {
+        if faulted {
+            return;
+        }
+        for (k, v, copy) in &self.held {
+            assert_eq!(
+                &v[..],
+                &copy[..],
+                "a held ref of a {}-byte key changed",
+                k.len()
+            );
+        }
+    }
+
+    /// Drops every pin (before an operation that needs all memory back).
+    fn release(&mut self, faulted: bool) {
+        self.verify(faulted);
+        self.held.clear();
+        self.pinned = None;
+    }
+
+    fn pins(&self) -> u64 {
+        u64::from(self.pinned.is_some()) + self.held.len() as u64
     }
 }
 
@@ -615,9 +808,35 @@ fuzz_target!(|input: Input| {
         buckets: stats.buckets as u64,
         arena_real: stats.arena_bytes as u64,
     };
+    let second = ShmDict::open(&name).expect("a second handle");
+    let mut borrows = Borrows {
+        handle: &second,
+        pinned: None,
+        held: VecDeque::new(),
+    };
     for op in input.ops {
-        run.step(op);
+        let stats = matches!(op, Op::Stats);
+        match op {
+            Op::GetRef { .. }
+            | Op::ReaderGet { .. }
+            | Op::Pin
+            | Op::HoldRef { .. }
+            | Op::DropRefs
+            | Op::RefAcrossWrite { .. } => borrows.step(&mut run, op),
+            Op::ClearThenBig => {
+                // Its size promise holds with nothing pinned.
+                borrows.release(run.faulted);
+                run.step(op);
+            }
+            op => run.step(op),
+        }
+        borrows.verify(run.faulted);
+        if stats && !run.faulted {
+            assert_eq!(run.dict.stats().pins, borrows.pins(), "stats.pins");
+        }
     }
+    drop(borrows);
+    drop(second);
     drop(run);
     ShmDict::unlink(&name).expect("unlink");
     *CURRENT.lock().unwrap() = None;

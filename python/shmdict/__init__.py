@@ -36,6 +36,8 @@ from ._shmdict import (
     Error,
     FullError,
     IncompatibleError,
+    Stats,
+    ValueView,
     _Space,
 )
 from ._shmdict import ShmDict as _ShmDict
@@ -53,7 +55,9 @@ __all__ = [
     "PickleDict",
     "ShmDict",
     "Space",
+    "Stats",
     "Value",
+    "ValueView",
 ]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -78,6 +82,10 @@ class ShmDict(_ShmDict, MutableMapping):
     both come back as ``bytes``. Every single-key operation is atomic and
     lock-free across processes; ``setdefault``, ``pop``, ``update_key`` and
     ``get_or_insert_with`` are atomic read-modify-writes.
+
+    ``view(key)`` reads a value without copying it: ``with d.view(key) as
+    v: numpy.frombuffer(v, dtype)`` works on the shared memory itself,
+    whose bytes do not change while the view is held.
     """
 
     __slots__ = ()

@@ -56,8 +56,98 @@ class ShmDict:
         self, key: _Key, fn: Callable[[Optional[bytes]], Optional[_Bytes]]
     ) -> Optional[bytes]: ...
     def get_or_insert_with(self, key: _Key, fn: Callable[[], _Bytes]) -> bytes: ...
-    def wait_for(self, key: _Key, timeout: Optional[float] = None) -> Optional[bytes]: ...
-    def lock(self) -> DictLock: ...
+    def wait_for(self, key: _Key, timeout: Optional[float] = None) -> Optional[bytes]:
+        """The value of ``key`` as soon as it is present, or None after ``timeout``
+        seconds (None: no limit). Sleeps without the GIL; Ctrl-C interrupts it."""
+    def lock(self) -> DictLock:
+        """The dictionary's robust lock, as a context manager (``with d.lock() as g``;
+        ``g.recovered`` says whether its previous holder died holding it). Waits
+        without the GIL; Ctrl-C interrupts the wait."""
+    def view(self, key: _Key) -> ValueView:
+        """A zero-copy, read-only view of the value of ``key``.
+
+        ``with d.view(k) as v:`` gives ``v = None`` if the key is absent.
+        ``bytes(v)``, ``memoryview(v)`` and ``numpy.frombuffer(v, dtype)`` read the
+        shared memory itself; the bytes never change while the view is held,
+        whatever other processes write to the key. Release it soon (``with``, or
+        ``v.release()``): while held, memory of values replaced since cannot be
+        reused by any process. A buffer of an absent key's view is KeyError.
+        """
+    def stats(self) -> Stats:
+        """Occupancy figures, views held and memory they hold back (a snapshot)."""
+
+@final
+class ValueView(Buffer):
+    """A zero-copy, read-only buffer over one value of a ShmDict (``ShmDict.view``).
+
+    The view holds a pin: the bytes stay valid and unchanged until it is
+    released, and at least as long as any buffer exported from it (memoryview,
+    numpy array) is alive. ``release()`` raises BufferError instead of releasing
+    while such buffers are alive; the end of a ``with`` block then leaves the view
+    held until the last of them is released.
+    """
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __enter__(self) -> Optional[Self]:
+        """The view, or None if the key was absent."""
+    def __bool__(self) -> bool:
+        """Whether the view holds a value (present, not released)."""
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool:
+        """Releases the view, or, while exported buffers are alive, leaves it held
+        until the last of them is released."""
+    def release(self) -> None:
+        """Releases the view now; BufferError if exported buffers are alive."""
+    @property
+    def released(self) -> bool:
+        """Whether the view was released."""
+    @property
+    def key(self) -> bytes:
+        """The key whose value this view reads."""
+    def __len__(self) -> int:
+        """The value's length in bytes (ValueError once released)."""
+
+@final
+class Stats:
+    """Occupancy figures of a ShmDict (``ShmDict.stats()``): a snapshot."""
+
+    @property
+    def len(self) -> int:
+        """Live keys."""
+    @property
+    def capacity(self) -> int:
+        """Maximum live keys."""
+    @property
+    def buckets(self) -> int:
+        """Index buckets (three slots each)."""
+    @property
+    def arena_bytes(self) -> int:
+        """Arena size in bytes."""
+    @property
+    def arena_untouched_bytes(self) -> int:
+        """Arena bytes never handed out yet."""
+    @property
+    def free_blocks(self) -> list[int]:
+        """Free blocks per order (a block of order ``o`` is ``64 << o`` bytes)."""
+    @property
+    def attached(self) -> int:
+        """Attached handles whose process runs."""
+    @property
+    def attached_dead(self) -> int:
+        """Attach entries left by dead processes."""
+    @property
+    def pins(self) -> int:
+        """Borrowed reads (views, Rust ``Reader``/``ValueRef``) held by live processes."""
+    @property
+    def oldest_pin_age(self) -> Optional[float]:
+        """Seconds the oldest borrowed read has been held (None: none held)."""
+    @property
+    def retired_bytes(self) -> int:
+        """Arena bytes of replaced or removed values waiting until no view can see them."""
 
 @final
 class DictLock:

@@ -12,7 +12,8 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use shmdict::{DictGuard, ShmDict};
 
 use crate::errors::OrPy;
-use crate::{deadline, wait_in_slices, Handle, SameThread};
+use crate::view::ValueView;
+use crate::{deadline, wait_in_slices, Handle, SameThread, SLICE};
 
 /// The bytes of a key: `str` as UTF-8, or any bytes-like object.
 pub(crate) fn key_bytes<'a>(k: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
@@ -306,7 +307,9 @@ impl PyShmDict {
     /// The dictionary's lock, as a context manager: `with d.lock() as g:`.
     /// A robust process-shared mutex for sequences of operations that must
     /// be consistent together (single-key operations do not take it). If
-    /// the previous holder died holding it, `g.recovered` is True.
+    /// the previous holder died holding it, `g.recovered` is True. Waits
+    /// for a live holder without the GIL; Ctrl-C raises KeyboardInterrupt
+    /// within 0.1 s.
     fn lock(&self) -> PyResult<DictLock> {
         Ok(DictLock {
             state: Mutex::new(LockState {
@@ -314,6 +317,40 @@ impl PyShmDict {
                 recovered: false,
             }),
             dict: self.handle.get_arc()?,
+        })
+    }
+
+    /// A zero-copy, read-only view of the value of `key`: `bytes(v)`,
+    /// `memoryview(v)` and `numpy.frombuffer(v, ...)` read the shared
+    /// memory itself. The bytes never change while the view is held,
+    /// whatever other processes write meanwhile. Use it as a context
+    /// manager: `with d.view(k) as v:` gives `v = None` if the key is
+    /// absent, and the block's end releases the view (or, while buffers
+    /// exported from it are alive, leaves it held until the last of them
+    /// is released). `v.release()` raises BufferError while buffers are
+    /// alive. A buffer of an absent key's view is KeyError.
+    fn view(&self, key: &Bound<'_, PyAny>) -> PyResult<ValueView> {
+        let k = key_bytes(key)?;
+        ValueView::new(self.handle.get_arc()?, &k).or_py()
+    }
+
+    /// Occupancy figures (a snapshot; exact only when the segment is
+    /// quiet), among them the borrowed reads (views) held and the memory
+    /// they hold back.
+    fn stats(&self) -> PyResult<Stats> {
+        let s = self.dict()?.stats();
+        Ok(Stats {
+            len: s.len,
+            capacity: s.capacity,
+            buckets: s.buckets,
+            arena_bytes: s.arena_bytes,
+            arena_untouched_bytes: s.arena_untouched_bytes,
+            free_blocks: s.free_blocks,
+            attached: s.attached.0,
+            attached_dead: s.attached.1,
+            pins: s.pins,
+            oldest_pin_age: s.oldest_pin_age.map(|d| d.as_secs_f64()),
+            retired_bytes: s.retired_bytes,
         })
     }
 
@@ -413,7 +450,18 @@ impl DictLock {
         // leaked) before that `Arc` (in `__exit__` or in `Drop`), so it
         // never outlives the dictionary.
         let dict: &'static ShmDict = unsafe { &*Arc::as_ptr(&this.dict) };
-        let guard = slf.py().detach(|| SameThread(dict.lock())).0.or_py()?;
+        // Slices without the GIL, checking for Ctrl-C between them.
+        let py = slf.py();
+        let guard = loop {
+            if let Some(g) = py
+                .detach(|| SameThread(dict.lock_timeout(SLICE)))
+                .0
+                .or_py()?
+            {
+                break g;
+            }
+            py.check_signals()?;
+        };
         let mut st = this.state();
         st.recovered = guard.recovered();
         st.guard = Some(ThreadBound::new(guard));
@@ -440,5 +488,55 @@ impl DictLock {
     #[getter]
     fn recovered(&self) -> bool {
         self.state().recovered
+    }
+}
+
+/// What `ShmDict.stats()` returns: occupancy figures of a dictionary (a
+/// snapshot, exact only when the segment is quiet).
+#[pyclass(module = "shmdict", frozen, get_all)]
+pub(crate) struct Stats {
+    /// Live keys.
+    len: usize,
+    /// Maximum live keys.
+    capacity: usize,
+    /// Index buckets (three slots each).
+    buckets: usize,
+    /// Arena size in bytes.
+    arena_bytes: usize,
+    /// Arena bytes never handed out yet.
+    arena_untouched_bytes: usize,
+    /// Free blocks per order (a block of order `o` is `64 << o` bytes).
+    free_blocks: Vec<u64>,
+    /// Attached handles whose process runs.
+    attached: u64,
+    /// Attach entries left by dead processes.
+    attached_dead: u64,
+    /// Borrowed reads (views, and the Rust crate's `Reader`s and
+    /// `ValueRef`s) held by live processes.
+    pins: u64,
+    /// Seconds the oldest of them has been held, or None if there is none.
+    oldest_pin_age: Option<f64>,
+    /// Arena bytes of replaced or removed values waiting until no borrowed
+    /// read can see them (freed as writers need room).
+    retired_bytes: u64,
+}
+
+#[pymethods]
+impl Stats {
+    fn __repr__(&self) -> String {
+        format!(
+            "shmdict.Stats(len={}, capacity={}, arena_bytes={}, arena_untouched_bytes={}, \
+             attached={}, attached_dead={}, pins={}, oldest_pin_age={}, retired_bytes={})",
+            self.len,
+            self.capacity,
+            self.arena_bytes,
+            self.arena_untouched_bytes,
+            self.attached,
+            self.attached_dead,
+            self.pins,
+            self.oldest_pin_age
+                .map_or_else(|| "None".to_owned(), |a| format!("{a:.3}")),
+            self.retired_bytes
+        )
     }
 }

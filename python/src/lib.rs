@@ -28,6 +28,7 @@ mod dict;
 mod errors;
 mod space;
 mod value;
+mod view;
 
 /// The longest time spent waiting without the GIL before checking for
 /// signals (Ctrl-C).
@@ -40,6 +41,12 @@ extern "C" fn after_fork_in_child() {
     // Relaxed: the child has a single thread at this point; later loads in
     // it are ordered by program order.
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// This process's fork generation: changes in a child after `fork`.
+pub(crate) fn fork_generation() -> u64 {
+    // Relaxed: as in `Handle::get`.
+    FORK_GENERATION.load(Ordering::Relaxed)
 }
 
 /// A crate handle that reattaches by name after `fork`.
@@ -217,6 +224,8 @@ fn _shmdict(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<dict::PyShmDict>()?;
     m.add_class::<dict::DictLock>()?;
+    m.add_class::<dict::Stats>()?;
+    m.add_class::<view::ValueView>()?;
     m.add_class::<value::PyValue>()?;
     m.add_class::<array::PyArray>()?;
     m.add_class::<array::ArrayBuffer>()?;

@@ -98,3 +98,23 @@ def pickle_writer(name: str) -> None:
     p["config"] = {"workers": 4, "ratios": [0.5, 0.25], "name": "ñandú"}
     p[b"raw"] = (1, 2.0, None)
     p.update_key("counter", lambda n: n + 1, 0)
+
+
+def view_value(i: int, size: int) -> bytes:
+    """The value a churning writer stores in round i: distinct per round."""
+    return (i.to_bytes(4, "little") * (size // 4 + 1))[:size]
+
+
+def churn_key(name: str, key: str, rounds: int, size: int, out) -> None:
+    """Overwrites `key` `rounds` times with values of `size` bytes (the
+    same block size as the original, so a recycled block would show), and
+    every fourth round removes it and inserts it again. Then waits for the
+    key "released" before detaching."""
+    d = shmdict.ShmDict(name, create=False)
+    out.put("started")
+    for i in range(rounds):
+        if i % 4 == 3:
+            del d[key]
+        d[key] = view_value(i, size)
+    out.put(("churned", rounds))
+    d.wait_for("released", 60)

@@ -278,6 +278,41 @@ def test_sigkilled_lock_holder_is_recovered(name):
     assert d["holder"] == b"recovered"
 
 
+def _interrupt_after(delay: float) -> threading.Thread:
+    """Sends SIGINT to this process after `delay` seconds, from a thread."""
+    t = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+    t.start()
+    return t
+
+
+def test_ctrl_c_interrupts_lock_held_by_another_process(name):
+    # lock() waits for a live holder without the GIL, in slices: SIGINT
+    # raises KeyboardInterrupt here within a fraction of a second.
+    d = shmdict.ShmDict(name)
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, name], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        timer = _interrupt_after(0.5)
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            with d.lock():
+                pass
+        waited = time.monotonic() - t0
+        timer.join()
+        assert child.poll() is None, "the holder still holds the lock"
+        print(f"KeyboardInterrupt {waited - 0.5:.3f} s after SIGINT")
+        assert 0.5 <= waited < 1.0, waited  # SIGINT at 0.5 s, seen within 0.5 s
+        # Interrupted while waiting: nothing held, the next lock() works once
+        # the holder is gone (it dies holding it: recovered).
+    finally:
+        child.kill()
+        child.wait(10)
+    with d.lock() as g:
+        assert g.recovered is True
+
+
 def test_lock_excludes_threads(name):
     d = shmdict.ShmDict(name)
     d["a"], d["b"] = b"100", b"0"

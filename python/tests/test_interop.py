@@ -145,3 +145,26 @@ def test_space_tuples_shared_with_rust(peer, name):
     )
     s.out(("from-python", 42, 0.5, "ñ", b"\x00b", False))
     assert ask(peer, "space-take", name) == "42 0.5 ñ \x00b false"
+
+
+@pytest.mark.timeout(1300)
+def test_view_of_a_value_written_by_the_cli(cli, name):
+    import numpy as np
+
+    d = shmdict.ShmDict(name)
+    data = np.linspace(0.0, 1.0, 1000)
+    r = run(cli, "set", name, "samples", input=data.tobytes())
+    assert r.returncode == 0, r.stderr
+    with d.view("samples") as v:
+        x = np.frombuffer(v, dtype=np.float64)  # no copy: 16-aligned in the segment
+        assert np.array_equal(x, data)
+        # The CLI overwrites, then removes, the key: the view keeps its bytes.
+        r = run(cli, "set", name, "samples", "replaced by the cli")
+        assert r.returncode == 0, r.stderr
+        assert d["samples"] == b"replaced by the cli"
+        r = run(cli, "del", name, "samples")
+        assert r.returncode == 0, r.stderr
+        assert "samples" not in d
+        assert np.array_equal(x, data) and bytes(v) == data.tobytes()
+        del x
+    assert d.stats().pins == 0

@@ -1,9 +1,10 @@
 //! Borrowed (zero-copy) reads: [`Reader`] and [`ValueRef`].
 //!
-//! A read under a pin (`shm/epoch.rs`) finds the key with the same seqlocked
-//! lookup as `get`, but instead of copying the value it returns the value's
-//! bytes in the mapping: published blocks are never written, and a block
-//! unpublished while the pin lives is not recycled until the pin is gone.
+//! A read under a pin (`shm/epoch.rs`) finds the key as `get` does but
+//! without the seqlock (`Index::find_pinned` says why none is needed), and
+//! instead of copying the value it returns the value's bytes in the
+//! mapping: published blocks are never written, and a block unpublished
+//! while the pin lives is not recycled until the pin is gone.
 
 use std::fmt;
 use std::ops::Deref;
@@ -85,6 +86,10 @@ fn slot_hint() -> u64 {
 
 impl ShmDict {
     /// Starts a batch of zero-copy reads: see [`Reader`].
+    ///
+    /// `Error::Full` if this handle already holds 2^31 `Reader`s and
+    /// [`ValueRef`]s at once on one pin slot (or its pin slots are
+    /// corrupted so that they say so).
     pub fn reader(&self) -> Result<Reader<'_>> {
         let reg = self.registration()?;
         let pin = self
@@ -137,7 +142,7 @@ impl<'d> Reader<'d> {
     #[inline]
     fn lookup(&self, key: &[u8]) -> Result<Option<&'d [u8]>> {
         let d = self.dict;
-        let Some((start, len)) = d
+        let Some((_, start, len)) = d
             .index()
             .find_pinned(key, hash_key(key))
             .map_err(|c| d.corrupt(c))?
@@ -207,6 +212,96 @@ impl ValueRef<'_> {
     /// ```
     pub fn as_pod<T: bytemuck::Pod>(&self) -> Option<&T> {
         bytemuck::try_from_bytes(self.bytes).ok()
+    }
+}
+
+#[cfg(feature = "rkyv")]
+impl ValueRef<'_> {
+    /// The value read in place as an [rkyv](https://docs.rs/rkyv/0.8)
+    /// archive of a `T`, after validating it (feature `rkyv`): the
+    /// `Archived<T>` at the archive's root, without a copy, or
+    /// [`Error::Archive`](crate::Error::Archive) if the bytes are not a
+    /// valid archive of a `T`.
+    ///
+    /// Any process that can open the segment can have written the value,
+    /// so nothing in it is trusted: the whole archive is checked with
+    /// rkyv's `bytecheck` validation (`rkyv::access`) before a reference is
+    /// made. It checks that every relative pointer (of strings, vectors,
+    /// boxes, ...) stays inside the value, is aligned for what it points to,
+    /// and claims no bytes another pointer claims; that every length fits;
+    /// that every `bool`, `char`, enum tag and `NonZero` holds a valid
+    /// value, and every string valid UTF-8. Validation costs a pass over
+    /// the archive (about as much as reading it); the bytes are not copied.
+    ///
+    /// What is trusted, and not checked:
+    /// - That the bytes do not change while the `ValueRef` lives. Every
+    ///   process that writes through shmdict keeps that promise (a held
+    ///   value is never rewritten or recycled: see [`Reader`]); a process
+    ///   that writes into the shared mapping directly, outside the
+    ///   protocol, could change the bytes after they were validated, as with
+    ///   any shared memory.
+    /// - That the bytes were meant as a `T`. Validation proves the bytes
+    ///   are *a* valid `Archived<T>`, not that a `T` was serialized: the
+    ///   archive of another type with the same layout (a `u32` read as an
+    ///   `f32`, or two structs with the same field types) passes. Keep one
+    ///   type per key, or put a tag in the type.
+    /// - That the writer used rkyv 0.8's format with the same format
+    ///   features (default: little-endian, aligned, 32-bit relative
+    ///   pointers). Another format fails validation or, where it happens to
+    ///   be valid, reads as different values.
+    ///
+    /// Alignment: values start 16-aligned in the mapping, and rkyv
+    /// serializes with the root and every field aligned relative to the
+    /// start of the archive, so any archive whose types need at most 16
+    /// (everything but `#[repr(align(32))]` and above) is aligned in place.
+    /// A type that needs more is reported as invalid, never read misaligned.
+    ///
+    /// ```
+    /// use rkyv::{rancor, Archive, Serialize};
+    ///
+    /// #[derive(Archive, Serialize)]
+    /// struct Job {
+    ///     id: u64,
+    ///     name: String,
+    ///     tags: Vec<u32>,
+    /// }
+    ///
+    /// # let name = format!("doc-archived-{}", std::process::id());
+    /// let dict = shmdict::ShmDict::open(&name)?;
+    /// let job = Job { id: 7, name: "resize".into(), tags: vec![1, 2] };
+    /// let bytes = rkyv::to_bytes::<rancor::Error>(&job).expect("serializes");
+    /// dict.insert("job:7", &bytes)?;
+    ///
+    /// let v = dict.get_ref("job:7")?.unwrap();
+    /// let job = v.access_archived::<Job>()?; // &ArchivedJob, in the mapping
+    /// assert_eq!(job.id, 7);
+    /// assert_eq!(job.name, "resize");
+    /// assert_eq!(job.tags.as_slice(), [1, 2]);
+    ///
+    /// dict.insert("junk", [0xff; 8])?;
+    /// let junk = dict.get_ref("junk")?.unwrap();
+    /// assert!(matches!(
+    ///     junk.access_archived::<Job>(),
+    ///     Err(shmdict::Error::Archive { .. })
+    /// ));
+    /// # drop((v, junk));
+    /// # shmdict::ShmDict::unlink(&name)?;
+    /// # Ok::<(), shmdict::Error>(())
+    /// ```
+    pub fn access_archived<T>(&self) -> Result<&rkyv::Archived<T>>
+    where
+        T: rkyv::Archive,
+        rkyv::Archived<T>: rkyv::Portable
+            + for<'a> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+            >,
+    {
+        rkyv::access::<rkyv::Archived<T>, rkyv::rancor::Error>(self.bytes).map_err(|source| {
+            crate::Error::Archive {
+                segment: self._reader.dict.name.clone(),
+                source,
+            }
+        })
     }
 }
 

@@ -15,9 +15,11 @@
 //!   a removal can leave them too high, never too low): corrected;
 //! - every arena granule must be in exactly one place: a published block, a
 //!   free list, or an untouched chunk. Granules in none of them were taken by
-//!   a process that died before publishing, or retired by one that died
-//!   before freeing, or drained by one that died defragmenting: they are
-//!   returned to the free lists as the largest buddy-aligned blocks that fit.
+//!   a process that died before publishing, or unpublished by one that died
+//!   before recording them as retired, or drained by one that died
+//!   defragmenting: they are reclaimed as the largest buddy-aligned blocks
+//!   that fit, retired rather than freed (a borrowed read may still hold
+//!   an unpublished one; `epoch.rs`).
 //!
 //! Anything else (an entry naming an invalid block, overlapping blocks, a
 //! broken free list) is corruption this code does not try to fix: it is
@@ -79,7 +81,11 @@ pub struct CheckReport {
     pub bytes_free: u64,
     /// Arena bytes never carved yet.
     pub bytes_untouched: u64,
-    /// Blocks left by dead processes, returned to the free lists.
+    /// Blocks left by dead processes, reclaimed: retired, so that they are
+    /// freed once no borrowed read can see them (a writer killed between
+    /// unpublishing a value and recording it leaves a block a reader may
+    /// still hold), or freed at once if the arena has no room to record
+    /// them. `bytes_free` and `bytes_retired` count them where they went.
     pub leaked_blocks_reclaimed: u64,
     /// Their total size in bytes.
     pub leaked_bytes_reclaimed: u64,
@@ -212,8 +218,9 @@ impl ShmDict {
     /// Checks the segment's consistency and repairs what processes killed in
     /// the middle of an operation left behind: slots and locks still held,
     /// counters off by the interrupted operation, and arena blocks that were
-    /// taken or retired but never published or freed (which are returned to
-    /// the free lists). See [`CheckReport`].
+    /// taken or unpublished but never published or recorded (which are
+    /// retired, and freed once no borrowed read can see them). See
+    /// [`CheckReport`].
     ///
     /// Runs on a live segment. Readers are not stopped; writers in all
     /// processes pause while it runs (it takes time proportional to the
@@ -441,9 +448,22 @@ impl ShmDict {
                 self.reclaim_leaked(g, order);
                 rep.leaked_blocks_reclaimed += 1;
                 rep.leaked_bytes_reclaimed += GRANULE << order;
-                free_bytes += GRANULE << order;
                 g += 1 << order;
             }
+        }
+        if rep.leaked_blocks_reclaimed > 0 {
+            // Leaked blocks were retired (or, short of room, freed), and
+            // retiring them may have taken a spill bag or freed older
+            // retired blocks: count again what is free and what is held,
+            // so the figures are those the repairs left (the gate is still
+            // closed: nothing else moves them).
+            free_bytes = 0;
+            let _ = slab.for_each_free(|_, o| free_bytes += GRANULE << o);
+            retired_bytes = 0;
+            let _ = self
+                .epochs()
+                .for_each_held(|_, o| retired_bytes += GRANULE << o);
+            rep.bytes_retired = retired_bytes;
         }
         rep.bytes_free = free_bytes;
         rep

@@ -22,6 +22,7 @@
 
 use std::cell::Cell;
 use std::marker::PhantomData;
+use std::time::{Duration, Instant};
 
 use crate::dict::ShmDict;
 use crate::error::{Error, Result};
@@ -179,6 +180,42 @@ impl ShmDict {
     /// # Ok::<(), shmdict::Error>(())
     /// ```
     pub fn lock(&self) -> Result<DictGuard<'_>> {
+        self.lock_until(None)?
+            .ok_or_else(|| self.lock_error("dictionary lock", LockError::Timeout))
+    }
+
+    /// [`lock`](ShmDict::lock), giving up after `timeout`: `Ok(None)` if a
+    /// live process still holds the lock by then. A zero `timeout` tries
+    /// once without waiting.
+    ///
+    /// For callers that must do something else between waits (a binding
+    /// that checks for Ctrl-C, an event loop): wait in short slices, each a
+    /// `lock_timeout`. A holder found dead, or a lock word naming a thread
+    /// that provably holds nothing of the segment, is recovered as in
+    /// `lock()`, whatever the slice (after a short slice, by the next one).
+    ///
+    /// ```
+    /// # let name = format!("doc-lock-timeout-{}", std::process::id());
+    /// use std::time::Duration;
+    /// let dict = shmdict::ShmDict::open(&name)?;
+    /// let guard = loop {
+    ///     if let Some(g) = dict.lock_timeout(Duration::from_millis(100))? {
+    ///         break g;
+    ///     }
+    ///     // Between slices: check for cancellation, report progress, ...
+    /// };
+    /// assert!(!guard.recovered());
+    /// # drop(guard);
+    /// # shmdict::ShmDict::unlink(&name)?;
+    /// # Ok::<(), shmdict::Error>(())
+    /// ```
+    pub fn lock_timeout(&self, timeout: Duration) -> Result<Option<DictGuard<'_>>> {
+        // A timeout too long for the clock is no limit.
+        self.lock_until(Instant::now().checked_add(timeout))
+    }
+
+    /// `lock()` with a deadline (`None`: none); `Ok(None)` once it passes.
+    fn lock_until(&self, deadline: Option<Instant>) -> Result<Option<DictGuard<'_>>> {
         if KEY_GUARDS.with(Cell::get) > 0 {
             return Err(Error::InvalidArgument {
                 segment: self.name.clone(),
@@ -190,15 +227,17 @@ impl ShmDict {
         // mutex (a forked child registers now): see `owner_missing`.
         self.registration()?;
         let mutex = self.mutex(DICT_LOCK_OFF)?;
-        let recovered = mutex
-            .lock(None, &|tid| self.owner_missing(tid))
-            .map_err(|e| self.lock_error("dictionary lock", e))?;
-        Ok(DictGuard {
+        let recovered = match mutex.lock(deadline, &|tid| self.owner_missing(tid)) {
+            Ok(recovered) => recovered,
+            Err(LockError::Timeout) if deadline.is_some() => return Ok(None),
+            Err(e) => return Err(self.lock_error("dictionary lock", e)),
+        };
+        Ok(Some(DictGuard {
             dict: self,
             mutex,
             recovered,
             _not_send: PhantomData,
-        })
+        }))
     }
 
     /// Locks the given keys (for example the two sides of a transfer), so

@@ -334,6 +334,12 @@ impl ShmDict {
     }
 
     fn corrupt(&self, c: Corrupt) -> Error {
+        if c.0 == crate::shm::epoch::NO_ROOM {
+            return self.no_room("handle's stash");
+        }
+        if c.0 == crate::shm::epoch::TOO_MANY_PINS {
+            return Error::full(&self.name, format!("pin slots: {}", c.0));
+        }
         Error::corrupt(&self.name, c.0)
     }
 
@@ -427,6 +433,7 @@ impl ShmDict {
                 }
                 NewKey::Exists => Ok(false),
                 NewKey::Full => Err(self.index_full()),
+                NewKey::NoRoom => Err(self.no_room("index")),
             },
         }
     }
@@ -740,6 +747,9 @@ impl ShmDict {
             .alloc(order)
             .map_err(|c| self.corrupt(c))?
             .ok_or_else(|| {
+                if crate::shm::slab::short_of_shm() {
+                    return self.no_room("arena");
+                }
                 Error::full(
                     &self.name,
                     format!(
@@ -772,16 +782,45 @@ impl ShmDict {
             return Ok(Some(g));
         }
         let alive = |i: u64| self.entry_alive(i);
-        if self.epochs().reclaim_everywhere(&self.me, &alive)? == 0 {
-            return Ok(None);
+        let ep = self.epochs();
+        // A borrowed read in progress (its process preempted between pin
+        // and unpin, on a loaded machine) can hold the epoch for a moment:
+        // retry a few times, about a millisecond in all, before `Full`. A
+        // reader that holds its pin longer (a stopped one) makes this
+        // write fail, never wait longer.
+        for round in 0..RECLAIM_ROUNDS {
+            if ep.reclaim_everywhere(&self.me, &alive)? > 0 {
+                if let Some(g) = self.slab().alloc(order, &self.me)? {
+                    return Ok(Some(g));
+                }
+            }
+            if ep.held(&alive).pins == 0 {
+                break;
+            }
+            if round < RECLAIM_ROUNDS / 2 {
+                crate::sync::yield_now();
+            } else {
+                #[cfg(not(loom))]
+                std::thread::sleep(std::time::Duration::from_micros(100));
+                #[cfg(loom)]
+                crate::sync::yield_now();
+            }
         }
-        self.slab().alloc(order, &self.me)
+        Ok(None)
     }
 
     /// Frees the block of an entry that was never published (no reader can
     /// have seen it).
     fn release(&self, e: Entry) {
         self.slab().free(e.granule() as u64, e.order(), &self.me);
+    }
+
+    /// /dev/shm could not give the memory a write needs (`commit.rs`).
+    pub(crate) fn no_room(&self, what: &str) -> Error {
+        Error::full(
+            &self.name,
+            format!("/dev/shm has no room for more of the {what} (fallocate failed: the file system is full)"),
+        )
     }
 
     fn index_full(&self) -> Error {
@@ -838,6 +877,10 @@ impl ShmDict {
     }
 }
 
+/// Rounds of reclamation a writer short of room tries while borrowed reads
+/// are held (see `ShmDict::alloc`).
+const RECLAIM_ROUNDS: u32 = 16;
+
 fn attach_table_full(name: &str) -> Error {
     Error::full(name, "attach table (4096 live handles)")
 }
@@ -846,6 +889,11 @@ impl Drop for ShmDict {
     fn drop(&mut self) {
         let reg = self.me.registered();
         if reg.is_ours() {
+            // Inside the write gate, as every write: releasing the stash
+            // moves blocks from it to the free lists, and a `check()` that
+            // saw one in neither place would take it for leaked (and own it
+            // while we free it).
+            let _op = crate::shm::gate::enter(&self.region, reg.index, &reg.local);
             let alive = |i: u64| self.entry_alive(i);
             self.epochs().release_stash(reg.index, &reg.local, &alive);
         }

@@ -15,6 +15,8 @@ pub struct Options {
     create_new: bool,
     mode: u32,
     allow_other_owner: bool,
+    max_bytes: Option<u64>,
+    fixed_size: bool,
 }
 
 impl Default for Options {
@@ -26,6 +28,8 @@ impl Default for Options {
             create_new: false,
             mode: 0o600,
             allow_other_owner: false,
+            max_bytes: None,
+            fixed_size: false,
         }
     }
 }
@@ -87,6 +91,36 @@ impl Options {
         self
     }
 
+    /// The most /dev/shm memory the dictionary may take, all of it: the
+    /// size of its segment file, header, index and arena together. A
+    /// dictionary never holds more memory than this; when it would need
+    /// more, writes get `Error::Full`.
+    ///
+    /// Growth while attached (CONTRACT.md, "Growth while attached") is not
+    /// implemented yet: a dictionary keeps the size it was created with, so
+    /// today this caps that size. The arena is made as large as fits under
+    /// `bytes` (no larger than [`arena_bytes`](Options::arena_bytes) or its
+    /// default); `Error::InvalidArgument` if the index for
+    /// [`capacity`](Options::capacity) and a 64 KiB arena do not fit.
+    /// Ignored when attaching.
+    pub fn max_bytes(mut self, bytes: u64) -> Options {
+        self.max_bytes = Some(bytes);
+        self
+    }
+
+    /// Whether the dictionary keeps its initial size: `true` never grows
+    /// (`Full` at [`capacity`](Options::capacity) keys or when the arena is
+    /// full).
+    ///
+    /// Growth while attached is not implemented yet, so every dictionary
+    /// keeps its initial size today: `false` (the default, meant to let the
+    /// dictionary grow) behaves as `true` until it is. Ignored when
+    /// attaching.
+    pub fn fixed_size(mut self, yes: bool) -> Options {
+        self.fixed_size = yes;
+        self
+    }
+
     #[cfg(not(loom))]
     fn access(&self) -> sys::access::Access {
         sys::access::Access {
@@ -139,6 +173,14 @@ impl Options {
             geo.total_bytes,
             self.create_new,
             |r| {
+                // The header and tables get their memory before anything is
+                // written (the rest is committed as it is first used).
+                if !crate::shm::commit::at_creation(r) {
+                    return Err(Error::full(
+                        name,
+                        "/dev/shm has no room for a new dictionary's header and tables (fallocate failed: the file system is full)",
+                    ));
+                }
                 crate::dict::locks::init(r).map_err(|rc| {
                     Error::io(
                         name,
@@ -164,13 +206,65 @@ impl Options {
                 layout::DEFAULT_ARENA_BYTES.min(avail / 4)
             }
         };
-        Geometry::new(capacity, arena).ok_or_else(|| Error::InvalidArgument {
+        let geo = Geometry::new(capacity, arena).ok_or_else(|| Error::InvalidArgument {
             segment: name.to_owned(),
             reason: format!(
                 "capacity must be 1..={} keys and arena_bytes at most {} (got {capacity} keys, {arena} bytes)",
                 layout::MAX_CAPACITY,
                 layout::MAX_ARENA_BYTES
             ),
-        })
+        })?;
+        let _ = self.fixed_size; // Every dictionary keeps its size for now (see `fixed_size`).
+        match self.max_bytes {
+            Some(max) if geo.total_bytes > max => fit_under(capacity, geo, max).ok_or_else(|| {
+                Error::InvalidArgument {
+                    segment: name.to_owned(),
+                    reason: format!(
+                        "max_bytes {max} is less than the {} bytes an index for {capacity} keys and the smallest arena ({} bytes) need",
+                        geo.arena_off + layout::MIN_ARENA_BYTES,
+                        layout::MIN_ARENA_BYTES
+                    ),
+                }
+            }),
+            _ => Ok(geo),
+        }
+    }
+}
+
+/// The geometry for `capacity` keys with the largest arena (no larger than
+/// `geo`'s) whose segment fits in `max` bytes.
+#[cfg(not(loom))]
+fn fit_under(capacity: u64, geo: Geometry, max: u64) -> Option<Geometry> {
+    let mut arena = max.checked_sub(geo.arena_off)?.min(geo.arena_bytes);
+    while arena >= layout::MIN_ARENA_BYTES {
+        let g = Geometry::new(capacity, arena)?;
+        if g.total_bytes <= max {
+            return Some(g);
+        }
+        // Rounded up to whole chunks: ask for less.
+        arena -= (g.total_bytes - max).max(layout::GRANULE);
+    }
+    None
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_bytes_caps_the_segment() {
+        for max in [400_000u64, 1 << 20, 5 << 20, 64 << 20, 1 << 30] {
+            let base = Geometry::new(1000, 1 << 30).unwrap();
+            match fit_under(1000, base, max) {
+                Some(g) => {
+                    assert!(g.total_bytes <= max, "{max}: {g:?}");
+                    assert!(g.arena_bytes >= layout::MIN_ARENA_BYTES);
+                    // Not needlessly small: one more chunk would not fit.
+                    let chunk = layout::GRANULE << g.chunk_order;
+                    assert!(g.total_bytes + chunk > max, "{max}: {g:?}");
+                }
+                None => assert!(max < base.arena_off + layout::MIN_ARENA_BYTES, "{max}"),
+            }
+        }
     }
 }

@@ -214,6 +214,19 @@ pub(crate) fn open(
             if r.len() < spec.total_bytes() {
                 return Err(Error::corrupt(name, "new segment shorter than its layout"));
             }
+            // All of a Value's or an Array's memory, before the first write
+            // touches it: a full /dev/shm is `Full` here, not a SIGBUS in
+            // some process later.
+            if !r.commit(0, spec.total_bytes()) {
+                return Err(Error::full(
+                    name,
+                    format!(
+                        "/dev/shm has no room for the {} bytes of a new {} (fallocate failed: the file system is full)",
+                        spec.total_bytes(),
+                        crate::shm::layout::kind_name(spec.kind)
+                    ),
+                ));
+            }
             // The data first: the header's magic publishes the whole.
             init(r);
             spec.write_header(r);

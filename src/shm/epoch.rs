@@ -9,11 +9,11 @@
 //!
 //! - **Epoch.** One global word (`H_EPOCH`), only ever increased.
 //! - **Pins.** Each attach entry has a stash (`layout::STASH_OFF`) with
-//!   [`PIN_SLOTS`] pin words, each on its own cache line: `epoch << 16 |
-//!   count`. A reader claims a slot whose count is 0 with the current epoch,
-//!   or joins a busy slot (count + 1, keeping its older epoch: a
-//!   conservative pin), then issues a SeqCst fence before it reads the
-//!   index. Unpinning decrements the count (Release).
+//!   [`PIN_SLOTS`] pin lines, each on its own cache line with two
+//!   sub-slots: `epoch << 32 | count`. A reader joins a sub-slot counting
+//!   pins at the current epoch, or claims an idle one with it (see
+//!   [`Epochs::pin`] for why two suffice), then issues a SeqCst fence before
+//!   it reads the index. Unpinning decrements the count (Release).
 //! - **Advance.** The epoch moves from `e` to `e + 1` only if every pin
 //!   slot with a count, in every *live* entry, says `e`. Entries whose owner
 //!   is dead are skipped: the kernel-kept liveness of `attach.rs` (OFD
@@ -45,13 +45,15 @@
 //! | 16           | newest spill bag: granule + 1 (0 = none)              |
 //! | 24           | spare spill bag, taken ahead of need: granule + 1     |
 //! | 32           | records in the ring                                   |
-//! | 64 + 64 * i  | pin slot `i`: pin word, then the pin's start (ms)     |
+//! | 64 + 64 * i  | pin line `i`: two sub-slot words, then their starts (ms) |
 //! | `S_RING`..   | ring records: block entry word, retire epoch          |
 //!
 //! A spill bag: word 0 the next (older) bag's granule + 1, word 1 its epoch
-//! (the newest of its records), word 2 its count, words 3.. block entries.
+//! (the newest of its records' and of the next bag's: never older than the
+//! next bag's), word 2 its count, words 3.. block entries.
 
 use crate::shm::attach::Holder;
+use crate::shm::commit::Commits;
 use crate::shm::layout::{
     Entry, Geometry, ATTACH_ENTRIES, GRANULE, H_ATTACH_HWM, H_EPOCH, STASH_BYTES, STASH_OFF,
 };
@@ -65,6 +67,16 @@ use crate::sync::{fence, AtomicU64, Ordering};
 pub(crate) const PIN_SLOTS: u64 = 4;
 #[cfg(loom)]
 pub(crate) const PIN_SLOTS: u64 = 2;
+/// Ring records kept free, before a spare bag is needed, for the retires
+/// of a handle's other threads (see `ensure_spare`). Half the ring: the
+/// ring is then also emptied of what it can free every 22 retires, which
+/// keeps blocks flowing back while the arena is tight (the tuple space's
+/// full-arena reserves, `space/mod.rs`, rely on prompt reuse: a margin of 8
+/// made `tests/space.rs` `full_arena_drains` fail).
+#[cfg(not(loom))]
+const SPARE_MARGIN: u64 = RING_RECORDS / 2;
+#[cfg(loom)]
+const SPARE_MARGIN: u64 = 0;
 /// Records in a stash's ring.
 #[cfg(not(loom))]
 pub(crate) const RING_RECORDS: u64 = 44;
@@ -87,8 +99,92 @@ const S_RING: u64 = S_PINS + PIN_SLOTS * PIN_BYTES;
 const RECORD_BYTES: u64 = 16;
 const _: () = assert!(S_RING + RING_RECORDS * RECORD_BYTES <= STASH_BYTES);
 
-/// Pins a slot can count (the low 16 bits of its word).
-const COUNT_MASK: u64 = 0xffff;
+const STASH_WORDS: usize = (STASH_BYTES / 8) as usize;
+
+/// The words of one stash, with fixed offsets (no bounds check per field).
+#[derive(Clone, Copy)]
+struct Stash<'a>(&'a [AtomicU64; STASH_WORDS]);
+
+impl<'a> Stash<'a> {
+    /// The word at byte offset `off`: one of the `S_` fields, a pin slot's
+    /// word or a ring record's (offsets below `STASH_BYTES` by the const
+    /// assertion above; callers bound ring indices by `RING_RECORDS`).
+    #[inline]
+    fn at(self, off: u64) -> &'a AtomicU64 {
+        &self.0[(off / 8) as usize]
+    }
+
+    /// Pin sub-slot `slot` (`0..2 * PIN_SLOTS`): line `slot / 2`, word
+    /// `slot % 2` of it.
+    #[inline]
+    fn pin(self, slot: u64) -> &'a AtomicU64 {
+        let slot = slot % (PIN_SLOTS * 2);
+        self.at(S_PINS + (slot / 2) * PIN_BYTES + (slot % 2) * 8)
+    }
+
+    /// When sub-slot `slot`'s count last went from 0 to 1 (ms).
+    #[inline]
+    fn since(self, slot: u64) -> &'a AtomicU64 {
+        let slot = slot % (PIN_SLOTS * 2);
+        self.at(S_PINS + (slot / 2) * PIN_BYTES + 16 + (slot % 2) * 8)
+    }
+
+    /// Ring record `i` (`i < RING_RECORDS`): entry word, retire epoch.
+    #[inline]
+    fn record(self, i: u64) -> (&'a AtomicU64, &'a AtomicU64) {
+        let off = S_RING + i.min(RING_RECORDS - 1) * RECORD_BYTES;
+        (self.at(off), self.at(off + 8))
+    }
+}
+
+/// Adds to (or takes from) the stash's count of bytes held back: retired
+/// blocks and the bags that list them. Under the stash lock.
+fn add_bytes(st: Stash<'_>, n: u64, add: bool) {
+    let bytes = st.at(S_RETIRED_BYTES);
+    // Relaxed: under the stash lock.
+    let v = bytes.load(Ordering::Relaxed);
+    let v = if add {
+        v.saturating_add(n)
+    } else {
+        v.saturating_sub(n)
+    };
+    bytes.store(v, Ordering::Relaxed);
+}
+
+/// The ring is full and nothing can take its records: forget the oldest
+/// (leaked until `check()`): the newest moves into its place, after the
+/// ring is shortened (so it is never listed twice). Under the stash lock.
+#[cold]
+fn drop_oldest(st: Stash<'_>) {
+    let (first_e, first_s) = st.record(0);
+    let (last_e, last_s) = st.record(RING_RECORDS - 1);
+    // Relaxed (all): under the stash lock.
+    let e0 = Entry(first_e.load(Ordering::Relaxed));
+    let (e, s) = (
+        last_e.load(Ordering::Relaxed),
+        last_s.load(Ordering::Relaxed),
+    );
+    st.at(S_RING_LEN).store(RING_RECORDS - 1, Ordering::Relaxed);
+    first_e.store(e, Ordering::Relaxed);
+    first_s.store(s, Ordering::Relaxed);
+    add_bytes(st, GRANULE << e0.order(), false);
+}
+
+/// The message of the error a stash gives when /dev/shm has no room for
+/// its page (the dictionary reports it as `Full`).
+pub(crate) const NO_ROOM: &str = "/dev/shm has no room for the handle's stash";
+
+/// Pins a sub-slot can count (the low 32 bits of its word hold the count,
+/// the high 32 the epoch's low 32 bits: a live pin is never 2^32 epochs
+/// behind, since the epoch cannot pass it by more than one).
+const COUNT_MASK: u64 = 0xffff_ffff;
+const EPOCH_MASK: u64 = 0xffff_ffff;
+/// More pins than this on one sub-slot is an error, not a wrap.
+const MAX_PINS: u64 = 1 << 31;
+/// The message of the error for a pin past [`MAX_PINS`] (the dictionary
+/// reports it as `Full`).
+pub(crate) const TOO_MANY_PINS: &str =
+    "more than 2^31 borrowed reads held at once through one handle";
 /// Words of a spill bag before its entries.
 const BAG_HEADER_WORDS: u64 = 3;
 /// Granule index + 1 fits in 32 bits (`layout::Geometry`).
@@ -99,7 +195,7 @@ fn pin_count(v: u64) -> u64 {
 }
 
 fn pin_epoch(v: u64) -> u64 {
-    v >> 16
+    v >> 32
 }
 
 /// Frees the blocks of `entries` (no reader can see them any more), one
@@ -188,19 +284,36 @@ impl<'a> Epochs<'a> {
         self.word(H_EPOCH)
     }
 
-    fn stash(&self, stash: u64, field: u64) -> Result<&'a AtomicU64, Corrupt> {
+    /// The words of stash `stash`, bounds-checked once, for its owner (or a
+    /// reclaimer that took its lock): its page is committed first
+    /// (`commit.rs`; [`NO_ROOM`] if /dev/shm has no room).
+    #[inline]
+    fn st(&self, stash: u64) -> Result<Stash<'a>, Corrupt> {
         if stash >= ATTACH_ENTRIES {
             return Err(Corrupt("stash index out of range"));
         }
-        self.word(STASH_OFF + stash * STASH_BYTES + field)
+        if !Commits::new(self.r, self.g).ensure_stash(stash) {
+            return Err(Corrupt(NO_ROOM));
+        }
+        self.words_of(stash)
     }
 
-    fn pin_word(&self, stash: u64, slot: u64) -> Result<&'a AtomicU64, Corrupt> {
-        self.stash(stash, S_PINS + (slot % PIN_SLOTS) * PIN_BYTES)
+    /// Stash `stash` to look at, if its page was ever committed (else it
+    /// holds no pin and no retired block, and is not touched).
+    #[inline]
+    fn st_if_used(&self, stash: u64) -> Option<Stash<'a>> {
+        if stash >= ATTACH_ENTRIES || !Commits::new(self.r, self.g).stash_ready(stash) {
+            return None;
+        }
+        self.words_of(stash).ok()
     }
 
-    fn pin_since(&self, stash: u64, slot: u64) -> Result<&'a AtomicU64, Corrupt> {
-        self.stash(stash, S_PINS + (slot % PIN_SLOTS) * PIN_BYTES + 8)
+    fn words_of(&self, stash: u64) -> Result<Stash<'a>, Corrupt> {
+        self.r
+            .words(STASH_OFF + stash * STASH_BYTES, STASH_WORDS as u64)
+            .and_then(|w| w.try_into().ok())
+            .map(Stash)
+            .ok_or(Corrupt("stash outside the segment"))
     }
 
     /// Entries that may be in use: `0..hwm` (see `livecount.rs`).
@@ -213,33 +326,35 @@ impl<'a> Epochs<'a> {
             .min(ATTACH_ENTRIES)
     }
 
-    /// Pins the stash of entry `stash` (this handle's own), preferring slot
-    /// `hint`. Until [`Epochs::unpin`], no block this reader can reach from
-    /// the index afterwards is recycled.
+    /// Pins the stash of entry `stash` (this handle's own), on pin line
+    /// `hint` by preference. Until [`Epochs::unpin`], no block this reader
+    /// can reach from the index afterwards is recycled.
+    ///
+    /// A pin joins a sub-slot that already counts pins at the current
+    /// epoch, or claims an idle one; each line has two, because live pins
+    /// are only ever at the current epoch or the one before (the epoch
+    /// cannot pass a pin by more than one). So overlapping borrowed reads
+    /// never hold the epoch back: the older sub-slot drains while new pins
+    /// go to the other. (With one epoch per slot, a reader that kept four
+    /// `ValueRef`s alive at all times made every new pin join an old
+    /// epoch, and nothing was ever reclaimed again.)
     pub(crate) fn pin(&self, stash: u64, hint: u64) -> Result<Pin, Corrupt> {
+        let st = self.st(stash)?;
         // Relaxed: a stale epoch only makes the pin older (conservative);
         // the SeqCst fence below orders the pin before the reads.
-        let epoch = self.global()?.load(Ordering::Relaxed);
-        let mut pinned = None;
-        for k in 0..PIN_SLOTS {
-            let slot = (hint + k) % PIN_SLOTS;
-            let w = self.pin_word(stash, slot)?;
-            let v = w.load(Ordering::Relaxed); // Relaxed: the CAS decides.
-            if pin_count(v) == 0
-                // Relaxed: the fence below publishes the pin.
-                && w.compare_exchange(v, epoch << 16 | 1, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                // Relaxed: a statistic (the oldest pin's age).
-                self.pin_since(stash, slot)?
-                    .store(now_ms(), Ordering::Relaxed);
-                pinned = Some(slot);
-                break;
+        let epoch = self.global()?.load(Ordering::Relaxed) & EPOCH_MASK;
+        let mut spins = 0u32;
+        let slot = loop {
+            if let Some(slot) = self.try_pin(st, hint, epoch)? {
+                break slot;
             }
-        }
-        let slot = match pinned {
-            Some(slot) => slot,
-            None => self.join(stash, hint)?,
+            // Only contention on the words (a CAS lost) gets here.
+            spins += 1;
+            if spins % 64 == 0 {
+                crate::sync::yield_now();
+            } else {
+                crate::sync::spin_hint();
+            }
         };
         // SeqCst: orders the pin before every read of the index that
         // follows; pairs with the SeqCst fences of `try_advance` (which
@@ -248,41 +363,69 @@ impl<'a> Epochs<'a> {
         Ok(Pin { stash, slot })
     }
 
-    /// Every slot is busy: joins one (its count + 1, its epoch kept).
-    #[cold]
-    fn join(&self, stash: u64, hint: u64) -> Result<u64, Corrupt> {
-        let epoch = self.global()?.load(Ordering::Relaxed); // Relaxed: as in `pin`.
-        let mut k = 0;
-        loop {
-            let slot = (hint + k) % PIN_SLOTS;
-            let w = self.pin_word(stash, slot)?;
-            let v = w.load(Ordering::Relaxed); // Relaxed: the CAS decides.
-            let new = match pin_count(v) {
-                0 => epoch << 16 | 1,
-                COUNT_MASK => {
-                    k += 1;
-                    crate::sync::spin_hint();
-                    continue;
+    /// One attempt at pinning at `epoch` (its low 32 bits): on line `hint`
+    /// first, then on the others, join the line's sub-slot at `epoch`, else
+    /// claim an idle one; failing on every line (every sub-slot busy at
+    /// another epoch: only pins that read a stale epoch do that), join the
+    /// first busy one, keeping its older epoch. `None`: a CAS lost a race;
+    /// try again.
+    fn try_pin(&self, st: Stash<'a>, hint: u64, epoch: u64) -> Result<Option<u64>, Corrupt> {
+        let slots = PIN_SLOTS * 2;
+        let first = (hint % PIN_SLOTS) * 2;
+        let order = |k: u64| (first + k) % slots;
+        // Relaxed (all): the caller's fence publishes the pin.
+        for line in 0..PIN_SLOTS {
+            for want_join in [true, false] {
+                for sub in 0..2 {
+                    let slot = order(line * 2 + sub);
+                    let w = st.pin(slot);
+                    let v = w.load(Ordering::Relaxed);
+                    let (n, e) = (pin_count(v), pin_epoch(v));
+                    let new = if want_join && n > 0 && e == epoch {
+                        if n >= MAX_PINS {
+                            return Err(Corrupt(TOO_MANY_PINS));
+                        }
+                        v + 1
+                    } else if !want_join && n == 0 {
+                        epoch << 32 | 1
+                    } else {
+                        continue;
+                    };
+                    if w.compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_err()
+                    {
+                        return Ok(None);
+                    }
+                    if n == 0 {
+                        // Relaxed: a statistic (the oldest pin's age).
+                        st.since(slot).store(now_ms(), Ordering::Relaxed);
+                    }
+                    return Ok(Some(slot));
                 }
-                _ => v + 1,
-            };
-            // Relaxed: published by the caller's fence.
-            if w.compare_exchange(v, new, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
-                if pin_count(v) == 0 {
-                    // Relaxed: a statistic.
-                    self.pin_since(stash, slot)?
-                        .store(now_ms(), Ordering::Relaxed);
-                }
-                return Ok(slot);
             }
         }
+        let slot = order(0);
+        let w = st.pin(slot);
+        let v = w.load(Ordering::Relaxed);
+        if pin_count(v) >= MAX_PINS {
+            // Every sub-slot busy and this one full: only a corrupted stash
+            // (or 2^31 pins) does that. An error, never an endless retry.
+            return Err(Corrupt(TOO_MANY_PINS));
+        }
+        if pin_count(v) == 0 {
+            return Ok(None); // Freed meanwhile: the next attempt claims it.
+        }
+        Ok(
+            w.compare_exchange(v, v + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+                .then_some(slot),
+        )
     }
 
     /// Releases a pin taken by [`Epochs::pin`].
     pub(crate) fn unpin(&self, pin: Pin) {
-        if let Ok(w) = self.pin_word(pin.stash, pin.slot) {
+        if let Ok(st) = self.st(pin.stash) {
+            let w = st.pin(pin.slot);
             // Release: the reads made under the pin happen before an advance
             // that sees it gone (its Acquire fence), hence before any reuse
             // of what they read. A CAS loop, not fetch_sub: a count of 0
@@ -300,10 +443,10 @@ impl<'a> Epochs<'a> {
     /// Clears the pin slots of entry `stash`, whose previous owner is gone
     /// (called by the entry's new owner before it uses it).
     pub(crate) fn reset_pins(&self, stash: u64) {
-        for slot in 0..PIN_SLOTS {
-            if let Ok(w) = self.pin_word(stash, slot) {
+        if let Ok(st) = self.st(stash) {
+            for slot in 0..PIN_SLOTS * 2 {
                 // Release: pairs with an advance's Acquire fence, as unpin.
-                w.store(0, Ordering::Release);
+                st.pin(slot).store(0, Ordering::Release);
             }
         }
     }
@@ -321,10 +464,13 @@ impl<'a> Epochs<'a> {
         // after every unpublication that preceded our caller's retire.
         fence(Ordering::SeqCst);
         for i in 0..self.hwm() {
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
             let mut blocked = false;
-            for slot in 0..PIN_SLOTS {
-                let v = self.pin_word(i, slot)?.load(Ordering::Relaxed); // Relaxed: after the fence.
-                if pin_count(v) > 0 && pin_epoch(v) != epoch {
+            for slot in 0..PIN_SLOTS * 2 {
+                let v = st.pin(slot).load(Ordering::Relaxed); // Relaxed: after the fence.
+                if pin_count(v) > 0 && pin_epoch(v) != epoch & EPOCH_MASK {
                     blocked = true;
                     break;
                 }
@@ -370,19 +516,18 @@ impl<'a> Epochs<'a> {
         Ok(done(self.global()?.load(Ordering::Acquire)))
     }
 
-    /// Makes sure stash `stash` has a spare spill bag, so that a retire
-    /// after the caller publishes never needs new memory. `Ok(false)`: the
-    /// arena has no room for one (the caller reports `Full` before it
-    /// publishes anything).
+    /// Makes sure stash `stash` has room to retire a block without new
+    /// memory, so that a retire after the caller publishes never fails.
+    /// `Ok(false)`: the arena has no room for a spare spill bag (the caller
+    /// reports `Full` before it publishes anything).
     ///
-    /// A spare is only taken once the ring is half full: the other half is
-    /// room for the retires of threads of this handle between their check
-    /// and their retire. (Taking one for every handle at once would cost
-    /// a tiny arena its room: 200 handles would hold 100 KiB of bags.)
-    ///
-    /// Before taking a spare, the ring is emptied of what no pin can see
-    /// (moving the epoch if it can): without borrowed readers, no bag is
-    /// ever taken, so a tight arena keeps all its room for values.
+    /// Only a ring within [`SPARE_MARGIN`] records of full needs a spare
+    /// bag: the margin is room for the retires of other threads of this
+    /// handle between their check and their retire. Before taking one, the
+    /// ring is emptied of what no pin can see (moving the epoch if it can):
+    /// without borrowed readers no bag is ever taken, so a tight arena keeps
+    /// its room for values. (A spare for every handle at once would cost a
+    /// tiny arena dearly: 200 handles would hold 100 KiB of bags.)
     #[inline]
     pub(crate) fn ensure_spare(
         &self,
@@ -390,67 +535,45 @@ impl<'a> Epochs<'a> {
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<bool, Corrupt> {
+        let st = self.st(stash)?;
         // Relaxed (both): only this stash's owner consumes the spare or
         // fills the ring; a stale value at worst means one retire finds no
         // spare later (handled there).
-        if self.stash(stash, S_RING_LEN)?.load(Ordering::Relaxed) < RING_RECORDS.div_ceil(2)
-            || self.stash(stash, S_SPARE)?.load(Ordering::Relaxed) != 0
+        if st.at(S_RING_LEN).load(Ordering::Relaxed) < RING_RECORDS - SPARE_MARGIN
+            || st.at(S_SPARE).load(Ordering::Relaxed) != 0
         {
             return Ok(true);
         }
-        self.ensure_spare_slow(stash, me, alive)
-    }
-
-    /// A handle detaches: its spare bag goes back to the arena, and what
-    /// its stash holds that no pin can see is freed. The rest waits for
-    /// the entry's next owner or any writer short of room.
-    pub(crate) fn release_stash(&self, stash: u64, me: &Holder, alive: &dyn Fn(u64) -> bool) {
-        let Ok(lock) = self.stash(stash, S_LOCK) else {
-            return;
-        };
-        let _ = self.try_advance(alive);
-        lockword::lock(self.r, lock, me);
-        if let Ok(spare) = self.stash(stash, S_SPARE) {
-            // Relaxed: under the stash lock.
-            let s = spare.load(Ordering::Relaxed);
-            if s != 0 {
-                spare.store(0, Ordering::Relaxed);
-                Slab::new(self.r, self.g).free(s - 1, SPILL_ORDER, me);
-                let _ = self.add_bytes(stash, GRANULE << SPILL_ORDER, false);
-            }
-        }
-        let _ = self.reclaim_locked(stash, me);
-        lockword::unlock(lock, me);
+        self.ensure_spare_slow(st, me, alive)
     }
 
     #[cold]
     fn ensure_spare_slow(
         &self,
-        stash: u64,
+        st: Stash<'a>,
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<bool, Corrupt> {
-        self.try_advance(alive)?;
-        let lock = self.stash(stash, S_LOCK)?;
+        self.advance_twice(alive)?;
+        let lock = st.at(S_LOCK);
         lockword::lock(self.r, lock, me);
-        let reclaimed = self.reclaim_locked(stash, me);
+        let reclaimed = self.reclaim_locked(st, me);
         lockword::unlock(lock, me);
         reclaimed?;
         // Relaxed: as in `ensure_spare`.
-        if self.stash(stash, S_RING_LEN)?.load(Ordering::Relaxed) < RING_RECORDS.div_ceil(2) {
+        if st.at(S_RING_LEN).load(Ordering::Relaxed) < RING_RECORDS - SPARE_MARGIN {
             return Ok(true);
         }
         let slab = Slab::new(self.r, self.g);
         let Some(bag) = slab.alloc(SPILL_ORDER, me)? else {
             return Ok(false);
         };
-        let lock = self.stash(stash, S_LOCK)?;
         lockword::lock(self.r, lock, me);
-        let spare = self.stash(stash, S_SPARE)?;
+        let spare = st.at(S_SPARE);
         // Relaxed: under the stash lock.
         if spare.load(Ordering::Relaxed) == 0 {
             spare.store(bag + 1, Ordering::Relaxed);
-            self.add_bytes(stash, GRANULE << SPILL_ORDER, true)?;
+            add_bytes(st, GRANULE << SPILL_ORDER, true);
         } else {
             slab.free(bag, SPILL_ORDER, me);
         }
@@ -458,11 +581,43 @@ impl<'a> Epochs<'a> {
         Ok(true)
     }
 
+    /// Moves the epoch up to twice (what a block retired now needs before
+    /// it can be freed), stopping at the first pin in the way.
+    fn advance_twice(&self, alive: &dyn Fn(u64) -> bool) -> Result<(), Corrupt> {
+        if self.try_advance(alive)? {
+            self.try_advance(alive)?;
+        }
+        Ok(())
+    }
+
+    /// A handle detaches: its spare bag goes back to the arena, and what
+    /// its stash holds that no pin can see is freed. The rest waits for
+    /// the entry's next owner or any writer short of room.
+    pub(crate) fn release_stash(&self, stash: u64, me: &Holder, alive: &dyn Fn(u64) -> bool) {
+        let Ok(st) = self.st(stash) else {
+            return;
+        };
+        let _ = self.advance_twice(alive);
+        let lock = st.at(S_LOCK);
+        lockword::lock(self.r, lock, me);
+        let spare = st.at(S_SPARE);
+        // Relaxed: under the stash lock.
+        let s = spare.load(Ordering::Relaxed);
+        if s != 0 {
+            spare.store(0, Ordering::Relaxed);
+            Slab::new(self.r, self.g).free(s - 1, SPILL_ORDER, me);
+            add_bytes(st, GRANULE << SPILL_ORDER, false);
+        }
+        let _ = self.reclaim_locked(st, me);
+        lockword::unlock(lock, me);
+    }
+
     /// Records that the block of `e`, just unpublished by the caller, is
     /// retired: it is freed once no pinned reader can see it. Never fails
     /// for want of memory if [`Epochs::ensure_spare`] succeeded before the
-    /// unpublication (if two threads of one handle raced for the spare and
-    /// the arena is full, the block is leaked until `check()`).
+    /// unpublication (if more threads of one handle than the margin raced
+    /// for the spare and the arena is full, a block is leaked until
+    /// `check()`).
     pub(crate) fn retire(
         &self,
         stash: u64,
@@ -487,56 +642,43 @@ impl<'a> Epochs<'a> {
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<(), Corrupt> {
+        let st = self.st(stash)?;
         let epoch = self.global()?.load(Ordering::Relaxed); // Relaxed: after the caller's fence.
-        let lock = self.stash(stash, S_LOCK)?;
+        let lock = st.at(S_LOCK);
         lockword::lock(self.r, lock, me);
-        let r = self.retire_locked(stash, e, epoch, me, alive);
+        let r = self.retire_locked(st, e, epoch, me, alive);
         lockword::unlock(lock, me);
         r
     }
 
     fn retire_locked(
         &self,
-        stash: u64,
+        st: Stash<'a>,
         e: Entry,
         epoch: u64,
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<(), Corrupt> {
-        let len_w = self.stash(stash, S_RING_LEN)?;
+        let len_w = st.at(S_RING_LEN);
         // Relaxed (all stash words): under the stash lock, whose Acquire and
         // Release order them between holders.
         let mut len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
         if len == RING_RECORDS {
             // The ring is full: move the epoch if nobody stands in the way,
             // free what that allows, and spill the rest into a bag.
-            self.try_advance(alive)?;
-            self.reclaim_locked(stash, me)?;
+            self.advance_twice(alive)?;
+            self.reclaim_locked(st, me)?;
             len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
             if len == RING_RECORDS {
-                self.spill(stash, me)?;
-                len = 0;
+                self.spill(st, me)?;
+                len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
             }
         }
-        let rec = S_RING + len * RECORD_BYTES;
-        self.stash(stash, rec)?.store(e.0, Ordering::Relaxed);
-        self.stash(stash, rec + 8)?.store(epoch, Ordering::Relaxed);
+        let (rec_e, rec_s) = st.record(len);
+        rec_e.store(e.0, Ordering::Relaxed);
+        rec_s.store(epoch, Ordering::Relaxed);
         len_w.store(len + 1, Ordering::Relaxed);
-        self.add_bytes(stash, GRANULE << e.order(), true)
-    }
-
-    /// Adds to (or takes from) the stash's count of bytes held back:
-    /// retired blocks and the bags that list them. Under the stash lock.
-    fn add_bytes(&self, stash: u64, n: u64, add: bool) -> Result<(), Corrupt> {
-        let bytes = self.stash(stash, S_RETIRED_BYTES)?;
-        // Relaxed: under the stash lock.
-        let v = bytes.load(Ordering::Relaxed);
-        let v = if add {
-            v.saturating_add(n)
-        } else {
-            v.saturating_sub(n)
-        };
-        bytes.store(v, Ordering::Relaxed);
+        add_bytes(st, GRANULE << e.order(), true);
         Ok(())
     }
 
@@ -548,19 +690,22 @@ impl<'a> Epochs<'a> {
     /// leave it to be freed twice. Records are removed from where they were
     /// *before* they appear elsewhere; a holder killed in between leaks
     /// them, and `check()` reclaims leaked blocks.
-    fn spill(&self, stash: u64, me: &Holder) -> Result<(), Corrupt> {
+    fn spill(&self, st: Stash<'a>, me: &Holder) -> Result<(), Corrupt> {
         let slab = Slab::new(self.r, self.g);
-        let spare = self.stash(stash, S_SPARE)?;
+        let spare = st.at(S_SPARE);
         let bag = match spare.load(Ordering::Relaxed) {
             0 => match slab.alloc(SPILL_ORDER, me)? {
                 Some(g) => {
-                    self.add_bytes(stash, GRANULE << SPILL_ORDER, true)?;
+                    add_bytes(st, GRANULE << SPILL_ORDER, true);
                     g
                 }
-                // No spare (two threads of this handle raced for it) and no
-                // room: the oldest ring record's block is leaked (`check()`
-                // reclaims it) so that the retire can proceed.
-                None => return self.drop_oldest(stash),
+                // No spare (more threads of this handle than the margin
+                // raced for it) and no room: the oldest record's block is
+                // leaked (`check()` reclaims it) so the retire can proceed.
+                None => {
+                    drop_oldest(st);
+                    return Ok(());
+                }
             },
             s => {
                 spare.store(0, Ordering::Relaxed);
@@ -573,44 +718,37 @@ impl<'a> Epochs<'a> {
         let mut newest = 0;
         let n = RING_RECORDS.min(words.len() as u64 - BAG_HEADER_WORDS);
         for i in 0..n {
-            let rec = S_RING + i * RECORD_BYTES;
-            let e = self.stash(stash, rec)?.load(Ordering::Relaxed);
-            newest = newest.max(self.stash(stash, rec + 8)?.load(Ordering::Relaxed));
+            let (e, s) = st.record(i);
+            newest = newest.max(s.load(Ordering::Relaxed));
             // Relaxed: the bag is ours until linked (under the lock).
-            words[(BAG_HEADER_WORDS + i) as usize].store(e, Ordering::Relaxed);
+            words[(BAG_HEADER_WORDS + i) as usize]
+                .store(e.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        let head = self.stash(stash, S_SPILL)?;
-        words[0].store(head.load(Ordering::Relaxed) & LINK_MASK, Ordering::Relaxed);
+        let head = st.at(S_SPILL);
+        let next = head.load(Ordering::Relaxed) & LINK_MASK;
+        // A bag's epoch is never older than the next bag's, so that
+        // `reclaim_locked` may cut the chain at the first bag old enough.
+        // Its records alone do not ensure it: a thread reads the epoch
+        // before it takes the lock (`retire`), so a ring can fill with
+        // records older than a bag spilled before them.
+        if next != 0 {
+            let older = slab
+                .block(next - 1, SPILL_ORDER)
+                .ok_or(Corrupt("spill bag outside the arena"))?;
+            newest = newest.max(older[1].load(Ordering::Relaxed));
+        }
+        words[0].store(next, Ordering::Relaxed);
         words[1].store(newest, Ordering::Relaxed);
         words[2].store(n, Ordering::Relaxed);
         // The ring is emptied before the bag is linked (see above).
-        self.stash(stash, S_RING_LEN)?.store(0, Ordering::Relaxed);
+        st.at(S_RING_LEN).store(0, Ordering::Relaxed);
         head.store(bag + 1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// The ring is full and nothing can take its records: forget the
-    /// oldest (leaked until `check()`): the newest moves into its place,
-    /// after the ring is shortened (so it is never listed twice).
-    #[cold]
-    fn drop_oldest(&self, stash: u64) -> Result<(), Corrupt> {
-        let first = self.stash(stash, S_RING)?;
-        let e0 = Entry(first.load(Ordering::Relaxed));
-        let last = S_RING + (RING_RECORDS - 1) * RECORD_BYTES;
-        let (e, s) = (
-            self.stash(stash, last)?.load(Ordering::Relaxed),
-            self.stash(stash, last + 8)?.load(Ordering::Relaxed),
-        );
-        self.stash(stash, S_RING_LEN)?
-            .store(RING_RECORDS - 1, Ordering::Relaxed);
-        first.store(e, Ordering::Relaxed);
-        self.stash(stash, S_RING + 8)?.store(s, Ordering::Relaxed);
-        self.add_bytes(stash, GRANULE << e0.order(), false)
-    }
-
-    /// Frees what stash `stash` holds that no pinned reader can see any
-    /// more. The caller holds the stash's lock. Returns the bytes freed.
-    fn reclaim_locked(&self, stash: u64, me: &Holder) -> Result<u64, Corrupt> {
+    /// Frees what stash `st` holds that no pinned reader can see any more.
+    /// The caller holds the stash's lock. Returns the bytes freed.
+    fn reclaim_locked(&self, st: Stash<'a>, me: &Holder) -> Result<u64, Corrupt> {
         let slab = Slab::new(self.r, self.g);
         // Acquire: pairs with the Release CAS of `try_advance`: the reads of
         // every reader it waited for happen before our frees.
@@ -619,38 +757,37 @@ impl<'a> Epochs<'a> {
         let mut freed = 0;
         // The ring: the records kept are rewritten with the ring emptied
         // first, and the others freed after it is rewritten (see `spill`).
-        // Both lists live on the stack: the ring holds at most
-        // RING_RECORDS records.
-        let len_w = self.stash(stash, S_RING_LEN)?;
-        let len = len_w.load(Ordering::Relaxed).min(RING_RECORDS);
-        let mut kept = [(Entry(0), 0u64); RING_RECORDS as usize];
-        let mut done = [Entry(0); RING_RECORDS as usize];
-        let (mut nkept, mut ndone) = (0, 0);
-        for i in 0..len {
-            let rec = S_RING + i * RECORD_BYTES;
-            let e = Entry(self.stash(stash, rec)?.load(Ordering::Relaxed));
-            let s = self.stash(stash, rec + 8)?.load(Ordering::Relaxed);
-            if free_before(s) {
+        let len_w = st.at(S_RING_LEN);
+        let len = len_w.load(Ordering::Relaxed).min(RING_RECORDS) as usize;
+        let mut records = [(Entry(0), 0u64); RING_RECORDS as usize];
+        for (i, r) in records.iter_mut().enumerate().take(len) {
+            let (e, s) = st.record(i as u64);
+            *r = (Entry(e.load(Ordering::Relaxed)), s.load(Ordering::Relaxed));
+        }
+        let records = &records[..len];
+        if records.iter().any(|&(_, s)| free_before(s)) {
+            len_w.store(0, Ordering::Relaxed);
+            let mut kept = 0;
+            for &(e, s) in records.iter().filter(|&&(_, s)| !free_before(s)) {
+                let (rec_e, rec_s) = st.record(kept);
+                rec_e.store(e.0, Ordering::Relaxed);
+                rec_s.store(s, Ordering::Relaxed);
+                kept += 1;
+            }
+            len_w.store(kept, Ordering::Relaxed);
+            // Freed after the ring is rewritten, each order's blocks as one
+            // chain with one compare-and-swap (`free_entries`).
+            let mut done = [Entry(0); RING_RECORDS as usize];
+            let mut ndone = 0;
+            for &(e, _) in records.iter().filter(|&&(_, s)| free_before(s)) {
                 done[ndone] = e;
                 ndone += 1;
-            } else {
-                kept[nkept] = (e, s);
-                nkept += 1;
             }
-        }
-        if ndone > 0 {
-            len_w.store(0, Ordering::Relaxed);
-            for (k, &(e, s)) in kept[..nkept].iter().enumerate() {
-                let to = S_RING + k as u64 * RECORD_BYTES;
-                self.stash(stash, to)?.store(e.0, Ordering::Relaxed);
-                self.stash(stash, to + 8)?.store(s, Ordering::Relaxed);
-            }
-            len_w.store(nkept as u64, Ordering::Relaxed);
             freed += free_entries(&slab, &mut done[..ndone], me);
         }
         // The spill chain, newest first: cut it at the first bag old enough
         // (every older one is older still) and free the rest.
-        let head = self.stash(stash, S_SPILL)?;
+        let head = st.at(S_SPILL);
         let mut link: &AtomicU64 = head;
         let mut cur = head.load(Ordering::Relaxed) & LINK_MASK;
         let max_bags = self.g.arena_bytes / (GRANULE << SPILL_ORDER);
@@ -671,7 +808,7 @@ impl<'a> Epochs<'a> {
             link = &words[0];
             cur = words[0].load(Ordering::Relaxed) & LINK_MASK;
         }
-        self.add_bytes(stash, freed, false)?;
+        add_bytes(st, freed, false);
         Ok(freed)
     }
 
@@ -709,7 +846,7 @@ impl<'a> Epochs<'a> {
     }
 
     /// Frees, in every stash, whatever no pinned reader can see: first
-    /// moving the epoch as far as the pins allow (twice is what a block
+    /// moving the epoch as far as the pins allow (twice is all a block
     /// retired now needs). Stashes whose lock a live process holds are
     /// skipped, never waited for. Returns the bytes freed.
     pub(crate) fn reclaim_everywhere(
@@ -717,14 +854,13 @@ impl<'a> Epochs<'a> {
         me: &Holder,
         alive: &dyn Fn(u64) -> bool,
     ) -> Result<u64, Corrupt> {
-        for _ in 0..3 {
-            if !self.try_advance(alive)? {
-                break;
-            }
-        }
+        self.advance_twice(alive)?;
         let mut freed = 0;
         for i in 0..self.hwm() {
-            let lock = self.stash(i, S_LOCK)?;
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
+            let lock = st.at(S_LOCK);
             let mut backoff = Backoff::new();
             let mut taken = lockword::try_lock(lock, me);
             for _ in 0..2 {
@@ -740,7 +876,7 @@ impl<'a> Epochs<'a> {
             if !taken {
                 continue;
             }
-            let r = self.reclaim_locked(i, me);
+            let r = self.reclaim_locked(st, me);
             lockword::unlock(lock, me);
             freed += r?;
         }
@@ -754,29 +890,27 @@ impl<'a> Epochs<'a> {
         let slab = Slab::new(self.r, self.g);
         let max_bags = self.g.arena_bytes / (GRANULE << SPILL_ORDER);
         for i in 0..self.hwm() {
-            let len = self
-                .stash(i, S_RING_LEN)?
-                .load(Ordering::Acquire) // Acquire: a snapshot; the gate orders it.
-                .min(RING_RECORDS);
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
+            // Acquire: a snapshot; the write gate orders it.
+            let len = st.at(S_RING_LEN).load(Ordering::Acquire).min(RING_RECORDS);
             for k in 0..len {
-                let e = Entry(
-                    self.stash(i, S_RING + k * RECORD_BYTES)?
-                        .load(Ordering::Relaxed),
-                );
+                let e = Entry(st.record(k).0.load(Ordering::Relaxed));
                 if slab.block_ok(e.granule() as u64, e.order()) {
                     f(e.granule() as u64, e.order());
                 } else {
                     return Err(Corrupt("a retired record names an invalid block"));
                 }
             }
-            let spare = self.stash(i, S_SPARE)?.load(Ordering::Relaxed);
+            let spare = st.at(S_SPARE).load(Ordering::Relaxed);
             if spare != 0 {
                 if !slab.block_ok(spare - 1, SPILL_ORDER) {
                     return Err(Corrupt("a spare spill bag is outside the arena"));
                 }
                 f(spare - 1, SPILL_ORDER);
             }
-            let mut cur = self.stash(i, S_SPILL)?.load(Ordering::Relaxed) & LINK_MASK;
+            let mut cur = st.at(S_SPILL).load(Ordering::Relaxed) & LINK_MASK;
             let mut steps = 0;
             while cur != 0 {
                 steps += 1;
@@ -811,14 +945,13 @@ impl<'a> Epochs<'a> {
             ..Held::default()
         };
         for i in 0..self.hwm() {
-            if let Ok(w) = self.stash(i, S_RETIRED_BYTES) {
-                h.retired_bytes += w.load(Ordering::Relaxed);
-            }
+            let Some(st) = self.st_if_used(i) else {
+                continue;
+            };
+            h.retired_bytes += st.at(S_RETIRED_BYTES).load(Ordering::Relaxed);
             let mut pinned = Vec::new();
-            for slot in 0..PIN_SLOTS {
-                let (Ok(w), Ok(since)) = (self.pin_word(i, slot), self.pin_since(i, slot)) else {
-                    continue;
-                };
+            for slot in 0..PIN_SLOTS * 2 {
+                let (w, since) = (st.pin(slot), st.since(slot));
                 let v = w.load(Ordering::Relaxed);
                 if pin_count(v) > 0 {
                     pinned.push((pin_count(v), since.load(Ordering::Relaxed)));
@@ -934,6 +1067,37 @@ mod tests {
         assert!(ep.try_advance(&everyone_alive).unwrap());
     }
 
+    /// Regression: past 65,535 pins on every slot, `pin` spun forever
+    /// (the Python view work found it: 262,141 views hung). Now a
+    /// sub-slot counts up to 2^31 and more is an error.
+    #[test]
+    fn too_many_pins_is_an_error_not_a_hang() {
+        let (r, g) = setup();
+        let ep = Epochs::new(&r, &g);
+        let first = ep.pin(0, 0).unwrap();
+        let st = ep.st(0).unwrap();
+        let w = st.pin(first.slot);
+        w.store(w.load(Ordering::Relaxed) - 1 + MAX_PINS, Ordering::Relaxed);
+        assert_eq!(ep.pin(0, 0), Err(Corrupt(TOO_MANY_PINS)));
+        w.store(0, Ordering::Relaxed);
+        assert!(ep.pin(0, 0).is_ok(), "usable again once pins are dropped");
+    }
+
+    /// Every sub-slot busy at other epochs with full counts (garbage in a
+    /// corrupted stash): an error, not an endless retry.
+    #[test]
+    fn pins_on_a_stash_full_of_garbage_fail_instead_of_spinning() {
+        let (r, g) = setup();
+        let ep = Epochs::new(&r, &g);
+        let st = ep.st(0).unwrap();
+        for slot in 0..PIN_SLOTS * 2 {
+            st.pin(slot).store(u64::MAX, Ordering::Relaxed);
+        }
+        assert_eq!(ep.pin(0, 1), Err(Corrupt(TOO_MANY_PINS)));
+        ep.reset_pins(0);
+        assert!(ep.pin(0, 1).is_ok());
+    }
+
     #[test]
     fn check_accounting_sees_every_held_block_once() {
         let (r, g) = setup();
@@ -958,6 +1122,85 @@ mod tests {
         assert!(!bags.is_empty(), "200 records spilled into bags");
         for w in &want {
             assert!(seen.contains(w), "retired block {w:?} not accounted");
+        }
+    }
+
+    /// Threads of one handle read the epoch before they take the stash
+    /// lock (`retire`), so records can reach the ring out of epoch order.
+    /// A spill bag whose records are all older than an earlier bag's must
+    /// not let `reclaim_locked` cut the chain there: the earlier bag's
+    /// blocks would be freed an epoch early, under a reader pinned at their
+    /// epoch.
+    #[test]
+    fn a_bag_of_stale_records_does_not_free_newer_bags_early() {
+        let (r, g) = setup();
+        let ep = Epochs::new(&r, &g);
+        let slab = Slab::new(&r, &g);
+        let me = Holder::new(Token(1));
+        // Readers pinned at 6 (entry 2) and at 7 (entry 3).
+        for _ in 0..6 {
+            assert!(ep.try_advance(&everyone_alive).unwrap());
+        }
+        let at6 = ep.pin(2, 0).unwrap();
+        assert!(ep.try_advance(&everyone_alive).unwrap());
+        let _at7 = ep.pin(3, 0).unwrap();
+        let block = || slab.alloc(0, &me).unwrap().unwrap();
+        let mut retired_at_7 = Vec::new();
+        // A full ring of blocks retired at 7.
+        for _ in 0..RING_RECORDS {
+            let b = block();
+            ep.retire_locked(
+                ep.st(0).unwrap(),
+                Entry::new(b as u32, 0, 0),
+                7,
+                &me,
+                &everyone_alive,
+            )
+            .unwrap();
+            retired_at_7.push(b);
+        }
+        // Then the retires of threads that read 6 and took the lock only
+        // now: the first spills the 7s into a bag, the others fill the ring.
+        for _ in 0..RING_RECORDS {
+            let b = block();
+            ep.retire_locked(
+                ep.st(0).unwrap(),
+                Entry::new(b as u32, 0, 0),
+                6,
+                &me,
+                &everyone_alive,
+            )
+            .unwrap();
+        }
+        // One more spills the 6s into a second bag.
+        let b = block();
+        ep.retire_locked(
+            ep.st(0).unwrap(),
+            Entry::new(b as u32, 0, 0),
+            7,
+            &me,
+            &everyone_alive,
+        )
+        .unwrap();
+        retired_at_7.push(b);
+        assert_eq!(
+            ep.global().unwrap().load(Ordering::Relaxed),
+            7,
+            "held by the pin at 6"
+        );
+        ep.unpin(at6);
+        ep.reclaim_everywhere(&me, &everyone_alive).unwrap();
+        assert_eq!(
+            ep.global().unwrap().load(Ordering::Relaxed),
+            8,
+            "held by the pin at 7"
+        );
+        // Nothing retired at 7 may be free while a reader pinned at 7 lives.
+        while let Some(b) = slab.alloc(0, &me).unwrap() {
+            assert!(
+                !retired_at_7.contains(&b),
+                "block {b}, retired at 7, freed at epoch 8 under a pin at 7"
+            );
         }
     }
 }

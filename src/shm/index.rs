@@ -29,13 +29,11 @@
 
 use crate::shm::attach::{self, Holder, Token};
 use crate::shm::block;
+use crate::shm::commit::Commits;
 use crate::shm::layout::{
     Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, GRANULE, H_LIVE, SLOTS_PER_BUCKET,
     SLOT_BYTES,
 };
-
-/// Words in a bucket.
-const BUCKET_WORDS: usize = (BUCKET_BYTES / 8) as usize;
 use crate::shm::livecount::Record;
 use crate::shm::lockword;
 use crate::shm::region::Region;
@@ -75,6 +73,23 @@ pub(crate) enum NewKey {
     Exists,
     /// `capacity` live keys, or no empty slot at all.
     Full,
+    /// /dev/shm has no room for the index memory the key needs
+    /// (`commit.rs`).
+    NoRoom,
+}
+
+/// What an index bucket that was never committed reads as: empty, without
+/// touching its memory (`commit.rs`). Writers commit a bucket before they
+/// store into it, so nothing is ever stored here.
+#[cfg(not(loom))]
+static UNCOMMITTED_BUCKET: [AtomicU64; (BUCKET_BYTES / 8) as usize] =
+    [const { AtomicU64::new(0) }; (BUCKET_BYTES / 8) as usize];
+
+/// The control and entry words of slot `s` of a bucket's words.
+#[inline]
+fn slot_in(words: &[AtomicU64], s: u64) -> (&AtomicU64, &AtomicU64) {
+    let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
+    (&words[w], &words[w + 1])
 }
 
 /// The index of one segment.
@@ -98,13 +113,16 @@ impl<'a> Index<'a> {
         self.g.nbuckets - 1
     }
 
-    /// The eight words of a bucket, bounds-checked once.
-    #[inline]
-    fn bucket(&self, bucket: u64) -> &'a [AtomicU64; BUCKET_WORDS] {
+    /// The eight words of a bucket, bounds-checked once; all zero, without
+    /// touching the segment, if its memory was never committed.
+    fn bucket(&self, bucket: u64) -> &'a [AtomicU64] {
+        #[cfg(not(loom))]
+        if !Commits::new(self.r, self.g).bucket_ready(bucket & self.mask()) {
+            return &UNCOMMITTED_BUCKET;
+        }
         let off = self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES;
         self.r
-            .words(off, BUCKET_WORDS as u64)
-            .and_then(|w| w.try_into().ok())
+            .words(off, BUCKET_BYTES / 8)
             .expect("buckets lie inside the validated index")
     }
 
@@ -154,9 +172,19 @@ impl<'a> Index<'a> {
     /// Slot `s` of a bucket: its control word and entry word.
     #[inline]
     pub(crate) fn slot(&self, bucket: u64, s: u64) -> (&'a AtomicU64, &'a AtomicU64) {
-        let words = self.bucket(bucket);
-        let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
-        (&words[w], &words[w + 1])
+        slot_in(self.bucket(bucket), s)
+    }
+
+    /// The slot a lookup found a key in: committed (it held an entry), so
+    /// the commit bit is not looked at again.
+    #[inline]
+    fn slot_found(&self, loc: &Loc) -> (&'a AtomicU64, &'a AtomicU64) {
+        let off = self.g.index_off + (loc.bucket & self.mask()) * BUCKET_BYTES;
+        let words = self
+            .r
+            .words(off, BUCKET_BYTES / 8)
+            .expect("buckets lie inside the validated index");
+        slot_in(words, loc.slot)
     }
 
     /// The capacity counter: new keys reserve a place in it before they
@@ -186,8 +214,7 @@ impl<'a> Index<'a> {
             let bucket = home + steps;
             let words = self.bucket(bucket);
             for s in 0..SLOTS_PER_BUCKET {
-                let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
-                let (ctrl, entry) = (&words[w], &words[w + 1]);
+                let (ctrl, entry) = slot_in(words, s);
                 let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
@@ -247,8 +274,8 @@ impl<'a> Index<'a> {
         let words = self.bucket(hash & self.mask());
         let tag = Entry::tag_of(hash);
         for s in 0..SLOTS_PER_BUCKET {
-            let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
-            let e = Entry(words[w + 1].load(Ordering::Relaxed));
+            let (_, entry) = slot_in(words, s);
+            let e = Entry(entry.load(Ordering::Relaxed));
             if e.0 != Entry::EMPTY && e.tag() == tag {
                 if let Some(block) = self.block_of(e) {
                     Region::prefetch(&block[0]);
@@ -258,8 +285,9 @@ impl<'a> Index<'a> {
     }
 
     /// Looks `key` up for a reader pinned in the epoch (`epoch.rs`), without
-    /// the seqlock: returns the byte offset (in the region) and length of
-    /// the value, whose bytes stay unchanged while the pin lives.
+    /// the seqlock: returns the entry found, and the byte offset (in the
+    /// region) and length of the value, whose bytes stay unchanged while the
+    /// pin lives.
     ///
     /// Why no seqlock is needed: the entry word is loaded once (Acquire), so
     /// the read is linearized at that load, and it synchronizes with the
@@ -279,17 +307,17 @@ impl<'a> Index<'a> {
         &self,
         key: &[u8],
         hash: u64,
-    ) -> Result<Option<(u64, usize)>, Corrupt> {
+    ) -> Result<Option<(Entry, u64, usize)>, Corrupt> {
         let home = hash & self.mask();
         let tag = Entry::tag_of(hash);
         for steps in 0..self.g.nbuckets {
             let words = self.bucket(home + steps);
             for s in 0..SLOTS_PER_BUCKET {
-                let w = ((B_SLOTS + s * SLOT_BYTES) / 8) as usize;
+                let (_, entry) = slot_in(words, s);
                 // Acquire: pairs with the Release store that published the
                 // entry (`try_replace`, `store_counted`): the block's words
                 // written before it are visible.
-                let e = Entry(words[w + 1].load(Ordering::Acquire));
+                let e = Entry(entry.load(Ordering::Acquire));
                 if e.0 == Entry::EMPTY || e.tag() != tag {
                     continue;
                 }
@@ -299,7 +327,7 @@ impl<'a> Index<'a> {
                 match block::match_value(block, key, hash) {
                     Ok(Some((off, len))) => {
                         let start = self.g.arena_off + e.granule() as u64 * GRANULE;
-                        return Ok(Some((start + off as u64, len)));
+                        return Ok(Some((e, start + off as u64, len)));
                     }
                     Ok(None) => {}
                     Err(()) => return Err(Corrupt("a block's lengths exceed the block")),
@@ -316,7 +344,7 @@ impl<'a> Index<'a> {
     /// Replaces the entry at `loc` with `new`, if the slot is unchanged since
     /// `loc` was read. On `false` the caller looks the key up again.
     pub(crate) fn try_replace(&self, loc: &Loc, new: Entry, me: &Holder) -> bool {
-        let (ctrl, entry) = self.slot(loc.bucket, loc.slot);
+        let (ctrl, entry) = self.slot_found(loc);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
         };
@@ -330,7 +358,7 @@ impl<'a> Index<'a> {
     /// Removes the entry at `loc`, if the slot is unchanged since `loc` was
     /// read. On `false` the caller looks the key up again.
     pub(crate) fn try_remove(&self, loc: &Loc, hash: u64, me: &Holder) -> bool {
-        let (ctrl, entry) = self.slot(loc.bucket, loc.slot);
+        let (ctrl, entry) = self.slot_found(loc);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
         };
@@ -374,6 +402,9 @@ impl<'a> Index<'a> {
         me: &Holder,
     ) -> Result<NewKey, Corrupt> {
         let home = hash & self.mask();
+        if !Commits::new(self.r, self.g).ensure_bucket(home) {
+            return Ok(NewKey::NoRoom);
+        }
         let lock = self.bucket_word(home, B_LOCK);
         lockword::lock(self.r, lock, me);
         let result = self.insert_locked(key, hash, home, new, me);
@@ -397,10 +428,21 @@ impl<'a> Index<'a> {
             self.live().fetch_sub(1, Ordering::Relaxed);
             return Ok(NewKey::Full);
         }
+        let mut counted = 0;
         for steps in 0..self.g.nbuckets {
             let bucket = home + steps;
+            if !Commits::new(self.r, self.g).ensure_bucket(bucket & self.mask()) {
+                // Give back what this insert counted so far.
+                for k in 0..counted {
+                    self.bucket_word(home + k, B_OVERFLOW)
+                        .fetch_sub(1, Ordering::SeqCst); // SeqCst: see `find`.
+                }
+                self.live().fetch_sub(1, Ordering::Relaxed);
+                return Ok(NewKey::NoRoom);
+            }
+            let words = self.bucket(bucket);
             for s in 0..SLOTS_PER_BUCKET {
-                let (ctrl, entry) = self.slot(bucket, s);
+                let (ctrl, entry) = slot_in(words, s);
                 let seen = seqlock::read_begin(ctrl);
                 // Relaxed: ordered after `seen` (Acquire); the CAS below
                 // re-validates the version it was read at.
@@ -422,6 +464,7 @@ impl<'a> Index<'a> {
             // SeqCst: counts before the entry is published; see `find`.
             self.bucket_word(bucket, B_OVERFLOW)
                 .fetch_add(1, Ordering::SeqCst);
+            counted += 1;
         }
         // No empty slot anywhere (only possible if capacity was corrupted).
         for steps in 0..self.g.nbuckets {
@@ -438,8 +481,9 @@ impl<'a> Index<'a> {
         let mut seen = std::collections::HashSet::new();
         let mut key = Vec::new();
         for bucket in 0..self.g.nbuckets {
+            let words = self.bucket(bucket);
             for s in 0..SLOTS_PER_BUCKET {
-                let (ctrl, entry) = self.slot(bucket, s);
+                let (ctrl, entry) = slot_in(words, s);
                 let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);

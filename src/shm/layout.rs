@@ -2,8 +2,8 @@
 //! encoding of index entries. `docs/design.md` draws the same layout.
 //!
 //! ```text
-//! 0        4096          266240            274432           290816          294912   4489216  arena_off    total
-//! | header | attach table | free-list table | key-lock table | futex channels | stashes | index  | arena |
+//! 0        4096          266240            274432           290816          294912   4489216        4509696  arena_off    total
+//! | header | attach table | free-list table | key-lock table | futex channels | stashes | commit table | index  | arena |
 //! ```
 //!
 //! Everything here is plain arithmetic: no shared memory is touched except in
@@ -22,7 +22,8 @@ pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMDICT\0");
 /// words carry 62-bit tokens; free-list heads are 16 bytes (top and a 64-bit
 /// tag); tuple-space claims name attach tokens. A version-2 process would
 /// misread all of these.
-/// Version 4: borrowed reads (issue 11). Each attach entry has a stash
+/// Version 4: borrowed reads (issue 11), and a commit table (memory is
+/// given by /dev/shm before first use: `commit.rs`). Each attach entry has a stash
 /// (pin slots, retired blocks: `epoch.rs`), the header an epoch word, and a
 /// block's value starts 16-aligned (`block.rs`). A version-3 process would
 /// free blocks that borrowed readers of this version still read.
@@ -84,8 +85,25 @@ pub(crate) const STASH_OFF: u64 = WAIT_OFF + WAIT_CHANNELS * WAIT_CHANNEL_BYTES;
 pub(crate) const STASH_BYTES: u64 = 1024;
 #[cfg(loom)]
 pub(crate) const STASH_BYTES: u64 = 256;
-/// First byte of the index: after the stashes, page aligned.
-pub(crate) const INDEX_OFF: u64 = STASH_OFF + ATTACH_ENTRIES * STASH_BYTES;
+/// The commit table (`commit.rs`): bitmaps of the parts of the segment
+/// whose memory /dev/shm has given (`fallocate`), after the stashes: one
+/// bit per page of stashes, then one per index unit, then one per arena
+/// unit (units of at least 64 KiB, at most 65,536 of each).
+pub(crate) const COMMIT_OFF: u64 = STASH_OFF + ATTACH_ENTRIES * STASH_BYTES;
+pub(crate) const COMMIT_STASH_OFF: u64 = COMMIT_OFF;
+pub(crate) const COMMIT_INDEX_OFF: u64 = COMMIT_OFF + 4096;
+pub(crate) const COMMIT_ARENA_OFF: u64 = COMMIT_INDEX_OFF + 8192;
+/// Units per bitmap, at most.
+pub(crate) const COMMIT_MAX_UNITS: u64 = 8192 * 8;
+/// log2 of the smallest commit unit (64 KiB).
+pub(crate) const COMMIT_MIN_SHIFT: u32 = 16;
+/// First byte of the index: after the commit table, page aligned.
+pub(crate) const INDEX_OFF: u64 = COMMIT_ARENA_OFF + 8192;
+const _: () = assert!((STASH_BYTES * ATTACH_ENTRIES).div_ceil(PAGE) <= 4096 * 8);
+/// The bytes every new segment commits at creation: the header and the
+/// tables before the stashes, and the commit table.
+pub(crate) const COMMITTED_AT_CREATION: [(u64, u64); 2] =
+    [(0, STASH_OFF), (COMMIT_OFF, INDEX_OFF - COMMIT_OFF)];
 const _: () = assert!(STASH_OFF % 64 == 0);
 
 /// One bucket: overflow count, home lock, three slots of (ctrl, entry).
@@ -174,6 +192,10 @@ pub(crate) struct Geometry {
     /// log2(chunk size / GRANULE): the largest block order.
     pub(crate) chunk_order: u32,
     pub(crate) total_bytes: u64,
+    /// log2 of the commit units of the index and the arena (`commit.rs`),
+    /// derived from the sizes above.
+    pub(crate) index_unit_shift: u32,
+    pub(crate) arena_unit_shift: u32,
 }
 
 impl Geometry {
@@ -203,7 +225,10 @@ impl Geometry {
             arena_bytes: arena,
             chunk_order,
             total_bytes: total,
-        };
+            index_unit_shift: 0,
+            arena_unit_shift: 0,
+        }
+        .with_units();
         g.check().ok().map(|()| g)
     }
 
@@ -240,6 +265,14 @@ impl Geometry {
             return bad("total size");
         }
         Ok(())
+    }
+
+    /// Sets the commit units from the sizes: at least 64 KiB, and at most
+    /// [`COMMIT_MAX_UNITS`] units of each part.
+    fn with_units(mut self) -> Geometry {
+        self.index_unit_shift = unit_shift(self.nbuckets.saturating_mul(BUCKET_BYTES));
+        self.arena_unit_shift = unit_shift(self.arena_bytes);
+        self
     }
 
     /// Number of chunks the arena is carved into.
@@ -330,7 +363,10 @@ impl Geometry {
             arena_bytes: get(H_ARENA_BYTES)?,
             chunk_order: u32::try_from(chunk_order).unwrap_or(u32::MAX),
             total_bytes: get(H_TOTAL_BYTES)?,
-        };
+            index_unit_shift: 0,
+            arena_unit_shift: 0,
+        }
+        .with_units();
         g.check()
             .map_err(|m| HeaderError::Corrupt(format!("bad geometry: {m}")))?;
         if g.total_bytes != file_len {
@@ -341,6 +377,12 @@ impl Geometry {
         }
         Ok(g)
     }
+}
+
+/// The commit unit for `bytes` of memory: see `Geometry::index_unit_shift`.
+fn unit_shift(bytes: u64) -> u32 {
+    let need = bytes.div_ceil(COMMIT_MAX_UNITS).max(1).next_power_of_two();
+    need.trailing_zeros().max(COMMIT_MIN_SHIFT)
 }
 
 /// Why a header was rejected.

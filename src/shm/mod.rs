@@ -9,6 +9,7 @@
 //! | module         | concept                                                   |
 //! |----------------|-----------------------------------------------------------|
 //! | `region`       | bounds-checked view of shared memory as atomic words      |
+//! | `commit`       | memory given by /dev/shm before first touch (no SIGBUS)   |
 //! | `layout`       | the dictionary segment's format: header, offsets, sizes   |
 //! | `attach`       | the attach table: entries, tokens, who is alive           |
 //! | `registration` | a handle's entries, one per process (fork-aware)          |
@@ -23,6 +24,7 @@
 
 pub(crate) mod attach;
 pub(crate) mod block;
+pub(crate) mod commit;
 pub(crate) mod epoch;
 pub(crate) mod gate;
 pub(crate) mod index;

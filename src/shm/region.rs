@@ -40,6 +40,13 @@ pub(crate) struct Region {
     base: *const AtomicU64,
     len_words: usize,
     _backing: Backing,
+    /// The descriptor through which pages are committed ([`Region::commit`]):
+    /// the handle's own file, which the handle keeps open for as long as
+    /// the region lives (not owned here: after `fork`, `sys::fork` gives
+    /// the child a fresh description under the same number, and a
+    /// duplicate kept here would keep the parent's locks alive).
+    #[cfg(not(loom))]
+    commit_fd: Option<std::os::fd::RawFd>,
 }
 
 // SAFETY: a Region only hands out `&AtomicU64`, which is Sync; the backing
@@ -71,6 +78,7 @@ impl Region {
             base: ptr.cast::<AtomicU64>(),
             len_words: map.len() / 8,
             _backing: Backing::Map(map),
+            commit_fd: None,
         })
     }
 
@@ -97,6 +105,7 @@ impl Region {
             base: pairs.as_ptr().cast::<AtomicU64>(),
             len_words: bytes / 8,
             _backing: Backing::Heap(pairs),
+            commit_fd: None,
         }
     }
 
@@ -197,6 +206,38 @@ impl Region {
         }
         #[cfg(not(all(target_arch = "x86_64", not(loom))))]
         let _ = w;
+    }
+
+    /// Commits through `fd` from now on (see [`Region::commit`]). The caller
+    /// keeps `fd` open for as long as the region lives.
+    #[cfg(not(loom))]
+    pub(crate) fn set_commit_fd(&mut self, fd: std::os::fd::RawFd) {
+        self.commit_fd = Some(fd);
+    }
+
+    /// Gives the bytes `off..off + len` of the segment memory in /dev/shm
+    /// before anything touches them (`fallocate`), so that a full /dev/shm
+    /// is an error here rather than a SIGBUS at the first touch. `false` if
+    /// the file system has no room. Regions without a file (heap regions in
+    /// tests, loom models) have all their memory already.
+    #[cfg(not(loom))]
+    pub(crate) fn commit(&self, off: u64, len: u64) -> bool {
+        let Some(fd) = self.commit_fd else {
+            return true;
+        };
+        let end = off.saturating_add(len).min(self.len());
+        if end <= off {
+            return true;
+        }
+        // SAFETY: the handle that set `commit_fd` keeps that descriptor open
+        // for as long as this region lives (`set_commit_fd`).
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        crate::sys::commit(fd, off, end - off).is_ok()
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn commit(&self, _off: u64, _len: u64) -> bool {
+        true
     }
 
     /// The `len` bytes at `off`, as plain bytes, if in bounds.

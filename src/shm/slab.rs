@@ -49,6 +49,7 @@
 //! Acquire fence it pairs with.
 
 use crate::shm::attach::Holder;
+use crate::shm::commit::Commits;
 use crate::shm::layout::{
     Geometry, FREE_OFF, FREE_SHARDS, GRANULE, H_CHUNKS_CARVED, H_DEFRAG_EPOCH, H_DEFRAG_LOCK,
 };
@@ -155,6 +156,30 @@ impl HeadWords<'_> {
     }
 }
 
+#[cfg(not(loom))]
+std::thread_local! {
+    static SHORT_OF_SHM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn note_short_of_shm() {
+    #[cfg(not(loom))]
+    SHORT_OF_SHM.with(|c| c.set(true));
+}
+
+fn clear_short_of_shm() {
+    #[cfg(not(loom))]
+    SHORT_OF_SHM.with(|c| c.set(false));
+}
+
+/// Whether the calling thread's last failed `alloc` failed because /dev/shm
+/// had no room for the block's memory (not because the arena is full).
+pub(crate) fn short_of_shm() -> bool {
+    #[cfg(not(loom))]
+    return SHORT_OF_SHM.with(|c| c.get());
+    #[cfg(loom)]
+    false
+}
+
 /// The allocator over one segment's arena.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Slab<'a> {
@@ -234,14 +259,16 @@ impl<'a> Slab<'a> {
 
     /// Pushes blocks of `order` (valid ones; an invalid one is leaked
     /// rather than followed) with one compare-and-swap: they are linked
-    /// into a chain first, whose last link then takes the list's top.
+    /// into a chain first, whose last link then takes the list's top. The
+    /// list ends up as if they had been pushed one by one in the order
+    /// given (the last on top), so allocation order does not change.
     fn push_all(&self, granules: &[u64], order: u32, shard: u64) {
         // Release fence: as in `push`, for every block of the chain: the
         // links below are our first stores into blocks we own.
         fence(Ordering::Release);
         let mut first = None;
         let mut last: Option<&AtomicU64> = None;
-        for &g in granules {
+        for &g in granules.iter().rev() {
             let Some(link) = self.block(g, order).map(|w| &w[0]) else {
                 continue;
             };
@@ -305,12 +332,19 @@ impl<'a> Slab<'a> {
         }
     }
 
-    /// Carves a fresh chunk from the untouched end of the arena.
-    fn carve(&self) -> Option<u64> {
+    /// Carves a fresh chunk from the untouched end of the arena, for a
+    /// block of `order` (its memory, and the links `split` stores, are
+    /// committed first: `commit.rs`).
+    fn carve(&self, order: u32) -> Option<u64> {
         let w = self.r.word(H_CHUNKS_CARVED)?;
         let mut cur = w.load(Ordering::Relaxed); // Relaxed: a counter; the CAS decides.
         loop {
             if cur >= self.g.nchunks() {
+                return None;
+            }
+            // Committed before the chunk is ours: if another allocator
+            // carves it instead, it finds the memory there (harmless).
+            if !self.commit_split(cur << self.g.chunk_order, self.g.chunk_order, order) {
                 return None;
             }
             // Relaxed: the chunk's memory is untouched zeroes; nothing to order.
@@ -341,8 +375,10 @@ impl<'a> Slab<'a> {
     }
 
     /// Takes a block of `order`. `Ok(None)` means the arena is full even after
-    /// defragmentation (or the order exceeds a chunk).
+    /// defragmentation (or the order exceeds a chunk), or /dev/shm could not
+    /// give the block's memory ([`short_of_shm`] then says so).
     pub(crate) fn alloc(&self, order: u32, me: &Holder) -> Result<Option<u64>, Corrupt> {
+        clear_short_of_shm();
         if order > self.g.chunk_order {
             return Ok(None);
         }
@@ -375,17 +411,42 @@ impl<'a> Slab<'a> {
         }
     }
 
+    /// Commits what splitting block `granule` of order `from` down to
+    /// `to` touches: the kept block, and the link word of every half
+    /// pushed. `false` (and a note for [`short_of_shm`]) if /dev/shm has no
+    /// room.
+    fn commit_split(&self, granule: u64, from: u32, to: u32) -> bool {
+        let c = Commits::new(self.r, self.g);
+        let ok =
+            c.ensure_block(granule, to) && (to..from).all(|o| c.ensure_link(granule + (1u64 << o)));
+        if !ok {
+            note_short_of_shm();
+        }
+        ok
+    }
+
     fn take(&self, order: u32, shard: u64) -> Result<Option<u64>, Corrupt> {
         if let Some(g) = self.pop_any(order, shard)? {
-            return Ok(Some(g));
+            if Commits::new(self.r, self.g).ensure_block(g, order)
+                || self.commit_split(g, order, order)
+            {
+                return Ok(Some(g));
+            }
+            // Its link word was stored while it was listed: it goes back.
+            self.push(g, order, shard);
+            return Ok(None);
         }
         for larger in order + 1..=self.g.chunk_order {
             if let Some(g) = self.pop_any(larger, shard)? {
-                return Ok(Some(self.split(g, larger, order, shard)));
+                if self.commit_split(g, larger, order) {
+                    return Ok(Some(self.split(g, larger, order, shard)));
+                }
+                self.push(g, larger, shard);
+                return Ok(None);
             }
         }
         Ok(self
-            .carve()
+            .carve(order)
             .map(|g| self.split(g, self.g.chunk_order, order, shard)))
     }
 
@@ -672,7 +733,9 @@ mod chain_tests {
     use super::*;
 
     /// `free_all` pushes a chain with one CAS: every block comes back
-    /// exactly once, and what was on the list before stays under it.
+    /// exactly once, in the order one-by-one pushes would give (the tuple
+    /// space's full-arena drain depends on that order), and what was on the
+    /// list before stays under it.
     #[test]
     fn free_all_returns_each_block_once() {
         let g = Geometry::new(16, 64 * 1024).unwrap();
@@ -690,10 +753,9 @@ mod chain_tests {
         while let Ok(Some(b)) = s.pop(0, me.shard()) {
             back.push(b);
         }
-        let mut want = blocks.clone();
+        // As if pushed one by one: the last on top, the earlier list below.
+        let mut want: Vec<u64> = blocks.iter().rev().copied().collect();
         want.push(before);
-        want.sort_unstable();
-        back.sort_unstable();
         assert_eq!(back, want);
     }
 }

@@ -79,6 +79,21 @@ pub(crate) fn open_existing(name: &str) -> Result<(File, u64)> {
 }
 
 /// Maps `len` bytes of `file` shared and read-write.
+/// Allocates `len` bytes at `off` of a /dev/shm file (`fallocate`), so
+/// that touching them later cannot fail with SIGBUS. `ENOSPC` (or any
+/// error) means the memory is not there.
+pub(crate) fn commit(fd: std::os::fd::BorrowedFd<'_>, off: u64, len: u64) -> io::Result<()> {
+    loop {
+        match rustix::fs::fallocate(fd, rustix::fs::FallocateFlags::empty(), off, len) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return r.map_err(io::Error::from),
+        }
+    }
+}
+
+/// Maps `len` bytes of `file`. The region commits pages through `file`'s
+/// descriptor: the caller keeps `file` open for as long as the region
+/// lives (handles keep their file; see `Region::set_commit_fd`).
 pub(crate) fn map(name: &str, file: &File, len: u64) -> Result<Region> {
     let len_usize =
         usize::try_from(len).map_err(|_| Error::corrupt(name, "size exceeds the address space"))?;
@@ -86,7 +101,13 @@ pub(crate) fn map(name: &str, file: &File, len: u64) -> Result<Region> {
         .len(len_usize)
         .map_raw(file)
         .map_err(|e| Error::io(name, "mmap", e))?;
-    Region::from_map(map).ok_or_else(|| Error::corrupt(name, "mapping is misaligned"))
+    let mut region =
+        Region::from_map(map).ok_or_else(|| Error::corrupt(name, "mapping is misaligned"))?;
+    {
+        use std::os::fd::AsRawFd;
+        region.set_commit_fd(file.as_raw_fd());
+    }
+    Ok(region)
 }
 
 /// Creates a segment of `len` bytes with permission bits exactly `mode`,

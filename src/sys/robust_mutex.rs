@@ -243,10 +243,14 @@ impl<'a> RobustMutex<'a> {
                     };
                 }
                 libc::ETIMEDOUT => {
+                    // Checked at the end of every slice, the caller's last
+                    // one included: a caller waiting in short slices (each
+                    // a call with a near deadline) must recover a missing
+                    // owner too, by its next call.
+                    self.mark_if_owner_missing(owner_missing);
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(LockError::Timeout);
                     }
-                    self.mark_if_owner_missing(owner_missing);
                 }
                 libc::EDEADLK => return Err(LockError::Deadlock),
                 libc::ENOTRECOVERABLE => return Err(LockError::NotRecoverable),
@@ -474,6 +478,40 @@ mod tests {
             m.lock(None, &|tid| !crate::sys::thread_exists(tid)),
             Ok(false)
         );
+        m.unlock();
+    }
+
+    /// Regression: a lock word naming a missing thread was checked only
+    /// after a slice that ended before the caller's deadline, so a caller
+    /// waiting in slices shorter than `SLICE` (`ShmDict::lock_timeout` in a
+    /// loop, as the Python binding does to notice Ctrl-C) timed out
+    /// forever instead of recovering the mutex.
+    #[test]
+    fn short_timed_attempts_recover_a_missing_owner() {
+        let r = Region::heap(4096);
+        let m = RobustMutex::at(&r, 0).unwrap();
+        m.init().unwrap();
+        // A lock word naming a thread id that cannot exist (above pid_max).
+        m.word(0).store(0x3fff_fff0, Ordering::Relaxed);
+        let missing = |tid| !crate::sys::thread_exists(tid);
+        let mut attempts = Vec::new();
+        for _ in 0..5 {
+            let got = m.lock(Some(Instant::now() + Duration::from_millis(20)), &missing);
+            let done = got.is_ok();
+            attempts.push(got);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            attempts.last(),
+            Some(&Ok(true)),
+            "20 ms attempts never recovered the mutex: {attempts:?}"
+        );
+        assert!(attempts.len() <= 2, "{attempts:?}");
+        m.unlock();
+        // A zero timeout tries once: free now, so it locks.
+        assert_eq!(m.lock(Some(Instant::now()), &missing), Ok(false));
         m.unlock();
     }
 

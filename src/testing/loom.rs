@@ -503,3 +503,209 @@ pub fn kill_value_writer(v: &crate::Value<[u64; 3]>, garbage: u64) {
         .expect("slot")
         .store(garbage, crate::sync::Ordering::Relaxed);
 }
+
+// ---------------------------------------------------------------------------
+// Borrowed reads (`shm/epoch.rs`).
+// ---------------------------------------------------------------------------
+
+/// The byte every value word of a recycled block is overwritten with by
+/// [`Borrowing::recycle`]: a pinned read that returns it read a block
+/// that was freed under its pin.
+pub const POISON: u8 = 0xdd;
+
+/// A dictionary on the heap for the models of borrowed reads, with the
+/// model's view of who reads and writes each arena block's bytes.
+///
+/// `Reader::get` (`dict/borrow.rs`, not compiled under loom) hands out the
+/// value's bytes as a plain `&[u8]`: the reads a `Reader`'s user makes are
+/// not atomic, so a recycling write that does not *happen after* them is a
+/// data race even if the reader never sees the new bytes. Loom cannot
+/// show that through values alone (it explores no load buffering: a load
+/// never returns a store that runs later in its schedule). So every
+/// granule of the arena has a shadow loom cell: [`Pinned::get`] reads the
+/// cell of the block it returns, [`Borrowing::recycle`] writes it, and
+/// loom fails the model ("causality violation") when the write is not
+/// ordered after the read, as it would be by an unpin that an advance saw.
+#[derive(Debug)]
+pub struct Borrowing {
+    dict: crate::ShmDict,
+    shadow: Box<[loom::cell::UnsafeCell<()>]>,
+}
+
+// SAFETY: the shadow cells hold `()` and are only passed to loom's
+// `with`/`with_mut`, never dereferenced; loom checks every access for
+// races, which is what the models test. The dictionary is `Sync`.
+unsafe impl Sync for Borrowing {}
+
+impl std::ops::Deref for Borrowing {
+    type Target = crate::ShmDict;
+    fn deref(&self) -> &crate::ShmDict {
+        &self.dict
+    }
+}
+
+impl Borrowing {
+    /// A dictionary as [`dict`] makes, with a shadow cell per granule.
+    pub fn new(capacity: u64, arena_bytes: u64) -> Borrowing {
+        let dict = dict(capacity, arena_bytes);
+        let granules = dict.geo.arena_bytes / crate::shm::layout::GRANULE;
+        let shadow = (0..granules)
+            .map(|_| loom::cell::UnsafeCell::new(()))
+            .collect();
+        Borrowing { dict, shadow }
+    }
+
+    fn alive(&self) -> impl Fn(u64) -> bool + '_ {
+        |i| self.dict.entry_alive(i)
+    }
+
+    /// A pin of this handle's stash, preferring slot `hint`, as
+    /// `ShmDict::reader` takes one. Released when dropped.
+    pub fn pin(&self, hint: u64) -> Pinned<'_> {
+        let index = self.dict.registration().expect("attached").index;
+        let pin = self.dict.epochs().pin(index, hint).expect("sound");
+        Pinned { b: self, pin }
+    }
+
+    /// The first granule of the block that `key`'s entry names now.
+    pub fn granule_of(&self, key: &[u8]) -> Option<u64> {
+        let hash = crate::shm::layout::hash_key(key);
+        let loc = self.dict.index().find(key, hash, None).expect("sound")?;
+        Some(loc.entry.granule() as u64)
+    }
+
+    /// One `Epochs::try_advance`, with this handle's view of liveness.
+    pub fn advance(&self) -> bool {
+        self.dict
+            .epochs()
+            .try_advance(&self.alive())
+            .expect("sound")
+    }
+
+    /// `Epochs::reclaim_everywhere` (what a writer short of room runs):
+    /// the bytes it freed.
+    pub fn reclaim(&self) -> u64 {
+        self.dict
+            .epochs()
+            .reclaim_everywhere(&self.dict.me, &self.alive())
+            .expect("sound")
+    }
+
+    /// First granules of every block the stashes hold (retired blocks and
+    /// spill bags): exact while no other thread retires.
+    pub fn held(&self) -> Vec<u64> {
+        let mut held = Vec::new();
+        self.dict
+            .epochs()
+            .for_each_held(|g, _| held.push(g))
+            .expect("sound");
+        held
+    }
+
+    /// What a writer that takes the freed order-0 block at `granule` from
+    /// the arena does to it: overwrites its words after the free-list link
+    /// (word 0, which the free itself wrote) with [`POISON`], as a write
+    /// of its shadow cell. Call only for a block the caller saw freed.
+    pub fn recycle(&self, granule: u64) {
+        self.shadow[granule as usize].with_mut(|_| ());
+        let words = self.dict.slab().block(granule, 0).expect("a block");
+        for w in &words[1..] {
+            // Relaxed: a writer's block writes before it publishes; what
+            // the models check is that no pinned read sees them.
+            w.store(
+                u64::from_ne_bytes([POISON; 8]),
+                crate::sync::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Attaches another handle, as another process, pins its stash (slot
+    /// 0), and leaves the pin held: a process holding a `Reader`. If
+    /// `alive` is false the process is dead (its entry names
+    /// `attach::LOOM_DEAD_IDENTITY`, as
+    /// a process killed while pinned leaves it); else it lives (stopped,
+    /// say). Returns its attach index.
+    pub fn foreign_pin(&self, alive: bool) -> u64 {
+        let r = &self.dict.region;
+        // Any identity but the dead one is a live process under loom.
+        let ident = if alive {
+            2
+        } else {
+            crate::shm::attach::LOOM_DEAD_IDENTITY
+        };
+        let (index, _) = crate::shm::attach::attach(r, crate::shm::attach::LockFd::NONE, ident)
+            .expect("a free attach entry");
+        crate::shm::livecount::note_entry(r, index);
+        let pin = self.dict.epochs().pin(index, 0).expect("sound");
+        assert_eq!(pin.slot, 0);
+        index
+    }
+
+    /// Releases the pin [`Borrowing::foreign_pin`] took for entry `index`.
+    pub fn foreign_unpin(&self, index: u64) {
+        self.dict.epochs().unpin(crate::shm::epoch::Pin {
+            stash: index,
+            slot: 0,
+        });
+    }
+}
+
+/// A pin held by a model thread: a `Reader`.
+#[derive(Debug)]
+pub struct Pinned<'a> {
+    b: &'a Borrowing,
+    pin: crate::shm::epoch::Pin,
+}
+
+impl Pinned<'_> {
+    /// The slot this pin holds (or joined).
+    pub fn slot(&self) -> u64 {
+        self.pin.slot
+    }
+
+    /// `Reader::get` under loom: the same lookup (`Index::find_pinned`: the
+    /// slot's entry, then the block's lengths and key, with no seqlock),
+    /// then the value bytes, loaded a word at a time (the real reader reads
+    /// them as plain bytes: see [`Borrowing`] for the shadow read that
+    /// stands for that). Panics if the block no longer holds a value.
+    pub fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.lookup(key, false)
+    }
+
+    /// As [`Pinned::get`], with the reader descheduled between finding the
+    /// entry and reading the block (a yield: loom runs the other threads
+    /// there, to the end if they can, at no cost in preemptions).
+    pub fn get_descheduled(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.lookup(key, true)
+    }
+
+    fn lookup(&self, key: &[u8], deschedule: bool) -> Option<Vec<u8>> {
+        let d = &self.b.dict;
+        let hash = crate::shm::layout::hash_key(key);
+        let (e, start, len) = d.index().find_pinned(key, hash).expect(
+            "a pinned block holds a whole key and value (it was not freed under the pin)",
+        )?;
+        if deschedule {
+            loom::thread::yield_now();
+        }
+        self.b.shadow[e.granule() as usize].with(|_| ());
+        let words = d
+            .region
+            .words(start, len.div_ceil(8) as u64)
+            .expect("the value lies in the region");
+        let mut out = Vec::with_capacity(len);
+        for w in words {
+            // Relaxed: under the pin; the bytes of a published block were
+            // written before its publication, which the lookup acquired.
+            out.extend_from_slice(&w.load(crate::sync::Ordering::Relaxed).to_ne_bytes());
+        }
+        out.truncate(len);
+        Some(out)
+    }
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        self.b.dict.epochs().unpin(self.pin);
+    }
+}

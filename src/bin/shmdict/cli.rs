@@ -67,7 +67,14 @@ enum Cmd {
     #[command(after_help = "Example:\n  shmdict ls --prefix jobs-")]
     Ls(LsArgs),
     /// Show a dictionary's capacity, load factor, arena use per size class,
-    /// free bytes, counters and attached processes.
+    /// free and retired bytes, borrowed reads held, counters and attached
+    /// processes.
+    ///
+    /// Retired bytes are replaced or removed values waiting until no
+    /// borrowed read (a `Reader` or `ValueRef` of any process) can see
+    /// them; writers reuse them as they need room. A borrowed read held for
+    /// long (see the oldest's age) keeps everything replaced since from
+    /// being reused.
     #[command(after_help = "Example:\n  shmdict stat jobs")]
     Stat(StatArgs),
     /// Print the value of a key (exit code 3 if the key is absent).
@@ -688,7 +695,8 @@ fn stat(a: StatArgs) -> Outcome {
         .sum();
     let free_bytes = free_block_bytes + st.arena_untouched_bytes as u64;
     let arena = st.arena_bytes as u64;
-    let unaccounted = arena.saturating_sub(used_bytes + free_bytes);
+    let unaccounted = arena.saturating_sub(used_bytes + free_bytes + st.retired_bytes);
+    let oldest_pin_ms = st.oldest_pin_age.map(|a| a.as_millis() as u64);
     // The census taken before attaching: other processes only.
     let att = info.attached.unwrap_or_default();
     if a.json {
@@ -718,7 +726,10 @@ fn stat(a: StatArgs) -> Outcome {
             "arena_in_use_bytes": used_bytes,
             "arena_free_bytes": free_bytes,
             "arena_untouched_bytes": st.arena_untouched_bytes,
+            "arena_retired_bytes": st.retired_bytes,
             "arena_unaccounted_bytes": unaccounted,
+            "pins": st.pins,
+            "oldest_pin_age_ms": oldest_pin_ms,
             "size_classes": per_class,
             "attached": {"live": att.live, "dead": att.dead},
         }));
@@ -754,19 +765,31 @@ fn stat(a: StatArgs) -> Outcome {
     )?;
     writeln!(
         out,
-        "arena:        {} ({} bytes): {} in use, {} free ({} never used)",
+        "arena:        {} ({} bytes): {} in use, {} free ({} never used), {} retired",
         human(arena),
         arena,
         human(used_bytes),
         human(free_bytes),
-        human(st.arena_untouched_bytes as u64)
+        human(st.arena_untouched_bytes as u64),
+        human(st.retired_bytes)
     )?;
     if unaccounted > 0 {
         writeln!(
             out,
-            "              {} neither in use nor free (blocks in flight, or leaked by crashed writers)",
+            "              {} neither in use, free nor retired (blocks in flight, or leaked by crashed writers)",
             human(unaccounted)
         )?;
+    }
+    match st.oldest_pin_age {
+        Some(age) => writeln!(
+            out,
+            "borrowed:     {} read{} held by live processes, the oldest for {:.1} s \
+             (values replaced since wait for it)",
+            st.pins,
+            if st.pins == 1 { "" } else { "s" },
+            age.as_secs_f64(),
+        )?,
+        None => writeln!(out, "borrowed:     none held")?,
     }
     writeln!(
         out,
