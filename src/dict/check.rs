@@ -41,7 +41,7 @@ use crate::error::Result;
 use crate::shm::attach;
 use crate::shm::gate::{self, Busy};
 use crate::shm::layout::{
-    Entry, BLOCK_HEADER, B_LOCK, B_OVERFLOW, GRANULE, H_DEFRAG_LOCK, H_LIVE, SLOTS_PER_BUCKET,
+    Entry, B_LOCK, B_OVERFLOW, GRANULE, H_DEFRAG_LOCK, H_LIVE, SLOTS_PER_BUCKET,
 };
 use crate::shm::seqlock;
 use crate::sync::Ordering;
@@ -344,13 +344,10 @@ impl ShmDict {
                     continue;
                 };
                 // Relaxed: the block is published (or the scan is a snapshot).
-                let w0 = words[0].load(Ordering::Relaxed);
                 let hash = words[1].load(Ordering::Relaxed);
-                let (klen, vlen) = (w0 & 0xffff_ffff, w0 >> 32);
                 let size = GRANULE << e.order();
-                if BLOCK_HEADER + klen.next_multiple_of(16) + vlen > size
-                    || Entry::tag_of(hash) != e.tag()
-                {
+                // The lengths must fit the block (`block.rs` owns its layout).
+                if crate::shm::block::lengths(words).is_none() || Entry::tag_of(hash) != e.tag() {
                     if repair {
                         rep.problems.push(format!(
                             "bucket {b} slot {s}: the block's lengths or hash do not match its entry"

@@ -61,8 +61,9 @@ pub(crate) enum Read {
     Invalid,
 }
 
-/// The (key, value) lengths of a block, if they fit in it.
-fn lengths(words: &[AtomicU64]) -> Option<(usize, usize)> {
+/// The (key, value) lengths of a block, if they fit in it (also what
+/// `check()` asks of every published block).
+pub(crate) fn lengths(words: &[AtomicU64]) -> Option<(usize, usize)> {
     let w0 = words.first()?.load(Ordering::Relaxed); // Relaxed: validated by the caller's seqlock.
     let (k, v) = ((w0 & 0xffff_ffff) as usize, (w0 >> 32) as usize);
     (value_word(k) + v.div_ceil(8) <= words.len()).then_some((k, v))
