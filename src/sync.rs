@@ -41,6 +41,8 @@ pub(crate) fn yield_now() {
 /// Process-local atomics (never in shared memory, so loom need not model
 /// them): caches, per-handle bookkeeping, fork generations.
 pub(crate) mod local {
+    #[cfg(feature = "redis")]
+    pub(crate) use std::sync::atomic::AtomicBool;
     #[cfg(test)]
     pub(crate) use std::sync::atomic::AtomicU32;
     pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};

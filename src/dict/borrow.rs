@@ -69,8 +69,8 @@ pub struct ValueRef<'d> {
 /// A preferred pin slot for the calling thread: threads of one process
 /// spread over the slots of their handle's stash.
 fn slot_hint() -> u64 {
+    use crate::sync::local::{AtomicU64, Ordering};
     use std::cell::Cell;
-    use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     thread_local! {
         static HINT: Cell<u64> = const { Cell::new(u64::MAX) };

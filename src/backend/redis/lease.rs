@@ -2,10 +2,10 @@
 //! per-key lease, each renewed by a background thread while held and
 //! released on drop.
 
+use crate::sync::local::{AtomicBool, Ordering};
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;

@@ -14,7 +14,7 @@ mod conn;
 mod lease;
 mod scripts;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::local::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
