@@ -277,9 +277,7 @@ impl ShmDict {
             handles_live,
             handles_dead,
             pins: held.pins,
-            oldest_pin_age: held.oldest_pin_since_ms.map(|since| {
-                std::time::Duration::from_millis(crate::shm::epoch::now_ms().saturating_sub(since))
-            }),
+            oldest_pin_age: held.oldest_pin_age(),
             ..CheckReport::default()
         };
         let index = self.index();

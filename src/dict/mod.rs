@@ -869,9 +869,7 @@ impl ShmDict {
             free_blocks: slab.free_counts(),
             attached: attach::census(&self.region, self.me.registered().lock_fd),
             pins: held.pins,
-            oldest_pin_age: held.oldest_pin_since_ms.map(|since| {
-                std::time::Duration::from_millis(crate::shm::epoch::now_ms().saturating_sub(since))
-            }),
+            oldest_pin_age: held.oldest_pin_age(),
             retired_bytes: held.retired_bytes,
         }
     }

@@ -89,16 +89,7 @@ impl<'a> Commits<'a> {
     /// Whether unit `u` of `m` is committed.
     #[inline]
     fn is_set(&self, m: Bitmap, u: u64) -> bool {
-        if cfg!(loom) {
-            return true;
-        }
-        // Acquire: pairs with the Release `fetch_or` in `ensure_units`:
-        // the memory was given before the bit was set.
-        u < m.units
-            && self
-                .r
-                .word(m.table + (u / 64) * 8)
-                .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (u % 64)) != 0)
+        u < m.units && self.bit(m.table, u)
     }
 
     /// Commits the units of `m` that cover `off..off + len` (segment byte
@@ -171,7 +162,8 @@ impl<'a> Commits<'a> {
         if cfg!(loom) {
             return true;
         }
-        // Acquire: as in `is_set`.
+        // Acquire: pairs with the Release `fetch_or` in `ensure`: the
+        // memory was given before the bit was set.
         self.r
             .word(table + (u / 64) * 8)
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (u % 64)) != 0)

@@ -245,6 +245,14 @@ pub(crate) struct Held {
     pub(crate) epoch: u64,
 }
 
+impl Held {
+    /// How long the oldest live pin has been held, now.
+    pub(crate) fn oldest_pin_age(&self) -> Option<std::time::Duration> {
+        self.oldest_pin_since_ms
+            .map(|since| std::time::Duration::from_millis(now_ms().saturating_sub(since)))
+    }
+}
+
 /// The epoch machinery of one segment.
 #[derive(Clone, Copy)]
 pub(crate) struct Epochs<'a> {
