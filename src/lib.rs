@@ -50,6 +50,7 @@ pub use dict::typed::Typed;
 pub use dict::wait::Version;
 pub use dict::{Options, ShmDict, Stats};
 pub use error::{Error, Result};
+pub use shm::grow::Growth;
 pub use value::{Value, ValueOptions};
 
 /// Entry points for the loom models in `tests/loom.rs`: see `src/testing/`.

@@ -299,14 +299,21 @@ pub fn blocks_in_use(name: &str) -> Result<Vec<u64>> {
     }
     let header = map_read_only(name, &file, HEADER_BYTES)?;
     let geo = Geometry::read_header(&header, size).map_err(|e| header_error(name, e))?;
-    // `read_header` checked that the index lies inside the file.
-    let index_end = geo.index_off + geo.nbuckets * BUCKET_BYTES;
-    let r = map_read_only(name, &file, index_end)?;
+    // `read_header` checked that the file is as large as the header says.
+    // The whole reservation is mapped (address space only); the current
+    // index table may lie anywhere in it (`grow.rs`), and only memory the
+    // commit table marks is read.
+    let r = map_read_only(name, &file, geo.total_bytes)?;
+    let table = crate::shm::grow::current(&r, &geo).map_err(|c| Error::corrupt(name, c.0))?;
+    let commits = crate::shm::commit::Commits::new(&r, &geo);
     let mut counts = vec![0u64; geo.chunk_order as usize + 1];
-    for bucket in 0..geo.nbuckets {
+    for bucket in 0..table.nbuckets {
+        if table.gen == 0 && !commits.bucket_ready(bucket) {
+            continue; // Never written: empty.
+        }
         for s in 0..SLOTS_PER_BUCKET {
             // The entry word is a slot's second word (see `Index::slot`).
-            let off = geo.index_off + bucket * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES + 8;
+            let off = table.off + bucket * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES + 8;
             let Some(w) = r.word(off) else {
                 return Err(Error::corrupt(name, "index outside the segment"));
             };

@@ -79,6 +79,18 @@ fn create(seg: &Segment, capacity: usize, arena: usize) -> ShmDict {
         .unwrap_or_else(|e| panic!("create {}: {e}", seg.name()))
 }
 
+/// A dictionary of fixed size (`Options::fixed_size(true)`): `Full` at
+/// `capacity` keys or when the arena is full, for the trials of `Full`.
+pub(crate) fn create_fixed(seg: &Segment, capacity: usize, arena: usize) -> ShmDict {
+    ShmDict::options()
+        .capacity(capacity)
+        .arena_bytes(arena)
+        .fixed_size(true)
+        .create_new(true)
+        .open(seg.name())
+        .unwrap_or_else(|e| panic!("create {}: {e}", seg.name()))
+}
+
 fn perms(name: &str) -> u32 {
     fs::metadata(shm_path(name))
         .expect("segment file")
@@ -462,7 +474,7 @@ fn value_for(i: usize, len: usize) -> Vec<u8> {
 fn full_by_capacity_is_clean_and_freeing_makes_room() {
     let seg = Segment::new("full-cap");
     let cap = 50;
-    let d = create(&seg, cap, 1 << 20);
+    let d = create_fixed(&seg, cap, 1 << 20);
     let key = |i: usize| format!("key-{i}");
     let mut stored = 0;
     let err = loop {
@@ -520,7 +532,7 @@ fn full_by_capacity_is_clean_and_freeing_makes_room() {
 #[test]
 fn full_by_arena_is_clean_and_freeing_makes_room() {
     let seg = Segment::new("full-arena");
-    let d = create(&seg, 10_000, 1 << 16);
+    let d = create_fixed(&seg, 10_000, 1 << 16);
     let arena = d.stats().arena_bytes;
     let key = |i: usize| format!("key-{i}");
     let len = 1000;
@@ -566,7 +578,7 @@ fn full_by_arena_is_clean_and_freeing_makes_room() {
 fn freed_small_blocks_make_room_for_the_largest_promised_entry() {
     let seg = Segment::new("full-merge");
     let arena_bytes = 1 << 20;
-    let d = create(&seg, 100_000, arena_bytes);
+    let d = create_fixed(&seg, 100_000, arena_bytes);
     let big_key = vec![b'K'; 4096];
     let big_value = vec![0xB1; arena_bytes / 8];
     // On the empty arena it fits.
@@ -1020,7 +1032,9 @@ fn set_word(bytes: &mut [u8], off: u64, v: u64) {
 /// free blocks on the free lists.
 fn real_segment_bytes() -> Vec<u8> {
     let seg = Segment::new("template");
-    let d = create(&seg, 100, 1 << 16);
+    // Of fixed size: a dictionary that grows reserves its whole arena in
+    // its (sparse) file, too large to read into memory here.
+    let d = create_fixed(&seg, 100, 1 << 16);
     for i in 0..80 {
         d.insert(format!("key-{i}"), value_for(i, i * 7 % 300))
             .unwrap();

@@ -651,7 +651,7 @@ const SMALL_KEYS: u64 = 8;
 const SMALL_VALUE: usize = 1000;
 
 fn small_dict(seg: &Segment) -> ShmDict {
-    let d = create(seg, 64, SMALL_ARENA);
+    let d = create_fixed(seg, 64, SMALL_ARENA);
     for k in 0..SMALL_KEYS {
         d.insert(format!("k{k}"), filler(k, SMALL_VALUE)).unwrap();
     }

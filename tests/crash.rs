@@ -1418,7 +1418,7 @@ fn child_churn_kill(name: &str, ctl: &str, round: u64) {
 fn check_after_churn_kills() {
     let seg = Segment::new("churn-kill");
     let ctl_seg = Segment::new("churn-kill-ctl");
-    let d = create(&seg, 4096, CHURN_ARENA);
+    let d = create_fixed(&seg, 4096, CHURN_ARENA);
     let ctl = ctl_dict(&ctl_seg);
     let mut rng = Rng(0xc0de);
     for round in 0..kill_rounds(CHURN_ROUNDS) {

@@ -1023,3 +1023,112 @@ fn a_dead_pinner_holds_nothing_a_live_one_holds_on() {
         });
     }
 }
+
+// ---------------------------------------------------------------------------
+// Growth while attached (`src/shm/grow.rs`): the growth step a reader can
+// observe (a lookup while the index is copied, flipped and sealed, and the
+// old value's block then recycled), and a grower killed at each step.
+// ---------------------------------------------------------------------------
+
+use shmdict::__loom::{block_of, generation, growing_dict, kill_grower, recycle_block};
+
+/// A copying reader (`get`: the seqlock) looks a key up while another
+/// process grows the index, and the main thread then overwrites the key
+/// and recycles the old value's block (a copying reader holds no pin, so
+/// only the seqlock and the `MOVED` marks protect it). The reader sees the
+/// old or the new value, whole, never nothing and never the recycled
+/// bytes. The grower is killed at kill point `step` (0: never; 10: after
+/// copying, before the flip, so the step is rolled back and the next
+/// grower reuses its half-made table; 11: after the flip, before the seal,
+/// so the next writer seals first): the dictionary ends with both keys,
+/// the new value, and one growth.
+///
+/// Fails (each mutation made in `src/shm/`, the model run alone with
+/// `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2
+/// CARGO_TARGET_DIR=target/loom cargo test --release --test loom --
+/// growth`, then reverted): see the list in `docs/design.md`, "Growth";
+/// each is recorded in the commit that added this model.
+fn copying_reader_across_growth(step: u32) {
+    let d = Arc::new(growing_dict(1, 1024, 4096));
+    let (v0, v1) = (vec![0xa0; 24], vec![0xb1; 24]);
+    d.insert("A", &v0).unwrap();
+    let (granule, order) = block_of(&d, b"A").unwrap();
+    let r = {
+        let d = d.clone();
+        let (v0, v1) = (v0.clone(), v1.clone());
+        thread::spawn(move || {
+            let got = d.get("A").unwrap().expect("the key is always present");
+            assert!(!got.contains(&POISON), "read a recycled block: {got:?}");
+            assert!(got == v0 || got == v1, "torn read: {got:?}");
+        })
+    };
+    kill_grower(&d, 0, step);
+    d.insert("A", &v1).unwrap();
+    recycle_block(&d, granule, order);
+    d.insert("B", &v0).unwrap();
+    r.join().unwrap();
+    assert_eq!(generation(&d), 1);
+    assert_eq!(d.get("A").unwrap(), Some(v1));
+    assert_eq!(d.get("B").unwrap(), Some(v0));
+    assert_eq!(d.len(), 2);
+    // Exactly these entries in the current table (a half-made table reused
+    // without zeroing would still hold the first grower's copy of A, whose
+    // block was recycled since: a second entry naming a block in use).
+    let mut keys = d.keys().unwrap();
+    keys.sort();
+    assert_eq!(keys, [b"A".to_vec(), b"B".to_vec()]);
+    let report = d.check().unwrap();
+    assert!(report.problems.is_empty(), "{report:?}");
+    assert_eq!(report.keys, 2, "{report:?}");
+}
+
+#[test]
+fn growth_a_copying_reader_sees_a_whole_value() {
+    loom::model(|| copying_reader_across_growth(0));
+}
+
+#[test]
+fn growth_a_grower_killed_before_the_flip_is_rolled_back() {
+    loom::model(|| copying_reader_across_growth(10));
+}
+
+#[test]
+fn growth_a_grower_killed_after_the_flip_is_rolled_forward() {
+    loom::model(|| copying_reader_across_growth(11));
+}
+
+/// A borrowed reader (`Reader::get`: `Index::find_pinned`, no seqlock)
+/// pinned while the index grows (by a new key's insert, the real path:
+/// `Publish::Grow`, the gate closed, the step), the key is then
+/// overwritten and the old block reclaimed and recycled: the pin keeps
+/// the block (the reader's load of the generation comes after its pin's
+/// fence), so the reader reads the old or the new value, whole.
+#[test]
+fn growth_a_pinned_reader_keeps_its_block() {
+    loom::model(|| {
+        let d = Arc::new(Borrowing::growing(1, 1024, 4096));
+        let (v0, v1) = (vec![0xa0; 24], vec![0xb1; 24]);
+        d.insert("A", &v0).unwrap();
+        let old = d.granule_of(b"A").unwrap();
+        let r = {
+            let d = d.clone();
+            let (v0, v1) = (v0.clone(), v1.clone());
+            thread::spawn(move || {
+                let pin = d.pin(0);
+                let got = pin
+                    .get_descheduled(b"A")
+                    .expect("the key is always present");
+                assert!(!got.contains(&POISON), "read a recycled block: {got:?}");
+                assert!(got == v0 || got == v1, "torn read: {got:?}");
+            })
+        };
+        d.insert("B", &v0).unwrap();
+        d.insert("A", &v1).unwrap();
+        if d.reclaim() > 0 {
+            d.recycle(old);
+        }
+        r.join().unwrap();
+        assert_eq!(generation(&d), 1);
+        assert_eq!(d.get("A").unwrap(), Some(v1));
+    });
+}

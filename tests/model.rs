@@ -328,6 +328,7 @@ impl Harness {
         let first = ShmDict::options()
             .capacity(case.capacity)
             .arena_bytes(case.arena_bytes)
+            .fixed_size(true)
             .create_new(true)
             .open(&seg.0)
             .unwrap();

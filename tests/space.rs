@@ -839,6 +839,7 @@ fn small_space(seg: &Segment) -> Space {
     let dict = ShmDict::options()
         .capacity(4096)
         .arena_bytes(64 << 10)
+        .fixed_size(true)
         .create_new(true)
         .open(seg.name())
         .unwrap_or_else(|e| panic!("create {}: {e}", seg.name()));

@@ -280,11 +280,20 @@ impl ShmDict {
             oldest_pin_age: held.oldest_pin_age(),
             ..CheckReport::default()
         };
+        if repair {
+            // A grower killed after its flip left the old table unsealed
+            // (`grow.rs`): seal it before anything else is repaired.
+            if let Err(c) = self.step().seal_if_needed() {
+                rep.problems.push(format!("index generations: {}", c.0));
+            }
+        }
         let index = self.index();
         let slab = self.slab();
-        let nb = self.geo.nbuckets;
+        let nb = index.table().nbuckets;
         let mask = nb - 1;
-        let ngranules = self.geo.arena_bytes / GRANULE;
+        // Only carved chunks can hold blocks: the rest of a growing
+        // dictionary's reservation is not even looked at.
+        let ngranules = slab.chunks_carved() << self.geo.chunk_order;
         let mut granules = Granules::new(ngranules);
         let mut overflow = vec![0u64; nb as usize];
         if repair {
@@ -394,9 +403,17 @@ impl ShmDict {
             }
         }
 
-        let carved_granules = slab.chunks_carved() << self.geo.chunk_order;
-        granules.mark(carved_granules, ngranules.saturating_sub(carved_granules));
-        rep.bytes_untouched = ngranules.saturating_sub(carved_granules) * GRANULE;
+        let carved_granules = ngranules;
+        rep.bytes_untouched =
+            (self.geo.arena_bytes / GRANULE).saturating_sub(carved_granules) * GRANULE;
+        // Index tables carved from the arena (`grow.rs`) are not blocks.
+        for (start, len) in crate::shm::grow::carved_tables(&self.region, &self.geo) {
+            granules.mark(start, len);
+        }
+        // Commits killed between counting a unit and marking it left the
+        // count too high: recount it from the commit table.
+        let commits = crate::shm::commit::Commits::new(&self.region, &self.geo);
+        commits.set_committed(commits.recount());
         let mut free_bytes = 0;
         if let Err(c) = slab.for_each_free(|g, o| {
             granules.mark(g, 1 << o);

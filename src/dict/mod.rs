@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::shm::attach::{self, Holder};
 use crate::shm::block;
 use crate::shm::epoch::Epochs;
+use crate::shm::gate::{self, Busy};
+use crate::shm::grow::{self, Step, Stop};
 use crate::shm::index::{Index, Loc, NewKey};
 #[cfg(not(loom))]
 use crate::shm::layout::HeaderError;
@@ -53,6 +55,19 @@ pub struct ShmDict {
     /// processes this crate forks to attach the same segment again (pool
     /// `spawn`, space `eval`) accept what this handle accepted.
     pub(crate) opened_with: (u32, bool),
+}
+
+/// What [`ShmDict::publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    /// The value is published.
+    Done,
+    /// Another writer changed the key since the lookup: nothing published.
+    Changed,
+    /// A new key found the index table of this generation full and the
+    /// dictionary may grow: nothing published; leave the write gate, grow
+    /// ([`ShmDict::grow`]) and try again.
+    Grow(u32),
 }
 
 /// What a new value replaces the old with, in a read-modify-write.
@@ -94,11 +109,13 @@ impl Drop for Prepared<'_> {
 pub struct Stats {
     /// Live keys.
     pub len: usize,
-    /// Maximum live keys.
+    /// Live keys the current index holds (it grows past them unless the
+    /// dictionary is of fixed size).
     pub capacity: usize,
-    /// Index buckets (three slots each).
+    /// Index buckets (three slots each) of the current index.
     pub buckets: usize,
-    /// Arena size in bytes.
+    /// Arena size in bytes: for a dictionary that grows, the most its
+    /// reservation can hold (committed as it is used).
     pub arena_bytes: usize,
     /// Arena bytes never handed out yet (untouched chunks).
     pub arena_untouched_bytes: usize,
@@ -117,6 +134,19 @@ pub struct Stats {
     /// need room). Free, untouched, retired and in-use bytes add up to the
     /// arena.
     pub retired_bytes: u64,
+    /// The index's generation: how many times it has doubled.
+    pub generation: u32,
+    /// Bytes of /dev/shm memory the dictionary has taken (committed).
+    pub committed_bytes: u64,
+    /// The size of its segment file: the address space it reserves, of
+    /// which only `committed_bytes` is memory.
+    pub reserved_bytes: u64,
+    /// The most memory it may take (`Options::max_bytes`), if limited.
+    pub max_bytes: Option<u64>,
+    /// Whether it grows (`Options::fixed_size(false)`, the default).
+    pub grows: bool,
+    /// Its growth history: one record per index generation.
+    pub growth: Vec<crate::Growth>,
 }
 
 impl ShmDict {
@@ -225,6 +255,20 @@ impl ShmDict {
         ShmDict::attach_region("heap", region, geo, None).expect("attach")
     }
 
+    /// Builds a dictionary that grows on a heap region: `capacity` keys and
+    /// `arena_bytes` to start with, an arena reserved up to `reserve`
+    /// bytes (loom models and unit tests).
+    #[cfg(any(loom, test))]
+    pub(crate) fn on_heap_growing(capacity: u64, arena_bytes: u64, reserve: u64) -> ShmDict {
+        let geo = Geometry::growable(capacity, arena_bytes, reserve, 0).expect("test geometry");
+        assert!(geo.grows(), "the reservation leaves room to grow");
+        let region = Region::heap(geo.total_bytes as usize);
+        #[cfg(not(loom))]
+        crate::dict::locks::init(&region).expect("mutexes");
+        geo.write_header(&region).expect("header fits");
+        ShmDict::attach_region("heap", region, geo, None).expect("attach")
+    }
+
     /// Buckets in the index (loom models place keys by home bucket).
     #[cfg(loom)]
     pub(crate) fn nbuckets(&self) -> u64 {
@@ -233,10 +277,75 @@ impl ShmDict {
 
     /// Enters the write gate (see `gate.rs`) for one write operation, under
     /// this process's own registration (claimed now in a forked child).
+    ///
+    /// If a grower was killed after making a new index table current and
+    /// before sealing the old one, this seals it first (`grow.rs`): no
+    /// write may happen before the old table is sealed.
     #[inline]
-    fn enter_write(&self) -> Result<crate::shm::gate::InFlight<'_>> {
+    fn enter_write(&self) -> Result<gate::InFlight<'_>> {
         let reg = self.registration()?;
-        Ok(crate::shm::gate::enter(&self.region, reg.index, &reg.local))
+        let op = gate::enter(&self.region, reg.index, &reg.local);
+        if grow::tables_word(&self.region) & grow::UNSEALED != 0 {
+            self.step().seal_if_needed().map_err(|c| self.corrupt(c))?;
+        }
+        Ok(op)
+    }
+
+    fn step(&self) -> Step<'_> {
+        Step {
+            r: &self.region,
+            g: &self.geo,
+        }
+    }
+
+    /// Grows the index from generation `from` (`grow.rs`): closes the write
+    /// gate, waiting for the writes in flight to finish, makes the growth
+    /// step and reopens the gate. Returns at once if another process made
+    /// the step meanwhile. Call outside the write gate.
+    ///
+    /// A live process stopped inside a write operation (which never runs
+    /// user code) delays growth until it continues.
+    fn grow(&self, from: u32) -> Result<()> {
+        let reg = self.registration()?;
+        let live = |i: u64| attach::entry_alive(&self.region, reg.lock_fd, i);
+        let mut backoff = crate::shm::lockword::Backoff::new();
+        loop {
+            match gate::close(&self.region, &reg.local, live, GROW_WAIT_STEPS) {
+                Ok(closed) => {
+                    // Relaxed: the capacity counter; the gate is closed.
+                    let count = self
+                        .region
+                        .word(layout::H_LIVE)
+                        .map_or(0, |w| w.load(crate::sync::Ordering::Relaxed));
+                    let result = self
+                        .step()
+                        .grow_locked(from, count, |source| self.take_table(source));
+                    drop(closed);
+                    return match result {
+                        Ok(_) => Ok(()),
+                        Err(Stop::Last) => Err(self.index_full()),
+                        Err(Stop::NoChunks) => Err(Error::full(
+                            &self.name,
+                            format!(
+                                "arena ({} bytes reserved): no room for the index's next table ({} keys)",
+                                self.geo.arena_bytes,
+                                self.geo.table_capacity(from + 1)
+                            ),
+                        )),
+                        Err(Stop::NoMemory) => Err(self.no_room("index")),
+                        Err(Stop::Corrupt(c)) => Err(self.corrupt(c)),
+                    };
+                }
+                Err(Busy::OtherChecker | Busy::Writer(_)) => {
+                    // Another process is growing (or checking): once it has
+                    // grown past `from`, there is nothing left to do.
+                    if Index::new(&self.region, &self.geo).table().gen != from {
+                        return Ok(());
+                    }
+                    backoff.snooze();
+                }
+            }
+        }
     }
 
     /// This process's registration of the handle: see `shm/registration.rs`.
@@ -348,9 +457,11 @@ impl ShmDict {
         &self.name
     }
 
-    /// Maximum number of live keys.
+    /// The number of live keys the current index holds. A dictionary that
+    /// grows (the default) doubles its index when a new key finds it full,
+    /// so this is its current size, not a limit.
     pub fn capacity(&self) -> usize {
-        self.geo.capacity as usize
+        self.index().table().capacity as usize
     }
 
     /// Returns the value of `key`, if present.
@@ -388,40 +499,65 @@ impl ShmDict {
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
         let (key, value) = (key.as_ref(), value.as_ref());
         let hash = hash_key(key);
-        let index = self.index();
+        loop {
+            match self.insert_once(key, hash, value)? {
+                None => return Ok(()),
+                Some(from) => self.grow(from)?,
+            }
+        }
+    }
+
+    /// One attempt of `insert`: `Some(generation)` if the index must grow
+    /// from that generation first (nothing was published).
+    #[inline]
+    fn insert_once(&self, key: &[u8], hash: u64, value: &[u8]) -> Result<Option<u32>> {
         // The lookup below needs the key's bucket and, for an overwrite,
         // its old block (two dependent cache misses): start both now, so
         // that they arrive while the gate is entered and the new block is
-        // taken and written, work that does not depend on them.
-        index.prefetch_bucket(hash);
+        // taken and written, work that does not depend on them. (A hint:
+        // the table may change before the gate is entered.)
+        self.index().prefetch_bucket(hash);
         let _op = self.enter_write()?;
+        // Inside the gate the current table cannot change.
+        let index = self.index();
         self.ensure_spare(false)?;
         index.prefetch_blocks(hash);
         // Declared after `_op`: an unpublished block is freed inside the gate.
         let new = self.prepare(key, hash, value)?;
         loop {
             let found = index.find(key, hash, None).map_err(|c| self.corrupt(c))?;
-            if self.publish(key, hash, new.entry, found)? {
-                new.published();
-                return Ok(());
+            match self.publish(&index, key, hash, new.entry, found)? {
+                Publish::Done => {
+                    new.published();
+                    return Ok(None);
+                }
+                Publish::Changed => {}
+                Publish::Grow(from) => return Ok(Some(from)),
             }
         }
     }
 
     /// Publishes the prepared block `new` as the value of `key`: over the
     /// entry `found` by a lookup, or, if the lookup found nothing, as a new
-    /// key, and wakes the key's waiters. `Ok(false)`: another writer changed
-    /// the key since the lookup; nothing was published. Unless `Ok(true)`,
-    /// `new` is still the caller's.
-    fn publish(&self, key: &[u8], hash: u64, new: Entry, found: Option<Loc>) -> Result<bool> {
-        let index = self.index();
+    /// key, and wakes the key's waiters. Unless `Publish::Done`, `new` is
+    /// still the caller's. `index` is the current table, taken inside the
+    /// write gate.
+    fn publish(
+        &self,
+        index: &Index<'_>,
+        key: &[u8],
+        hash: u64,
+        new: Entry,
+        found: Option<Loc>,
+    ) -> Result<Publish> {
         match found {
             Some(loc) => {
                 let replaced = index.try_replace(&loc, new, &self.me);
                 if replaced {
                     self.retire_and_notify(loc.entry, hash);
+                    return Ok(Publish::Done);
                 }
-                Ok(replaced)
+                Ok(Publish::Changed)
             }
             None => match index
                 .insert_new(key, hash, new, &self.me)
@@ -429,9 +565,10 @@ impl ShmDict {
             {
                 NewKey::Inserted => {
                     self.notify(hash);
-                    Ok(true)
+                    Ok(Publish::Done)
                 }
-                NewKey::Exists => Ok(false),
+                NewKey::Exists => Ok(Publish::Changed),
+                NewKey::Full if self.geo.grows() => Ok(Publish::Grow(index.table().gen)),
                 NewKey::Full => Err(self.index_full()),
                 NewKey::NoRoom => Err(self.no_room("index")),
             },
@@ -442,8 +579,8 @@ impl ShmDict {
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<bool> {
         let key = key.as_ref();
         let hash = hash_key(key);
-        let index = self.index();
         let _op = self.enter_write()?;
+        let index = self.index();
         self.ensure_spare(true)?;
         loop {
             match index.find(key, hash, None).map_err(|c| self.corrupt(c))? {
@@ -542,38 +679,48 @@ impl ShmDict {
         mut f: impl FnMut(Option<&[u8]>) -> Result<Op>,
     ) -> Result<Option<Vec<u8>>> {
         let hash = hash_key(key);
-        let index = self.index();
         let mut current = Vec::new();
         loop {
-            let found = index
+            let found = self
+                .index()
                 .find(key, hash, Some(&mut current))
                 .map_err(|c| self.corrupt(c))?;
             let op = f(found.as_ref().map(|_| current.as_slice()))?;
-            match (found, op) {
+            let grow_from = match (found, op) {
                 // Absent when read, and to stay absent: linearized at the read.
                 (None, Op::Remove) => return Ok(None),
                 (Some(loc), Op::Remove) => {
                     let _op = self.enter_write()?;
                     self.ensure_spare(true)?;
-                    if index.try_remove(&loc, hash, &self.me) {
+                    // A lookup in a table replaced since fails here, and
+                    // `f` runs again on what the current table holds.
+                    if self.index().try_remove(&loc, hash, &self.me) {
                         self.retire_and_notify(loc.entry, hash);
                         return Ok(None);
                     }
+                    continue;
                 }
                 (found, Op::Set(value)) => {
                     let _op = self.enter_write()?;
+                    let index = self.index();
                     self.ensure_spare(false)?;
                     // Declared after `_op`: freed inside the gate unless
                     // published.
                     let new = self.prepare(key, hash, &value)?;
                     // Publish only over the state `f` saw: if it changed,
                     // run `f` again on the new state.
-                    if self.publish(key, hash, new.entry, found)? {
-                        new.published();
-                        return Ok(Some(value));
+                    match self.publish(&index, key, hash, new.entry, found)? {
+                        Publish::Done => {
+                            new.published();
+                            return Ok(Some(value));
+                        }
+                        Publish::Changed => continue,
+                        Publish::Grow(from) => from,
                     }
                 }
-            }
+            };
+            // Outside the gate (the block went back when `new` dropped).
+            self.grow(grow_from)?;
         }
     }
 
@@ -601,8 +748,8 @@ impl ShmDict {
         }
         let hash = hash_key(key);
         let rhash = hash_key(reserve);
-        let index = self.index();
         let _op = self.enter_write()?;
+        let index = self.index();
         let mut current = Vec::new();
         // The reserve's block, once removed from the index: ours.
         let mut block: Option<Entry> = None;
@@ -681,12 +828,15 @@ impl ShmDict {
                 break Err(self.corrupt(Corrupt("block too small")));
             }
             let new = Entry::new(e.granule(), e.order(), hash);
-            match self.publish(key, hash, new, found) {
-                Ok(true) => {
+            match self.publish(&index, key, hash, new, found) {
+                Ok(Publish::Done) => {
                     block = None;
                     break Ok((Some(value), true));
                 }
-                Ok(false) => {} // `key` changed: run `f` again, same block
+                Ok(Publish::Changed) => {} // `key` changed: run `f` again, same block
+                // The arena is full, and so is the index: growing it needs
+                // arena room.
+                Ok(Publish::Grow(_)) => break Err(self.index_full()),
                 Err(e) => break Err(e),
             }
         };
@@ -809,6 +959,19 @@ impl ShmDict {
         Ok(None)
     }
 
+    /// Takes the arena memory of a new index table (`grow.rs`): a block,
+    /// or a run of fresh chunks. Its granule, or `None` if the arena has no
+    /// room.
+    pub(crate) fn take_table(
+        &self,
+        source: grow::Source,
+    ) -> std::result::Result<Option<u64>, Corrupt> {
+        match source {
+            grow::Source::Block(order) => self.alloc(order),
+            grow::Source::Chunks(n) => Ok(self.slab().carve_run(n)),
+        }
+    }
+
     /// Frees the block of an entry that was never published (no reader can
     /// have seen it).
     fn release(&self, e: Entry) {
@@ -816,7 +979,19 @@ impl ShmDict {
     }
 
     /// /dev/shm could not give the memory a write needs (`commit.rs`).
+    ///
+    /// Says whether the dictionary's `max_bytes` or /dev/shm itself ran
+    /// out (`commit::last_shortage`).
     pub(crate) fn no_room(&self, what: &str) -> Error {
+        if crate::shm::commit::last_shortage() == crate::shm::commit::Shortage::Budget {
+            return Error::full(
+                &self.name,
+                format!(
+                    "max_bytes ({} bytes) reached: no room for more of the {what}",
+                    self.geo.max_bytes
+                ),
+            );
+        }
         Error::full(
             &self.name,
             format!("/dev/shm has no room for more of the {what} (fallocate failed: the file system is full)"),
@@ -824,10 +999,16 @@ impl ShmDict {
     }
 
     fn index_full(&self) -> Error {
-        Error::full(
-            &self.name,
-            format!("index (capacity {} keys)", self.geo.capacity),
-        )
+        let t = self.index().table();
+        let why = if self.geo.grows() {
+            format!(
+                "index (capacity {} keys at its last generation, {})",
+                t.capacity, t.gen
+            )
+        } else {
+            format!("index (capacity {} keys, fixed size)", t.capacity)
+        };
+        Error::full(&self.name, why)
     }
 
     /// Number of live keys.
@@ -860,10 +1041,12 @@ impl ShmDict {
         let slab = self.slab();
         let chunk = GRANULE << self.geo.chunk_order;
         let held = self.epochs().held(&|i| self.entry_alive(i));
+        let t = self.index().table();
+        let commits = crate::shm::commit::Commits::new(&self.region, &self.geo);
         Stats {
             len: self.len(),
-            capacity: self.capacity(),
-            buckets: self.geo.nbuckets as usize,
+            capacity: t.capacity as usize,
+            buckets: t.nbuckets as usize,
             arena_bytes: self.geo.arena_bytes as usize,
             arena_untouched_bytes: ((self.geo.nchunks() - slab.chunks_carved()) * chunk) as usize,
             free_blocks: slab.free_counts(),
@@ -871,9 +1054,19 @@ impl ShmDict {
             pins: held.pins,
             oldest_pin_age: held.oldest_pin_age(),
             retired_bytes: held.retired_bytes,
+            generation: t.gen,
+            committed_bytes: commits.committed(),
+            reserved_bytes: self.geo.total_bytes,
+            max_bytes: (self.geo.max_bytes != 0).then_some(self.geo.max_bytes),
+            grows: self.geo.grows(),
+            growth: grow::history(&self.region, &self.geo),
         }
     }
 }
+
+/// Backoff steps a grower waits for the writes in flight before it looks
+/// again whether another process grew the index meanwhile (about a second).
+const GROW_WAIT_STEPS: u32 = 2048 + 5000;
 
 /// Rounds of reclamation a writer short of room tries while borrowed reads
 /// are held (see `ShmDict::alloc`).

@@ -35,16 +35,22 @@ impl Default for Options {
 }
 
 impl Options {
-    /// Maximum number of live keys (default 1,048,576). Ignored when
-    /// attaching to an existing segment.
+    /// Live keys the index holds at first (default 1,048,576). A dictionary
+    /// that grows (the default) doubles its index when a new key finds it
+    /// full; with [`fixed_size(true)`](Options::fixed_size) this is the
+    /// maximum. Ignored when attaching to an existing segment.
     pub fn capacity(mut self, max_live_keys: usize) -> Options {
         self.capacity = Some(max_live_keys);
         self
     }
 
-    /// Bytes of room for keys and values (default 1 GiB, or a quarter of the
-    /// free space in /dev/shm if that is less; at least 64 KiB). Pages are
-    /// committed only when first written. Ignored when attaching.
+    /// Bytes of room for keys and values at first (default 1 GiB, or a
+    /// quarter of the free space in /dev/shm if that is less; at least 64
+    /// KiB). A dictionary that grows (the default) takes more as it needs
+    /// it; with [`fixed_size(true)`](Options::fixed_size) this is all it
+    /// has. Memory is committed only as it is first used. Values of up to
+    /// 1/8 of this (of 8 MiB, for a dictionary that grows, if more) always
+    /// fit. Ignored when attaching.
     pub fn arena_bytes(mut self, bytes: usize) -> Options {
         self.arena_bytes = Some(bytes);
         self
@@ -91,17 +97,21 @@ impl Options {
         self
     }
 
-    /// The most /dev/shm memory the dictionary may take, all of it: the
-    /// size of its segment file, header, index and arena together. A
-    /// dictionary never holds more memory than this; when it would need
-    /// more, writes get `Error::Full`.
+    /// The most /dev/shm memory the dictionary may take, all of it: header,
+    /// tables, every index generation and the arena together. It never
+    /// holds more memory than this; a write that would need more gets
+    /// `Error::Full` (which says so), and removing keys makes room again.
     ///
-    /// Growth while attached (CONTRACT.md, "Growth while attached") is not
-    /// implemented yet: a dictionary keeps the size it was created with, so
-    /// today this caps that size. The arena is made as large as fits under
-    /// `bytes` (no larger than [`arena_bytes`](Options::arena_bytes) or its
-    /// default); `Error::InvalidArgument` if the index for
-    /// [`capacity`](Options::capacity) and a 64 KiB arena do not fit.
+    /// Without it, a dictionary that grows may take up to the size of the
+    /// /dev/shm file system (at most 128 GiB), which its segment file
+    /// reserves: the file is sparse, and only what is used is memory
+    /// ([`Stats::committed_bytes`](crate::Stats)).
+    ///
+    /// With [`fixed_size(true)`](Options::fixed_size) it also caps the
+    /// segment's size: the arena is made as large as fits under `bytes`
+    /// (no larger than [`arena_bytes`](Options::arena_bytes) or its
+    /// default). `Error::InvalidArgument` if the header, the first index
+    /// for [`capacity`](Options::capacity) and a 64 KiB arena do not fit.
     /// Ignored when attaching.
     pub fn max_bytes(mut self, bytes: u64) -> Options {
         self.max_bytes = Some(bytes);
@@ -112,10 +122,13 @@ impl Options {
     /// (`Full` at [`capacity`](Options::capacity) keys or when the arena is
     /// full).
     ///
-    /// Growth while attached is not implemented yet, so every dictionary
-    /// keeps its initial size today: `false` (the default, meant to let the
-    /// dictionary grow) behaves as `true` until it is. Ignored when
-    /// attaching.
+    /// `false`, the default: the dictionary grows while every process
+    /// stays attached. When a new key finds the index full, the writer
+    /// doubles it (readers go on unhindered; writers pause while the keys
+    /// are copied: about 50 ms per million keys); the arena extends as
+    /// values need room. It is `Full` only at
+    /// [`max_bytes`](Options::max_bytes) or when /dev/shm has no room.
+    /// Ignored when attaching.
     pub fn fixed_size(mut self, yes: bool) -> Options {
         self.fixed_size = yes;
         self
@@ -214,7 +227,9 @@ impl Options {
                 layout::MAX_ARENA_BYTES
             ),
         })?;
-        let _ = self.fixed_size; // Every dictionary keeps its size for now (see `fixed_size`).
+        if !self.fixed_size {
+            return self.growable(name, capacity, arena, geo);
+        }
         match self.max_bytes {
             Some(max) if geo.total_bytes > max => fit_under(capacity, geo, max).ok_or_else(|| {
                 Error::InvalidArgument {
@@ -228,6 +243,41 @@ impl Options {
             }),
             _ => Ok(geo),
         }
+        .map(|g| Geometry {
+            max_bytes: self.max_bytes.unwrap_or(0),
+            ..g
+        })
+    }
+
+    /// The geometry of a dictionary that grows: `capacity` and `arena`
+    /// are its initial sizes, and its arena is reserved up to the most it
+    /// may take: `max_bytes` less the header and first index, or the size
+    /// of /dev/shm, at most `MAX_ARENA_BYTES` (see `grow.rs`).
+    #[cfg(not(loom))]
+    fn growable(&self, name: &str, capacity: u64, arena: u64, fixed: Geometry) -> Result<Geometry> {
+        let fs = sys::shm_total_bytes().unwrap_or(layout::MAX_ARENA_BYTES);
+        let mut reserve = fs.min(layout::MAX_ARENA_BYTES);
+        if let Some(max) = self.max_bytes {
+            let least = fixed.arena_off + layout::MIN_ARENA_BYTES;
+            if max < least {
+                return Err(Error::InvalidArgument {
+                    segment: name.to_owned(),
+                    reason: format!(
+                        "max_bytes {max} is less than the {least} bytes an index for {capacity} keys and the smallest arena ({} bytes) need",
+                        layout::MIN_ARENA_BYTES
+                    ),
+                });
+            }
+            reserve = reserve.min(max - fixed.arena_off);
+        }
+        Geometry::growable(capacity, arena, reserve, self.max_bytes.unwrap_or(0)).ok_or_else(
+            || Error::InvalidArgument {
+                segment: name.to_owned(),
+                reason: format!(
+                    "no valid geometry for {capacity} keys and {arena} arena bytes growing into {reserve} bytes"
+                ),
+            },
+        )
     }
 }
 

@@ -155,7 +155,7 @@ impl crate::ShmDict {
             .find(key, crate::shm::layout::hash_key(key), Some(&mut out))
             .map_err(|c| crate::Error::corrupt(&self.name, c.0))?;
         Ok(match found {
-            Some(loc) => (Some(out), Version(loc.version(self.geo.nbuckets))),
+            Some(loc) => (Some(out), Version(loc.version())),
             None => (None, Version::ABSENT),
         })
     }

@@ -25,13 +25,52 @@
 //! `fallocate` on tmpfs only allocates (zeroed) pages the file does not
 //! have yet, and is idempotent, so racing committers are harmless. Under
 //! loom there is no file and everything counts as committed.
+//!
+//! The budget (`Options::max_bytes`): the header counts the bytes committed
+//! (`H_COMMITTED`, starting at what creation commits). A committer first
+//! reserves a unit's bytes in it by compare-and-swap, never past
+//! `H_MAX_BYTES`, then commits, then sets the unit's bit; if another
+//! committer set the bit first (or the commit failed) it gives the bytes
+//! back. So the count never exceeds the budget, and once every committer
+//! has finished it is exactly the bytes the bits stand for. A committer
+//! killed between reserving and setting the bit leaves the count a unit
+//! too high: the budget errs on the safe side, and `check()` recounts it.
 
 use crate::shm::layout::{
-    Geometry, BUCKET_BYTES, COMMIT_ARENA_OFF, COMMIT_INDEX_OFF, COMMIT_STASH_OFF, GRANULE, PAGE,
-    STASH_BYTES, STASH_OFF,
+    Geometry, BUCKET_BYTES, COMMIT_ARENA_OFF, COMMIT_INDEX_OFF, COMMIT_STASH_OFF, GRANULE,
+    H_COMMITTED, PAGE, STASH_BYTES, STASH_OFF,
 };
 use crate::shm::region::Region;
 use crate::sync::Ordering;
+
+/// Why the calling thread's last commit failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shortage {
+    /// /dev/shm (the file system) has no room.
+    NoRoom,
+    /// The dictionary's `max_bytes` would be exceeded.
+    Budget,
+}
+
+#[cfg(not(loom))]
+std::thread_local! {
+    static LAST_SHORTAGE: std::cell::Cell<Shortage> = const { std::cell::Cell::new(Shortage::NoRoom) };
+}
+
+fn note(why: Shortage) {
+    #[cfg(not(loom))]
+    LAST_SHORTAGE.with(|c| c.set(why));
+    #[cfg(loom)]
+    let _ = why;
+}
+
+/// Why the calling thread's last failed commit failed.
+pub(crate) fn last_shortage() -> Shortage {
+    #[cfg(not(loom))]
+    return LAST_SHORTAGE.with(|c| c.get());
+    #[cfg(loom)]
+    Shortage::NoRoom
+}
 
 /// The commit table of one segment.
 #[derive(Clone, Copy)]
@@ -77,6 +116,71 @@ impl<'a> Commits<'a> {
         }
     }
 
+    /// Reserves `bytes` of the budget (`false`: it would be exceeded).
+    fn reserve(&self, bytes: u64) -> bool {
+        let Some(w) = self.r.word(H_COMMITTED) else {
+            return false;
+        };
+        let max = if self.g.max_bytes == 0 {
+            u64::MAX
+        } else {
+            self.g.max_bytes
+        };
+        // Relaxed: a counter; the compare-and-swap decides.
+        let mut cur = w.load(Ordering::Relaxed);
+        loop {
+            match cur.checked_add(bytes) {
+                Some(next) if next <= max => {}
+                _ => {
+                    note(Shortage::Budget);
+                    return false;
+                }
+            }
+            match w.compare_exchange_weak(cur, cur + bytes, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Gives back bytes reserved by [`reserve`](Self::reserve).
+    fn unreserve(&self, bytes: u64) {
+        if let Some(w) = self.r.word(H_COMMITTED) {
+            w.fetch_sub(bytes, Ordering::Relaxed); // Relaxed: a counter.
+        }
+    }
+
+    /// Bytes committed (a snapshot).
+    pub(crate) fn committed(&self) -> u64 {
+        self.r
+            .word(H_COMMITTED)
+            .map_or(0, |w| w.load(Ordering::Relaxed)) // Relaxed: a statistic.
+    }
+
+    /// The bytes the bits of the commit table stand for, plus what creation
+    /// commits: what [`committed`](Self::committed) says once no commit is
+    /// in flight. For `check()`, which stores it.
+    pub(crate) fn recount(&self) -> u64 {
+        let mut total = crate::shm::layout::committed_at_creation();
+        for m in [self.stash_map(), self.index_map(), self.arena_map()] {
+            let unit = 1u64 << m.shift;
+            for u in 0..m.units {
+                if self.is_set(m, u) {
+                    let end = (m.base + (u + 1) * unit).min(self.r.len());
+                    total += end.saturating_sub(m.base + u * unit);
+                }
+            }
+        }
+        total
+    }
+
+    /// Sets the committed count (`check()`, with the write gate closed).
+    pub(crate) fn set_committed(&self, bytes: u64) {
+        if let Some(w) = self.r.word(H_COMMITTED) {
+            w.store(bytes, Ordering::Relaxed); // Relaxed: a counter.
+        }
+    }
+
     fn stash_map(&self) -> Bitmap {
         Bitmap {
             table: COMMIT_STASH_OFF,
@@ -110,14 +214,24 @@ impl<'a> Commits<'a> {
             if self.is_set(m, u) {
                 continue;
             }
-            if !self.r.commit(m.base + (u << m.shift), 1 << m.shift) {
-                return false;
-            }
+            let start = m.base + (u << m.shift);
+            // The unit's bytes inside the file (the last unit may be short).
+            let bytes = (start + (1 << m.shift)).min(self.r.len()) - start;
             let Some(w) = self.r.word(m.table + (u / 64) * 8) else {
                 return false;
             };
+            if !self.reserve(bytes) {
+                return false;
+            }
+            if !self.r.commit(start, bytes) {
+                self.unreserve(bytes);
+                note(Shortage::NoRoom);
+                return false;
+            }
             // Release: pairs with the Acquire in `is_set`.
-            w.fetch_or(1 << (u % 64), Ordering::Release);
+            if w.fetch_or(1 << (u % 64), Ordering::Release) & (1 << (u % 64)) != 0 {
+                self.unreserve(bytes); // Another committer counted it.
+            }
         }
         true
     }
@@ -167,6 +281,13 @@ impl<'a> Commits<'a> {
         self.r
             .word(table + (u / 64) * 8)
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (u % 64)) != 0)
+    }
+
+    /// Commits the arena bytes `off..off + len` (relative to the arena):
+    /// an index table carved from it (`grow.rs`).
+    pub(crate) fn ensure_arena(&self, off: u64, len: u64) -> bool {
+        let m = self.arena_map();
+        self.ensure(m, m.base + off, len)
     }
 
     /// Commits the first word of a block (a free-list link is stored there).

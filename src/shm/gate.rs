@@ -66,7 +66,10 @@ pub(crate) fn enter<'a>(r: &'a Region, index: u64, me: &Holder) -> InFlight<'a> 
         // Relaxed: ordered by the fence.
         active.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        let g = gate.load(Ordering::Relaxed); // Relaxed: ordered by the fence.
+        // Acquire: besides the fence's ordering, pairs with the Release of
+        // the gate's last reopening (`Closed::drop`), so what the closer
+        // did (a growth step: `grow.rs`) is visible to this operation.
+        let g = gate.load(Ordering::Acquire);
         if g == 0 {
             return InFlight {
                 active: Some(active),

@@ -22,7 +22,13 @@
 //! in its handle's attach entry before it stores the entry word, so that
 //! `len()` is exact even after a kill (see `livecount.rs`).
 //!
-//! Keys never move once inserted. New keys are inserted under the insert lock
+//! Keys never move within a table. When the index grows (`grow.rs`), every
+//! entry is copied into a table twice as large while no writer runs, and
+//! the old table's slots are marked `MOVED`; a lookup that meets the mark
+//! starts again in the current table. An [`Index`] is one table: writers
+//! take the current one inside the write gate, where it cannot change.
+//!
+//! New keys are inserted under the insert lock
 //! of their home bucket, so two processes inserting the same new key are
 //! serialized and the second finds the first's entry: exactly one entry per
 //! key. Overwrites and removals of existing keys take only their slot.
@@ -30,6 +36,7 @@
 use crate::shm::attach::{self, Holder, Token};
 use crate::shm::block;
 use crate::shm::commit::Commits;
+use crate::shm::grow::{self, Table, MOVED};
 use crate::shm::layout::{
     Entry, Geometry, BUCKET_BYTES, B_LOCK, B_OVERFLOW, B_SLOTS, GRANULE, H_LIVE, SLOTS_PER_BUCKET,
     SLOT_BYTES,
@@ -53,14 +60,22 @@ pub(crate) struct Loc {
     pub(crate) entry: Entry,
     /// Buckets between the home bucket and the key's bucket.
     steps: u64,
+    /// The table it was found in: its generation and bucket mask.
+    gen: u32,
+    mask: u64,
 }
 
 impl Loc {
     /// A number that changes with every write to the key: the slot's place
     /// (24 bits, modulo 2^24) and its control word's version (40 bits).
     /// Never 0 (a slot holding a key has been released at least once).
-    pub(crate) fn version(&self, nbuckets: u64) -> u64 {
-        let place = ((self.bucket & (nbuckets - 1)) * SLOTS_PER_BUCKET + self.slot) & 0xff_ffff;
+    /// The table's generation is mixed into the place: a key copied into a
+    /// new table gets a new version.
+    pub(crate) fn version(&self) -> u64 {
+        let place = ((self.bucket & self.mask) * SLOTS_PER_BUCKET
+            + self.slot
+            + u64::from(self.gen) * 0x9e37)
+            & 0xff_ffff;
         place << 40 | seqlock::version(self.ctrl)
     }
 }
@@ -92,38 +107,77 @@ fn slot_in(words: &[AtomicU64], s: u64) -> (&AtomicU64, &AtomicU64) {
     (&words[w], &words[w + 1])
 }
 
-/// The index of one segment.
+/// A lookup met a slot marked `MOVED`: its table is no longer current.
+struct Moved;
+
+/// One table of the index of one segment.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Index<'a> {
     r: &'a Region,
     g: &'a Geometry,
     slab: Slab<'a>,
+    t: Table,
+    /// Why the current table could not be found (a corrupted header):
+    /// every operation then reports it.
+    bad: Option<Corrupt>,
 }
 
 impl<'a> Index<'a> {
+    /// The current table.
+    #[inline]
     pub(crate) fn new(r: &'a Region, g: &'a Geometry) -> Index<'a> {
+        match grow::current(r, g) {
+            Ok(t) => Index::with_table(r, g, t),
+            Err(c) => Index {
+                bad: Some(c),
+                ..Index::with_table(r, g, Table::first(g))
+            },
+        }
+    }
+
+    /// The table `t` (validated by `grow::table`).
+    pub(crate) fn with_table(r: &'a Region, g: &'a Geometry, t: Table) -> Index<'a> {
         Index {
             r,
             g,
             slab: Slab::new(r, g),
+            t,
+            bad: None,
         }
+    }
+
+    /// The table this index reads.
+    pub(crate) fn table(&self) -> Table {
+        self.t
+    }
+
+    fn sound(&self) -> Result<(), Corrupt> {
+        self.bad.map_or(Ok(()), Err)
     }
 
     fn mask(&self) -> u64 {
-        self.g.nbuckets - 1
+        self.t.nbuckets - 1
     }
 
     /// The eight words of a bucket, bounds-checked once; all zero, without
-    /// touching the segment, if its memory was never committed.
+    /// touching the segment, if its memory was never committed (tables
+    /// after the first are committed whole before they are used).
+    #[inline]
     fn bucket(&self, bucket: u64) -> &'a [AtomicU64] {
         #[cfg(not(loom))]
-        if !Commits::new(self.r, self.g).bucket_ready(bucket & self.mask()) {
+        if self.t.gen == 0 && !Commits::new(self.r, self.g).bucket_ready(bucket & self.mask()) {
             return &UNCOMMITTED_BUCKET;
         }
-        let off = self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES;
+        let off = self.t.off + (bucket & self.mask()) * BUCKET_BYTES;
         self.r
             .words(off, BUCKET_BYTES / 8)
             .expect("buckets lie inside the validated index")
+    }
+
+    /// Whether a writer may store into `bucket` (committing its memory
+    /// first if need be).
+    fn ensure_bucket(&self, bucket: u64) -> bool {
+        self.t.gen > 0 || Commits::new(self.r, self.g).ensure_bucket(bucket & self.mask())
     }
 
     /// The word at byte offset `field` of a bucket.
@@ -134,7 +188,7 @@ impl<'a> Index<'a> {
     /// Byte offset of the control word of slot `s` of a bucket (the entry
     /// word follows it).
     fn slot_off(&self, bucket: u64, s: u64) -> u64 {
-        self.g.index_off + (bucket & self.mask()) * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES
+        self.t.off + (bucket & self.mask()) * BUCKET_BYTES + B_SLOTS + s * SLOT_BYTES
     }
 
     /// The count record of the handle `me` (see `livecount.rs`).
@@ -179,7 +233,7 @@ impl<'a> Index<'a> {
     /// the commit bit is not looked at again.
     #[inline]
     fn slot_found(&self, loc: &Loc) -> (&'a AtomicU64, &'a AtomicU64) {
-        let off = self.g.index_off + (loc.bucket & self.mask()) * BUCKET_BYTES;
+        let off = self.t.off + (loc.bucket & self.mask()) * BUCKET_BYTES;
         let words = self
             .r
             .words(off, BUCKET_BYTES / 8)
@@ -202,15 +256,35 @@ impl<'a> Index<'a> {
 
     /// Looks `key` up. If `out` is given, the value is copied into it from
     /// the same snapshot that matched the key.
+    ///
+    /// A lookup that meets a `MOVED` slot (its table was replaced while it
+    /// looked) starts again in the current table; the `Loc` says which
+    /// table it was found in.
     pub(crate) fn find(
         &self,
         key: &[u8],
         hash: u64,
         mut out: Option<&mut Vec<u8>>,
     ) -> Result<Option<Loc>, Corrupt> {
+        let mut ix = *self;
+        loop {
+            ix.sound()?;
+            match ix.find_here(key, hash, out.as_deref_mut()) {
+                Ok(found) => return found,
+                Err(Moved) => ix = Index::new(self.r, self.g),
+            }
+        }
+    }
+
+    fn find_here(
+        &self,
+        key: &[u8],
+        hash: u64,
+        mut out: Option<&mut Vec<u8>>,
+    ) -> Result<Result<Option<Loc>, Corrupt>, Moved> {
         let home = hash & self.mask();
         let tag = Entry::tag_of(hash);
-        for steps in 0..self.g.nbuckets {
+        for steps in 0..self.t.nbuckets {
             let bucket = home + steps;
             let words = self.bucket(bucket);
             for s in 0..SLOTS_PER_BUCKET {
@@ -218,6 +292,9 @@ impl<'a> Index<'a> {
                 let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
+                    if begin == MOVED {
+                        return Err(Moved);
+                    }
                     // Acquire: pairs with the Release unlock that published it.
                     let e = Entry(entry.load(Ordering::Acquire));
                     if e.0 == Entry::EMPTY || e.tag() != tag {
@@ -235,17 +312,19 @@ impl<'a> Index<'a> {
                     }
                     match read {
                         block::Read::Match => {
-                            return Ok(Some(Loc {
+                            return Ok(Ok(Some(Loc {
                                 bucket,
                                 slot: s,
                                 ctrl: begin,
                                 entry: e,
                                 steps,
-                            }))
+                                gen: self.t.gen,
+                                mask: self.mask(),
+                            })))
                         }
                         block::Read::Mismatch => break,
                         block::Read::Invalid => {
-                            return Err(Corrupt("index entry names an invalid block"))
+                            return Ok(Err(Corrupt("index entry names an invalid block")))
                         }
                     }
                 }
@@ -253,10 +332,10 @@ impl<'a> Index<'a> {
             // SeqCst: a lookup that misses the key must not see a count older
             // than the key's insertion (which increments before publishing).
             if words[(B_OVERFLOW / 8) as usize].load(Ordering::SeqCst) == 0 {
-                return Ok(None);
+                return Ok(Ok(None));
             }
         }
-        Ok(None)
+        Ok(Ok(None))
     }
 
     /// Prefetches the home bucket of `hash` (see [`Region::prefetch`]).
@@ -308,9 +387,10 @@ impl<'a> Index<'a> {
         key: &[u8],
         hash: u64,
     ) -> Result<Option<(Entry, u64, usize)>, Corrupt> {
+        self.sound()?;
         let home = hash & self.mask();
         let tag = Entry::tag_of(hash);
-        for steps in 0..self.g.nbuckets {
+        for steps in 0..self.t.nbuckets {
             let words = self.bucket(home + steps);
             for s in 0..SLOTS_PER_BUCKET {
                 let (_, entry) = slot_in(words, s);
@@ -343,7 +423,13 @@ impl<'a> Index<'a> {
 
     /// Replaces the entry at `loc` with `new`, if the slot is unchanged since
     /// `loc` was read. On `false` the caller looks the key up again.
+    ///
+    /// Only for an index taken inside the write gate (the current table);
+    /// `false` if `loc` is from an older table.
     pub(crate) fn try_replace(&self, loc: &Loc, new: Entry, me: &Holder) -> bool {
+        if loc.gen != self.t.gen || self.bad.is_some() {
+            return false;
+        }
         let (ctrl, entry) = self.slot_found(loc);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
@@ -357,7 +443,12 @@ impl<'a> Index<'a> {
 
     /// Removes the entry at `loc`, if the slot is unchanged since `loc` was
     /// read. On `false` the caller looks the key up again.
+    ///
+    /// Only for an index taken inside the write gate, as `try_replace`.
     pub(crate) fn try_remove(&self, loc: &Loc, hash: u64, me: &Holder) -> bool {
+        if loc.gen != self.t.gen || self.bad.is_some() {
+            return false;
+        }
         let (ctrl, entry) = self.slot_found(loc);
         let Some(locked) = self.lock_slot(ctrl, loc.ctrl, me) else {
             return false;
@@ -401,8 +492,9 @@ impl<'a> Index<'a> {
         new: Entry,
         me: &Holder,
     ) -> Result<NewKey, Corrupt> {
+        self.sound()?;
         let home = hash & self.mask();
-        if !Commits::new(self.r, self.g).ensure_bucket(home) {
+        if !self.ensure_bucket(home) {
             return Ok(NewKey::NoRoom);
         }
         let lock = self.bucket_word(home, B_LOCK);
@@ -424,14 +516,14 @@ impl<'a> Index<'a> {
             return Ok(NewKey::Exists);
         }
         // Relaxed: a counter; the bound is enforced by the fetch_add's result.
-        if self.live().fetch_add(1, Ordering::Relaxed) >= self.g.capacity {
+        if self.live().fetch_add(1, Ordering::Relaxed) >= self.t.capacity {
             self.live().fetch_sub(1, Ordering::Relaxed);
             return Ok(NewKey::Full);
         }
         let mut counted = 0;
-        for steps in 0..self.g.nbuckets {
+        for steps in 0..self.t.nbuckets {
             let bucket = home + steps;
-            if !Commits::new(self.r, self.g).ensure_bucket(bucket & self.mask()) {
+            if !self.ensure_bucket(bucket) {
                 // Give back what this insert counted so far.
                 for k in 0..counted {
                     self.bucket_word(home + k, B_OVERFLOW)
@@ -467,7 +559,7 @@ impl<'a> Index<'a> {
             counted += 1;
         }
         // No empty slot anywhere (only possible if capacity was corrupted).
-        for steps in 0..self.g.nbuckets {
+        for steps in 0..self.t.nbuckets {
             self.bucket_word(home + steps, B_OVERFLOW)
                 .fetch_sub(1, Ordering::SeqCst);
         }
@@ -477,16 +569,32 @@ impl<'a> Index<'a> {
 
     /// Every key present during the whole scan, each once; keys inserted or
     /// removed during the scan may or may not appear.
+    /// (A scan that meets a `MOVED` slot starts again in the current
+    /// table.)
     pub(crate) fn keys(&self) -> Result<Vec<Vec<u8>>, Corrupt> {
+        let mut ix = *self;
+        loop {
+            ix.sound()?;
+            match ix.keys_here() {
+                Ok(keys) => return keys,
+                Err(Moved) => ix = Index::new(self.r, self.g),
+            }
+        }
+    }
+
+    fn keys_here(&self) -> Result<Result<Vec<Vec<u8>>, Corrupt>, Moved> {
         let mut seen = std::collections::HashSet::new();
         let mut key = Vec::new();
-        for bucket in 0..self.g.nbuckets {
+        for bucket in 0..self.t.nbuckets {
             let words = self.bucket(bucket);
             for s in 0..SLOTS_PER_BUCKET {
                 let (ctrl, entry) = slot_in(words, s);
                 let mut retry = seqlock::Retry::new();
                 loop {
                     let begin = seqlock::read_begin(ctrl);
+                    if begin == MOVED {
+                        return Err(Moved);
+                    }
                     let e = Entry(entry.load(Ordering::Acquire)); // Acquire: as in find.
                     if e.0 == Entry::EMPTY {
                         break;
@@ -499,7 +607,7 @@ impl<'a> Index<'a> {
                         continue;
                     }
                     if !ok {
-                        return Err(Corrupt("index entry names an invalid block"));
+                        return Ok(Err(Corrupt("index entry names an invalid block")));
                     }
                     if !seen.contains(&key) {
                         seen.insert(key.clone());
@@ -508,7 +616,90 @@ impl<'a> Index<'a> {
                 }
             }
         }
-        Ok(seen.into_iter().collect())
+        Ok(Ok(seen.into_iter().collect()))
+    }
+
+    /// Copies every entry of this table into `to`, an empty table no
+    /// process can see yet (`grow.rs`), with the write gate closed.
+    /// Returns the number of entries copied.
+    pub(crate) fn copy_into(&self, to: &Index<'_>) -> Result<u64, Corrupt> {
+        let mut copied = 0;
+        for bucket in 0..self.t.nbuckets {
+            let words = self.bucket(bucket);
+            for s in 0..SLOTS_PER_BUCKET {
+                let (_, entry) = slot_in(words, s);
+                // Relaxed: no writer runs (the gate is closed; a dead
+                // writer's stores are visible through its death).
+                let e = Entry(entry.load(Ordering::Relaxed));
+                if e.0 == Entry::EMPTY {
+                    continue;
+                }
+                let block = self
+                    .block_of(e)
+                    .ok_or(Corrupt("index entry names an invalid block"))?;
+                // Relaxed: the block was published before the gate closed.
+                let hash = block[1].load(Ordering::Relaxed);
+                if Entry::tag_of(hash) != e.tag() {
+                    return Err(Corrupt("a block's hash does not match its entry"));
+                }
+                to.place(e, hash)?;
+                copied += 1;
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Stores `e` (of a key hashing to `hash`) in the first empty slot of
+    /// its probe sequence, counting the buckets it passes. Only for a table
+    /// no process can see yet: plain stores, published by the flip.
+    fn place(&self, e: Entry, hash: u64) -> Result<(), Corrupt> {
+        let home = hash & self.mask();
+        for steps in 0..self.t.nbuckets {
+            let words = self.bucket(home + steps);
+            for s in 0..SLOTS_PER_BUCKET {
+                let (ctrl, entry) = slot_in(words, s);
+                // Relaxed (all three): published by the flip's Release.
+                if entry.load(Ordering::Relaxed) == Entry::EMPTY {
+                    // Version 1: a slot holding a key has been released at
+                    // least once (`Loc::version` is never 0).
+                    ctrl.store(seqlock::released(0), Ordering::Relaxed);
+                    entry.store(e.0, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+            let over = &words[(B_OVERFLOW / 8) as usize];
+            over.store(over.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+        Err(Corrupt("more entries than slots in the next index table"))
+    }
+
+    /// Zeroes this table: a killed grower's partial copy (`grow.rs`).
+    pub(crate) fn zero(&self) {
+        for bucket in 0..self.t.nbuckets {
+            for w in self.bucket(bucket) {
+                w.store(0, Ordering::Relaxed); // Relaxed: published by the flip.
+            }
+        }
+    }
+
+    /// Marks every slot of this (replaced) table that holds an entry
+    /// `MOVED` (`grow.rs`, the seal).
+    pub(crate) fn mark_moved(&self) {
+        for bucket in 0..self.t.nbuckets {
+            let words = self.bucket(bucket);
+            for s in 0..SLOTS_PER_BUCKET {
+                let (ctrl, entry) = slot_in(words, s);
+                // Relaxed: the table is no longer written but for these marks.
+                if entry.load(Ordering::Relaxed) != Entry::EMPTY
+                    && ctrl.load(Ordering::Relaxed) != MOVED
+                {
+                    // Release: pairs with the Acquire of a reader's
+                    // `read_begin` that sees the mark, so its next load of
+                    // `H_TABLES` sees the flip made before.
+                    ctrl.store(MOVED, Ordering::Release);
+                }
+            }
+        }
     }
 
     /// Live keys, exact also after kills (see `livecount.rs`).
@@ -525,7 +716,7 @@ impl<'a> Index<'a> {
     /// which holds nothing yet, so every such slot is a dead writer's.
     pub(crate) fn release_slots_of(&self, entry: u64) -> u64 {
         let mut released = 0;
-        for bucket in 0..self.g.nbuckets {
+        for bucket in 0..self.t.nbuckets {
             for s in 0..SLOTS_PER_BUCKET {
                 let (ctrl, _) = self.slot(bucket, s);
                 let c = ctrl.load(Ordering::Acquire); // Acquire: as seqlock::read_begin.

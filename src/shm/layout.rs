@@ -27,7 +27,13 @@ pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMDICT\0");
 /// (pin slots, retired blocks: `epoch.rs`), the header an epoch word, and a
 /// block's value starts 16-aligned (`block.rs`). A version-3 process would
 /// free blocks that borrowed readers of this version still read.
-pub(crate) const FORMAT_VERSION: u32 = 4;
+/// Version 5: growth while attached (issue 12, `grow.rs`). The file is a
+/// reservation: the arena extends to the most the dictionary may take, and
+/// index tables of later generations are carved from it; the header names
+/// the current table (`H_TABLES`) and keeps a growth log, a commit budget
+/// (`H_MAX_BYTES`, `H_COMMITTED`), and the arena's commit bitmap is 32 KiB.
+/// A version-4 process would look keys up in the first table only.
+pub(crate) const FORMAT_VERSION: u32 = 5;
 /// Segment kinds that share the namespace.
 pub(crate) const KIND_DICT: u32 = 1;
 /// The index hash: xxh3-64 with seed 0 over the key bytes (see `hash_key`).
@@ -87,19 +93,35 @@ pub(crate) const STASH_BYTES: u64 = 1024;
 pub(crate) const STASH_BYTES: u64 = 256;
 /// The commit table (`commit.rs`): bitmaps of the parts of the segment
 /// whose memory /dev/shm has given (`fallocate`), after the stashes: one
-/// bit per page of stashes, then one per index unit, then one per arena
-/// unit (units of at least 64 KiB, at most 65,536 of each).
+/// bit per page of stashes, then one per unit of the first index table,
+/// then one per arena unit (units of at least 64 KiB; at most 65,536 index
+/// units and 262,144 arena units).
 pub(crate) const COMMIT_OFF: u64 = STASH_OFF + ATTACH_ENTRIES * STASH_BYTES;
 pub(crate) const COMMIT_STASH_OFF: u64 = COMMIT_OFF;
-pub(crate) const COMMIT_INDEX_OFF: u64 = COMMIT_OFF + 4096;
-pub(crate) const COMMIT_ARENA_OFF: u64 = COMMIT_INDEX_OFF + 8192;
+pub(crate) const COMMIT_INDEX_OFF: u64 = COMMIT_OFF + COMMIT_STASH_BYTES;
+pub(crate) const COMMIT_ARENA_OFF: u64 = COMMIT_INDEX_OFF + COMMIT_INDEX_BYTES;
+/// Bytes of each bitmap. (Loom models commit nothing: tiny bitmaps keep
+/// their heap regions small.)
+#[cfg(not(loom))]
+const COMMIT_STASH_BYTES: u64 = 4096;
+#[cfg(not(loom))]
+const COMMIT_INDEX_BYTES: u64 = 8192;
+#[cfg(not(loom))]
+const COMMIT_ARENA_BYTES: u64 = 32768;
+#[cfg(loom)]
+const COMMIT_STASH_BYTES: u64 = 64;
+#[cfg(loom)]
+const COMMIT_INDEX_BYTES: u64 = 64;
+#[cfg(loom)]
+const COMMIT_ARENA_BYTES: u64 = 64;
 /// Units per bitmap, at most.
-pub(crate) const COMMIT_MAX_UNITS: u64 = 8192 * 8;
+pub(crate) const COMMIT_INDEX_UNITS: u64 = COMMIT_INDEX_BYTES * 8;
+pub(crate) const COMMIT_ARENA_UNITS: u64 = COMMIT_ARENA_BYTES * 8;
 /// log2 of the smallest commit unit (64 KiB).
 pub(crate) const COMMIT_MIN_SHIFT: u32 = 16;
 /// First byte of the index: after the commit table, page aligned.
-pub(crate) const INDEX_OFF: u64 = COMMIT_ARENA_OFF + 8192;
-const _: () = assert!((STASH_BYTES * ATTACH_ENTRIES).div_ceil(PAGE) <= 4096 * 8);
+pub(crate) const INDEX_OFF: u64 = COMMIT_ARENA_OFF + COMMIT_ARENA_BYTES;
+const _: () = assert!((STASH_BYTES * ATTACH_ENTRIES).div_ceil(PAGE) <= COMMIT_STASH_BYTES * 8);
 /// The bytes every new segment commits at creation: the header and the
 /// tables before the stashes, and the commit table.
 pub(crate) const COMMITTED_AT_CREATION: [(u64, u64); 2] =
@@ -147,6 +169,11 @@ pub(crate) const H_CHUNK_ORDER: u64 = 72;
 pub(crate) const H_ATTACH_OFF: u64 = 80;
 pub(crate) const H_ATTACH_LEN: u64 = 88;
 pub(crate) const H_HASH_ID: u64 = 96;
+/// The last index generation the reservation has room for (`grow.rs`).
+pub(crate) const H_MAX_GEN: u64 = 104;
+/// The most bytes the dictionary may commit (0: no limit but the
+/// reservation and /dev/shm).
+pub(crate) const H_MAX_BYTES: u64 = 112;
 // Mutable counters, each on its own cache line.
 /// Live keys (mutable).
 pub(crate) const H_LIVE: u64 = 128;
@@ -162,12 +189,31 @@ pub(crate) const H_GATE: u64 = 320;
 pub(crate) const H_ATTACH_HWM: u64 = 384;
 /// The global epoch of borrowed reads (mutable; see `epoch.rs`).
 pub(crate) const H_EPOCH: u64 = 448;
+/// The current index table (mutable; see `grow.rs`): its generation, and
+/// whether the table before it is sealed.
+pub(crate) const H_TABLES: u64 = 512;
+/// Bytes committed so far (mutable; see `commit.rs`), against `H_MAX_BYTES`.
+pub(crate) const H_COMMITTED: u64 = 576;
 /// The robust process-shared mutex behind `lock()` (64 bytes at 1024), only
 /// ever accessed by libc's pthread functions.
 pub(crate) const DICT_LOCK_OFF: u64 = 1024;
-// 512..1024 and 1088..4096: reserved.
+/// The growth log (`grow.rs`): one record of `GROWTH_RECORD_BYTES` per
+/// index generation, 64 generations.
+pub(crate) const H_GROWTH_LOG: u64 = 2048;
+pub(crate) const GROWTH_RECORD_BYTES: u64 = 32;
+pub(crate) const MAX_GENERATIONS: u64 = 64;
+const _: () = assert!(H_GROWTH_LOG + GROWTH_RECORD_BYTES * MAX_GENERATIONS <= HEADER_BYTES);
+// 640..1024 and 1088..2048: reserved.
 const _: () = assert!(INDEX_OFF % PAGE == 0);
 const _: () = assert!(B_SLOTS + SLOTS_PER_BUCKET * SLOT_BYTES == BUCKET_BYTES);
+
+/// The arena size whose eighth a dictionary that grows accepts as a value
+/// from the start, whatever its initial arena (if its reservation is that
+/// large): growing never changes the largest block.
+#[cfg(not(loom))]
+pub(crate) const GROWN_ARENA: u64 = 8 << 20;
+#[cfg(loom)]
+pub(crate) const GROWN_ARENA: u64 = 1024;
 
 /// Defaults for `ShmDict::open` without options.
 pub(crate) const DEFAULT_CAPACITY: u64 = 1 << 20;
@@ -196,24 +242,77 @@ pub(crate) struct Geometry {
     /// derived from the sizes above.
     pub(crate) index_unit_shift: u32,
     pub(crate) arena_unit_shift: u32,
+    /// The last index generation (`grow.rs`): 0 for a fixed-size
+    /// dictionary. Generation `g` holds `capacity << g` keys in
+    /// `nbuckets << g` buckets; `capacity` and `nbuckets` are generation
+    /// 0's, and `arena_bytes` is the whole reservation.
+    pub(crate) max_gen: u32,
+    /// The most bytes the dictionary may commit; 0: no limit but the
+    /// reservation and /dev/shm.
+    pub(crate) max_bytes: u64,
 }
 
 impl Geometry {
     /// Geometry for a new segment holding `capacity` live keys and at least
     /// `arena_bytes` of key and value room. `None` if out of range.
     pub(crate) fn new(capacity: u64, arena_bytes: u64) -> Option<Geometry> {
+        Geometry::growable(capacity, arena_bytes, 0, 0)
+    }
+
+    /// Geometry for a new segment that starts with `capacity` keys and
+    /// `arena_bytes` of room and, unless `reserve` is 0, may grow: its
+    /// arena is reserved up to `reserve` bytes (rounded down to whole
+    /// chunks), and it commits at most `max_bytes` (0: no limit). `None` if
+    /// out of range.
+    pub(crate) fn growable(
+        capacity: u64,
+        arena_bytes: u64,
+        reserve: u64,
+        max_bytes: u64,
+    ) -> Option<Geometry> {
         if capacity == 0 || capacity > MAX_CAPACITY || arena_bytes > MAX_ARENA_BYTES {
             return None;
         }
-        let arena_req = arena_bytes.max(MIN_ARENA_BYTES);
+        let grows = reserve > 0;
+        let reserve = reserve.clamp(MIN_ARENA_BYTES, MAX_ARENA_BYTES);
+        // A dictionary that grows starts no larger than its reservation.
+        let arena_req = if grows {
+            arena_bytes.min(reserve)
+        } else {
+            arena_bytes
+        }
+        .max(MIN_ARENA_BYTES);
         let slots = capacity.checked_mul(MAX_LOAD_DEN)?.div_ceil(MAX_LOAD_NUM);
         let nbuckets = slots.div_ceil(SLOTS_PER_BUCKET).next_power_of_two().max(2);
         // A chunk is the largest block: it must hold a maximal key plus a value
-        // of 1/8 of the arena.
-        let largest = BLOCK_HEADER + MAX_GUARANTEED_KEY + arena_req / 8;
+        // of 1/8 of the arena (of `GROWN_ARENA` for a dictionary that grows,
+        // if the reservation has room for that much).
+        let basis = if grows {
+            arena_req.max(GROWN_ARENA.min(reserve))
+        } else {
+            arena_req
+        };
+        let largest = BLOCK_HEADER + MAX_GUARANTEED_KEY + basis / 8;
         let chunk_bytes = largest.next_power_of_two().max(GRANULE);
         let chunk_order = (chunk_bytes / GRANULE).trailing_zeros();
-        let arena = arena_req.div_ceil(chunk_bytes) * chunk_bytes;
+        let initial = arena_req.div_ceil(chunk_bytes) * chunk_bytes;
+        let arena = if grows {
+            (reserve / chunk_bytes * chunk_bytes).max(initial)
+        } else {
+            initial
+        };
+        // Generations until the index could hold a key per granule of the
+        // arena (the most keys it can ever hold), within the encodings.
+        let mut max_gen = 0u32;
+        if grows {
+            while (capacity << max_gen) < arena / GRANULE
+                && (capacity << (max_gen + 1)) <= MAX_CAPACITY
+                && (max_gen as u64 + 1) < MAX_GENERATIONS
+                && (nbuckets << (max_gen + 1)) * BUCKET_BYTES <= arena
+            {
+                max_gen += 1;
+            }
+        }
         let index_bytes = nbuckets.checked_mul(BUCKET_BYTES)?;
         let arena_off = (INDEX_OFF + index_bytes).next_multiple_of(PAGE);
         let total = arena_off.checked_add(arena)?;
@@ -227,9 +326,26 @@ impl Geometry {
             total_bytes: total,
             index_unit_shift: 0,
             arena_unit_shift: 0,
+            max_gen,
+            max_bytes,
         }
         .with_units();
         g.check().ok().map(|()| g)
+    }
+
+    /// Whether the dictionary may grow.
+    pub(crate) fn grows(&self) -> bool {
+        self.max_gen > 0
+    }
+
+    /// Buckets of the index table of generation `gen`.
+    pub(crate) fn table_buckets(&self, gen: u32) -> u64 {
+        self.nbuckets << gen
+    }
+
+    /// Keys the index table of generation `gen` holds.
+    pub(crate) fn table_capacity(&self, gen: u32) -> u64 {
+        self.capacity << gen
     }
 
     /// Consistency rules every geometry obeys; applied to untrusted headers.
@@ -264,14 +380,23 @@ impl Geometry {
         if self.arena_off.checked_add(self.arena_bytes) != Some(self.total_bytes) {
             return bad("total size");
         }
+        if self.max_gen as u64 >= MAX_GENERATIONS
+            || (self.capacity << self.max_gen) > MAX_CAPACITY
+            || (self.nbuckets << self.max_gen) > (1 << 33)
+        {
+            return bad("index generations");
+        }
         Ok(())
     }
 
     /// Sets the commit units from the sizes: at least 64 KiB, and at most
-    /// [`COMMIT_MAX_UNITS`] units of each part.
+    /// [`COMMIT_INDEX_UNITS`] and [`COMMIT_ARENA_UNITS`] units.
     fn with_units(mut self) -> Geometry {
-        self.index_unit_shift = unit_shift(self.nbuckets.saturating_mul(BUCKET_BYTES));
-        self.arena_unit_shift = unit_shift(self.arena_bytes);
+        self.index_unit_shift = unit_shift(
+            self.nbuckets.saturating_mul(BUCKET_BYTES),
+            COMMIT_INDEX_UNITS,
+        );
+        self.arena_unit_shift = unit_shift(self.arena_bytes, COMMIT_ARENA_UNITS);
         self
     }
 
@@ -308,6 +433,10 @@ impl Geometry {
         put(H_ATTACH_OFF, HEADER_BYTES)?;
         put(H_ATTACH_LEN, ATTACH_ENTRIES)?;
         put(H_HASH_ID, HASH_XXH3_64_SEED0)?;
+        put(H_MAX_GEN, self.max_gen as u64)?;
+        put(H_MAX_BYTES, self.max_bytes)?;
+        put(H_COMMITTED, committed_at_creation())?;
+        crate::shm::grow::log_creation(r)?;
         put(H_MAGIC, MAGIC)
     }
 
@@ -365,6 +494,8 @@ impl Geometry {
             total_bytes: get(H_TOTAL_BYTES)?,
             index_unit_shift: 0,
             arena_unit_shift: 0,
+            max_gen: u32::try_from(get(H_MAX_GEN)?).unwrap_or(u32::MAX),
+            max_bytes: get(H_MAX_BYTES)?,
         }
         .with_units();
         g.check()
@@ -379,10 +510,16 @@ impl Geometry {
     }
 }
 
-/// The commit unit for `bytes` of memory: see `Geometry::index_unit_shift`.
-fn unit_shift(bytes: u64) -> u32 {
-    let need = bytes.div_ceil(COMMIT_MAX_UNITS).max(1).next_power_of_two();
+/// The commit unit for `bytes` of memory in at most `units` units: see
+/// `Geometry::index_unit_shift`.
+fn unit_shift(bytes: u64, units: u64) -> u32 {
+    let need = bytes.div_ceil(units).max(1).next_power_of_two();
     need.trailing_zeros().max(COMMIT_MIN_SHIFT)
+}
+
+/// The bytes [`COMMITTED_AT_CREATION`] commits.
+pub(crate) fn committed_at_creation() -> u64 {
+    COMMITTED_AT_CREATION.iter().map(|&(_, len)| len).sum()
 }
 
 /// Why a header was rejected.

@@ -20,6 +20,7 @@
 //! | `slab`         | the arena allocator: buddy-aligned blocks, free lists     |
 //! | `epoch`        | borrowed reads: pins, the epoch, retired blocks           |
 //! | `gate`         | the write gate that lets `check()` pause writers          |
+//! | `grow`         | growth while attached: index generations, the growth step |
 //! | `rwlock`       | the `Array` lock: shared, exclusive and chunk holds       |
 
 pub(crate) mod attach;
@@ -27,6 +28,7 @@ pub(crate) mod block;
 pub(crate) mod commit;
 pub(crate) mod epoch;
 pub(crate) mod gate;
+pub(crate) mod grow;
 pub(crate) mod index;
 pub(crate) mod layout;
 pub(crate) mod livecount;

@@ -355,6 +355,24 @@ impl<'a> Slab<'a> {
         }
     }
 
+    /// Carves `n` consecutive fresh chunks for an index table (`grow.rs`):
+    /// the granule of the first, or `None` if the arena's reservation has
+    /// fewer left. Their memory is the caller's to commit.
+    pub(crate) fn carve_run(&self, n: u64) -> Option<u64> {
+        let w = self.r.word(H_CHUNKS_CARVED)?;
+        let mut cur = w.load(Ordering::Relaxed); // Relaxed: a counter; the CAS decides.
+        loop {
+            if cur.checked_add(n)? > self.g.nchunks() {
+                return None;
+            }
+            // Relaxed: the chunks' memory is untouched; nothing to order.
+            match w.compare_exchange_weak(cur, cur + n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(cur << self.g.chunk_order),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
     /// Keeps the first block of `to` inside the block `granule` of order
     /// `from`, and frees the rest as blocks of orders `to..from`.
     fn split(&self, granule: u64, from: u32, to: u32, shard: u64) -> u64 {

@@ -273,6 +273,13 @@ pub(crate) fn shm_available_bytes() -> Option<u64> {
     Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
+/// The size of the file system holding /dev/shm: no dictionary can hold
+/// more, so a growing one reserves no more than this (`grow.rs`).
+pub(crate) fn shm_total_bytes() -> Option<u64> {
+    let s = rustix::fs::statvfs(SHM_DIR).ok()?;
+    Some(s.f_blocks.saturating_mul(s.f_frsize))
+}
+
 /// This process's pid and start time (clock ticks after boot), read once.
 pub(crate) fn self_identity() -> (u32, u64) {
     let pid = std::process::id();

@@ -13,6 +13,79 @@ pub fn dict(capacity: u64, arena_bytes: u64) -> crate::ShmDict {
     crate::ShmDict::on_heap(capacity, arena_bytes)
 }
 
+/// A dictionary on the heap that grows: `capacity` keys and `arena_bytes`
+/// to start with, its arena reserved up to `reserve` bytes.
+pub fn growing_dict(capacity: u64, arena_bytes: u64, reserve: u64) -> crate::ShmDict {
+    crate::ShmDict::on_heap_growing(capacity, arena_bytes, reserve)
+}
+
+/// The index generation of `dict` (`grow.rs`).
+pub fn generation(dict: &crate::ShmDict) -> u32 {
+    dict.index().table().gen
+}
+
+/// A growth step of `dict`'s index from generation `from`, by another
+/// process, killed at kill point `step` of it (see `livecount::killed_at`;
+/// 10: the table is copied, not yet current; 11: it is current, the old one
+/// not yet sealed; 0: never). The step runs on the calling model thread: it
+/// closes the write gate, grows, and, if killed, leaves the gate closed in
+/// the name of its process, which is dead (its attach entry names
+/// `attach::LOOM_DEAD_IDENTITY`). Call it while no other thread writes: a
+/// dead holder's gate may be taken over at once, and a live grower's is not.
+pub fn kill_grower(dict: &crate::ShmDict, from: u32, step: u32) {
+    let r = &dict.region;
+    let ident = if step == 0 {
+        2
+    } else {
+        crate::shm::attach::LOOM_DEAD_IDENTITY
+    };
+    let (index, token) = crate::shm::attach::attach(r, crate::shm::attach::LockFd::NONE, ident)
+        .expect("a free attach entry");
+    crate::shm::livecount::note_entry(r, index);
+    let me = crate::shm::attach::Holder::new(token);
+    let closed = crate::shm::gate::close(r, &me, |_| true, 1000).expect("no writer inside");
+    // Relaxed: the capacity counter; the gate is closed.
+    let live = r
+        .word(crate::shm::layout::H_LIVE)
+        .expect("header")
+        .load(crate::sync::Ordering::Relaxed);
+    crate::shm::livecount::kill_at(step);
+    let step_ = crate::shm::grow::Step { r, g: &dict.geo };
+    let _ = step_
+        .grow_locked(from, live, |source| dict.take_table(source))
+        .expect("the step has room");
+    crate::shm::livecount::kill_at(0);
+    if step == 0 {
+        drop(closed);
+    } else {
+        std::mem::forget(closed); // Killed: nobody reopens the gate.
+    }
+}
+
+/// What a writer that takes the block at `granule` of `order` from the
+/// arena, once it is free, does to it: the Release fence every writer
+/// issues before storing into a recycled block (`slab.rs`), then
+/// [`POISON`] over its words after the free-list link. For a block that
+/// copying readers (which hold no pin) may still read.
+pub fn recycle_block(dict: &crate::ShmDict, granule: u64, order: u32) {
+    crate::sync::fence(crate::sync::Ordering::Release);
+    let words = dict.slab().block(granule, order).expect("a block");
+    for w in &words[1..] {
+        // Relaxed: ordered by the fence above.
+        w.store(
+            u64::from_ne_bytes([POISON; 8]),
+            crate::sync::Ordering::Relaxed,
+        );
+    }
+}
+
+/// The granule and order of the block `key`'s entry names now.
+pub fn block_of(dict: &crate::ShmDict, key: &[u8]) -> Option<(u64, u32)> {
+    let hash = crate::shm::layout::hash_key(key);
+    let loc = dict.index().find(key, hash, None).expect("sound")?;
+    Some((loc.entry.granule() as u64, loc.entry.order()))
+}
+
 /// The home bucket of `key` in `dict`.
 pub fn home_bucket(dict: &crate::ShmDict, key: &[u8]) -> u64 {
     crate::shm::layout::hash_key(key) & (dict.nbuckets() - 1)
@@ -547,7 +620,16 @@ impl std::ops::Deref for Borrowing {
 impl Borrowing {
     /// A dictionary as [`dict`] makes, with a shadow cell per granule.
     pub fn new(capacity: u64, arena_bytes: u64) -> Borrowing {
-        let dict = dict(capacity, arena_bytes);
+        Borrowing::with(dict(capacity, arena_bytes))
+    }
+
+    /// A dictionary as [`growing_dict`] makes, with a shadow cell per
+    /// granule.
+    pub fn growing(capacity: u64, arena_bytes: u64, reserve: u64) -> Borrowing {
+        Borrowing::with(growing_dict(capacity, arena_bytes, reserve))
+    }
+
+    fn with(dict: crate::ShmDict) -> Borrowing {
         let granules = dict.geo.arena_bytes / crate::shm::layout::GRANULE;
         let shadow = (0..granules)
             .map(|_| loom::cell::UnsafeCell::new(()))

@@ -299,6 +299,18 @@ pub(crate) fn create(seg: &Segment, capacity: usize, arena: usize) -> ShmDict {
         .unwrap_or_else(|e| panic!("create {}: {e}", seg.name()))
 }
 
+/// A dictionary of fixed size (`Options::fixed_size(true)`): `Full` at
+/// `capacity` keys or when the arena is full, for the trials of `Full`.
+pub(crate) fn create_fixed(seg: &Segment, capacity: usize, arena: usize) -> ShmDict {
+    ShmDict::options()
+        .capacity(capacity)
+        .arena_bytes(arena)
+        .fixed_size(true)
+        .create_new(true)
+        .open(seg.name())
+        .unwrap_or_else(|e| panic!("create {}: {e}", seg.name()))
+}
+
 // --- Start barrier: children count themselves in, the parent says go. ---
 
 /// Child side: announce readiness, then wait for the parent's go.
