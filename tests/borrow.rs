@@ -520,7 +520,7 @@ fn held_bytes_never_change() {
     let seg = Segment::new("borrow-held");
     let ctl_seg = Segment::new("borrow-held-ctl");
     let arena = 32 << 20;
-    let d = create(&seg, 256, arena);
+    let d = create_fixed(&seg, 256, arena);
     let ctl = create(&ctl_seg, 64, 1 << 16);
     for k in 0..KILL_KEYS {
         d.insert(kill_key(k), checked_value(k, 0)).unwrap();
@@ -803,7 +803,7 @@ fn a_stopped_holder_causes_full_at_worst() {
 fn stats_and_check_report_pins() {
     let seg = Segment::new("borrow-stats");
     let ctl_seg = Segment::new("borrow-stats-ctl");
-    let d = Arc::new(create(&seg, 256, 4 << 20));
+    let d = Arc::new(create_fixed(&seg, 256, 4 << 20));
     let ctl = create(&ctl_seg, 64, 1 << 16);
     for k in 0..SMALL_KEYS {
         d.insert(format!("k{k}"), filler(k, 100)).unwrap();
@@ -874,7 +874,7 @@ const WRITER_KILL_ROUNDS: u64 = 25;
 fn writer_killed_under_a_pinned_reader() {
     let seg = Segment::new("borrow-kill");
     let ctl_seg = Segment::new("borrow-kill-ctl");
-    let d = Arc::new(create(&seg, 1024, 32 << 20));
+    let d = Arc::new(create_fixed(&seg, 1024, 32 << 20));
     let ctl = create(&ctl_seg, 64, 1 << 16);
     for k in 0..KILL_KEYS {
         d.insert(kill_key(k), checked_value(k, 0)).unwrap();
@@ -962,7 +962,7 @@ const LIN_INCREMENTS: u64 = 5_000;
 fn borrowed_and_copying_reads_are_linearizable() {
     let seg = Segment::new("borrow-lin");
     let ctl_seg = Segment::new("borrow-lin-ctl");
-    let d = create(&seg, 64, 1 << 20);
+    let d = create_fixed(&seg, 64, 1 << 20);
     let ctl = create(&ctl_seg, 64, 1 << 16);
     let mut readers: Vec<Proc> = ["r0", "r1"]
         .iter()
@@ -1095,7 +1095,7 @@ const READER_ROUNDS: u64 = 300;
 /// within a second (see `a_sliding_window_of_refs_never_starves_writers`).
 fn threads_holding_readers_while_others_write() {
     let seg = Segment::new("borrow-threads");
-    let d = create(&seg, 256, 32 << 20);
+    let d = create_fixed(&seg, 256, 32 << 20);
     for k in 0..KILL_KEYS {
         d.insert(kill_key(k), checked_value(k, 0)).unwrap();
     }
@@ -1225,7 +1225,7 @@ fn a_joined_pin_keeps_its_bytes() {
 /// to 16, and refuses a wrong size.
 fn as_pod_views_borrowed_values() {
     let seg = Segment::new("borrow-pod");
-    let d = create(&seg, 64, 1 << 20);
+    let d = create_fixed(&seg, 64, 1 << 20);
     #[derive(Clone, Copy, Debug, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
     #[repr(C, align(16))]
     struct Point {
@@ -1272,7 +1272,7 @@ fn as_pod_views_borrowed_values() {
 /// fine, and never a hang.
 fn more_pins_than_slots_can_count() {
     let seg = Segment::new("borrow-saturate");
-    let d: &'static ShmDict = Box::leak(Box::new(create(&seg, 64, 1 << 20)));
+    let d: &'static ShmDict = Box::leak(Box::new(create_fixed(&seg, 64, 1 << 20)));
     d.insert("k", "v").unwrap();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -1304,7 +1304,7 @@ fn check_repairs_nothing_while_handles_detach() {
     const ROUNDS: u64 = 400;
     let seg = Segment::new("borrow-detach");
     let ctl_seg = Segment::new("borrow-detach-ctl");
-    let d = Arc::new(create(&seg, 4096, 8 << 20));
+    let d = Arc::new(create_fixed(&seg, 4096, 8 << 20));
     let ctl = create(&ctl_seg, 64, 1 << 16);
     // Long free lists of larger blocks, walked after the spill bags' order:
     // the check's walk between the free lists and the stashes takes longer.

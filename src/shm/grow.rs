@@ -531,6 +531,52 @@ mod tests {
     }
 
     #[test]
+    fn garbage_in_the_tables_word_or_the_growth_log_is_an_error_not_a_crash() {
+        use crate::Error;
+        let d = growing();
+        for i in 0u32..40 {
+            d.insert(i.to_le_bytes(), "v").unwrap();
+        }
+        let tables = d.region.word(H_TABLES).unwrap();
+        let good = tables.load(Ordering::Relaxed);
+        let is_corrupt =
+            |r: crate::Result<Option<Vec<u8>>>| matches!(r, Err(Error::Corrupt { .. }));
+        // A generation past the last, then a record naming memory outside
+        // the arena or misaligned.
+        tables.store(GEN_MASK, Ordering::Relaxed);
+        assert!(is_corrupt(d.get(0u32.to_le_bytes())));
+        assert!(d.insert("x", "y").is_err());
+        assert!(d.keys().is_err());
+        tables.store(good, Ordering::Relaxed);
+        let gen = (good & GEN_MASK) as u32;
+        let rec = record_word(&d.region, gen, R_STATE).unwrap();
+        let state = rec.load(Ordering::Relaxed);
+        for bad in [
+            u64::MAX,
+            CARVED | (d.geo.arena_bytes / GRANULE) << 2,
+            CARVED | 1 << 2,
+            0,
+        ] {
+            rec.store(bad, Ordering::Relaxed);
+            assert!(is_corrupt(d.get(0u32.to_le_bytes())), "{bad:#x}");
+            assert!(
+                d.reader().unwrap().get(0u32.to_le_bytes()).is_err(),
+                "{bad:#x}"
+            );
+        }
+        rec.store(state, Ordering::Relaxed);
+        assert_eq!(d.get(0u32.to_le_bytes()).unwrap().unwrap(), b"v");
+        // Every slot of the current table marked MOVED: garbage, not a
+        // growth step (a lookup restarting forever would hang).
+        let t = Index::new(&d.region, &d.geo).table();
+        for w in d.region.words(t.off, t.bytes() / 8).unwrap() {
+            w.store(u64::MAX, Ordering::Relaxed);
+        }
+        assert!(is_corrupt(d.get(0u32.to_le_bytes())));
+        assert!(d.keys().is_err());
+    }
+
+    #[test]
     fn a_half_made_table_is_zeroed_and_reused() {
         let d = growing();
         for i in 0u32..4 {

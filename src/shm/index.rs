@@ -146,6 +146,22 @@ impl<'a> Index<'a> {
         }
     }
 
+    /// The current table, after a lookup in this one met a `MOVED` slot.
+    /// The mark was stored (Release) after the flip that replaced this
+    /// table, and seen (Acquire, `read_begin`), so the current table is a
+    /// later one; if it is not, the mark is garbage, not a growth step
+    /// (restarting would loop forever).
+    fn successor(&self) -> Result<Index<'a>, Corrupt> {
+        let next = Index::new(self.r, self.g);
+        next.sound()?;
+        if next.t.gen <= self.t.gen {
+            return Err(Corrupt(
+                "a slot of the current index table is marked as moved to a later one",
+            ));
+        }
+        Ok(next)
+    }
+
     /// The table this index reads.
     pub(crate) fn table(&self) -> Table {
         self.t
@@ -271,7 +287,7 @@ impl<'a> Index<'a> {
             ix.sound()?;
             match ix.find_here(key, hash, out.as_deref_mut()) {
                 Ok(found) => return found,
-                Err(Moved) => ix = Index::new(self.r, self.g),
+                Err(Moved) => ix = ix.successor()?,
             }
         }
     }
@@ -577,7 +593,7 @@ impl<'a> Index<'a> {
             ix.sound()?;
             match ix.keys_here() {
                 Ok(keys) => return keys,
-                Err(Moved) => ix = Index::new(self.r, self.g),
+                Err(Moved) => ix = ix.successor()?,
             }
         }
     }

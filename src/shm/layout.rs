@@ -2,7 +2,7 @@
 //! encoding of index entries. `docs/design.md` draws the same layout.
 //!
 //! ```text
-//! 0        4096          266240            274432           290816          294912   4489216        4509696  arena_off    total
+//! 0        4096          266240            274432           290816          294912   4489216        4534272  arena_off    total
 //! | header | attach table | free-list table | key-lock table | futex channels | stashes | commit table | index  | arena |
 //! ```
 //!
