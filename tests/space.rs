@@ -80,6 +80,10 @@ fn main() {
             "take_into_whose_finish_finds_no_room_leaves_no_hidden_claim",
             take_into_finish_without_room,
         ),
+        (
+            "a_space_grows_past_its_initial_size_and_stops_at_max_bytes",
+            space_grows,
+        ),
     ];
     common::run(trials, child_main);
 }
@@ -135,6 +139,7 @@ fn child_main(role: &str, args: &[String]) {
         "eval-driver" => child_eval_driver(arg(0)),
         "eval-parent" => child_eval_parent(arg(0)),
         "eval-unlinked" => child_eval_unlinked(arg(0)),
+        "take-n" => child_take_n(arg(0), num(1)),
         other => panic!("unknown child role {other}"),
     }
 }
@@ -995,5 +1000,87 @@ fn take_into_finish_without_room() {
             assert_eq!(in_inbox, None, "a failed take_into recorded nothing");
             assert_eq!(visible, vec![t1.clone(), t2.clone()]);
         }
+    }
+}
+
+/// Issue 12: a space inherits its dictionary's growth. Created with room
+/// for 16 keys and a 64 KiB arena, it holds 3,000 tuples of 1 KiB (several
+/// index generations, an arena of several MiB) that a taker in another
+/// process takes exactly once; one capped by `max_bytes` fills up with `Full` and
+/// no tuple lost, and taking makes room again.
+fn space_grows() {
+    let seg = Segment::new("space-grows");
+    let dict = ShmDict::options()
+        .capacity(16)
+        .arena_bytes(64 << 10)
+        .create_new(true)
+        .open(seg.name())
+        .unwrap();
+    let s = Space::from_dict(dict);
+    const N: i64 = 3_000;
+    let payload = "p".repeat(1000);
+    for i in 0..N {
+        s.out(tuple!(format!("g{}", i % 64), i, payload.as_str()))
+            .unwrap_or_else(|e| panic!("out {i}: {e}"));
+    }
+    assert_eq!(s.len().unwrap(), N as usize);
+    let grown = s.dict().stats();
+    assert!(
+        grown.generation > 0 && grown.committed_bytes > 2 << 20,
+        "{grown:?}"
+    );
+    let mut taker = Proc::spawn("taker", "take-n", &[seg.arg(), N.to_string()]);
+    taker.wait_ok();
+    assert_eq!(s.len().unwrap(), 0);
+    drop(s);
+
+    let capped = Segment::new("space-capped");
+    let dict = ShmDict::options()
+        .capacity(16)
+        .arena_bytes(64 << 10)
+        .max_bytes(2 << 20)
+        .create_new(true)
+        .open(capped.name())
+        .unwrap();
+    let s = Space::from_dict(dict);
+    let mut n = 0i64;
+    let err = loop {
+        match s.out(tuple!(format!("c{}", n % 64), n, payload.as_str())) {
+            Ok(()) => n += 1,
+            Err(e) => break e,
+        }
+        assert!(n < 1_000_000, "never Full under max_bytes");
+    };
+    assert!(matches!(err, Error::Full { .. }), "{err}");
+    assert!(n > 300, "only {n} tuples of 1 KiB in 2 MiB");
+    let st = s.dict().stats();
+    assert!(st.committed_bytes <= 2 << 20, "{st:?}");
+    assert_eq!(s.len().unwrap(), n as usize, "no tuple lost at Full");
+    for i in 0..64 {
+        s.take(&pattern!(format!("c{i}"), FieldKind::I64, _), WATCHDOG)
+            .unwrap()
+            .expect("a tuple");
+    }
+    s.out(tuple!("c0", -1, payload.as_str()))
+        .expect("taking made room");
+}
+
+/// Takes the `n` tuples `("g<i % 64>", i, _)`, each exactly once.
+fn child_take_n(space: &str, n: i64) {
+    let s = open_space(space);
+    let mut seen = vec![false; n as usize];
+    for k in 0..n {
+        let t = s
+            .take(
+                &pattern!(format!("g{}", k % 64), FieldKind::I64, _),
+                WATCHDOG,
+            )
+            .expect("take")
+            .expect("watchdog: a tuple is missing");
+        let i = t.i64(1).expect("integer") as usize;
+        assert!(
+            !std::mem::replace(&mut seen[i], true),
+            "tuple {i} taken twice"
+        );
     }
 }

@@ -81,6 +81,10 @@ pub struct CheckReport {
     pub bytes_free: u64,
     /// Arena bytes never carved yet.
     pub bytes_untouched: u64,
+    /// Arena bytes holding index tables of later generations (current,
+    /// older, or taken by a grower that was killed: `grow.rs`). In use,
+    /// free, untouched, retired and these add up to the arena.
+    pub bytes_index: u64,
     /// Blocks left by dead processes, reclaimed: retired, so that they are
     /// freed once no borrowed read can see them (a writer killed between
     /// unpublishing a value and recording it leaves a block a reader may
@@ -144,8 +148,12 @@ impl fmt::Display for CheckReport {
         )?;
         writeln!(
             f,
-            "  arena: {} bytes in use, {} free, {} untouched, {} retired",
-            self.bytes_in_use, self.bytes_free, self.bytes_untouched, self.bytes_retired
+            "  arena: {} bytes in use, {} free, {} untouched, {} retired, {} index tables",
+            self.bytes_in_use,
+            self.bytes_free,
+            self.bytes_untouched,
+            self.bytes_retired,
+            self.bytes_index
         )?;
         if let Some(age) = self.oldest_pin_age {
             writeln!(
@@ -409,6 +417,7 @@ impl ShmDict {
         // Index tables carved from the arena (`grow.rs`) are not blocks.
         for (start, len) in crate::shm::grow::carved_tables(&self.region, &self.geo) {
             granules.mark(start, len);
+            rep.bytes_index += len * GRANULE;
         }
         // Commits killed between counting a unit and marking it left the
         // count too high: recount it from the commit table.

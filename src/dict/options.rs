@@ -228,7 +228,7 @@ impl Options {
             ),
         })?;
         if !self.fixed_size {
-            return self.growable(name, capacity, arena, geo);
+            return self.growable(name, capacity, arena);
         }
         match self.max_bytes {
             Some(max) if geo.total_bytes > max => fit_under(capacity, geo, max).ok_or_else(|| {
@@ -251,24 +251,29 @@ impl Options {
 
     /// The geometry of a dictionary that grows: `capacity` and `arena`
     /// are its initial sizes, and its arena is reserved up to the most it
-    /// may take: `max_bytes` less the header and first index, or the size
-    /// of /dev/shm, at most `MAX_ARENA_BYTES` (see `grow.rs`).
+    /// may take: `max_bytes`, or the size of /dev/shm, at most
+    /// `MAX_ARENA_BYTES` (see `grow.rs`). `max_bytes` itself is enforced
+    /// on the memory committed (`commit.rs`).
     #[cfg(not(loom))]
-    fn growable(&self, name: &str, capacity: u64, arena: u64, fixed: Geometry) -> Result<Geometry> {
+    fn growable(&self, name: &str, capacity: u64, arena: u64) -> Result<Geometry> {
         let fs = sys::shm_total_bytes().unwrap_or(layout::MAX_ARENA_BYTES);
         let mut reserve = fs.min(layout::MAX_ARENA_BYTES);
         if let Some(max) = self.max_bytes {
-            let least = fixed.arena_off + layout::MIN_ARENA_BYTES;
+            // What creation commits, and a unit of the first index and of
+            // the arena: less could not hold a single key. (The budget
+            // counts memory committed; the reservation is address space,
+            // and the tables before the arena are committed only as
+            // handles use them.)
+            let least = layout::committed_at_creation() + 2 * (1 << layout::COMMIT_MIN_SHIFT);
             if max < least {
                 return Err(Error::InvalidArgument {
                     segment: name.to_owned(),
                     reason: format!(
-                        "max_bytes {max} is less than the {least} bytes an index for {capacity} keys and the smallest arena ({} bytes) need",
-                        layout::MIN_ARENA_BYTES
+                        "max_bytes {max} is less than the {least} bytes a dictionary needs to hold one key (its header and tables, and a unit of index and of arena)"
                     ),
                 });
             }
-            reserve = reserve.min(max - fixed.arena_off);
+            reserve = reserve.min(max);
         }
         Geometry::growable(capacity, arena, reserve, self.max_bytes.unwrap_or(0)).ok_or_else(
             || Error::InvalidArgument {
