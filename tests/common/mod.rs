@@ -11,6 +11,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub(crate) mod acked;
+
 use shmdict::ShmDict;
 
 /// `argv[1]` of a child process.
