@@ -9,7 +9,9 @@
 //!
 //! ```no_run
 //! for seg in shmdict::segments::list()? {
-//!     println!("{} ({}): {} bytes", seg.name, seg.kind, seg.size);
+//!     // `size` is the file's size, for a dictionary that grows a sparse
+//!     // reservation; `allocated` is the memory it takes.
+//!     println!("{} ({}): {} bytes in memory", seg.name, seg.kind, seg.allocated);
 //! }
 //! // Remove dictionaries whose users all crashed.
 //! let removed = shmdict::segments::gc(false)?;
@@ -101,10 +103,27 @@ pub struct SegmentInfo {
     pub name: String,
     /// What it holds.
     pub kind: SegmentKind,
-    /// Size of the segment in bytes (most of it is usually sparse).
+    /// Size of the segment's file in bytes. Most of it is usually sparse:
+    /// for a dictionary that grows it is a reservation (up to its
+    /// `max_bytes`, or the size of /dev/shm, at most 128 GiB), of which only
+    /// [`allocated`](Self::allocated) bytes are memory.
     pub size: u64,
-    /// Bytes of memory the segment really occupies: the pages written so far.
+    /// Bytes of memory the segment really occupies: the pages /dev/shm has
+    /// given it so far (`st_blocks` × 512, what `du` shows).
     pub allocated: u64,
+    /// Dictionaries: bytes of memory committed, by the dictionary's own
+    /// count (the figure `max_bytes` limits; see
+    /// [`Stats::committed_bytes`](crate::Stats)).
+    pub committed: Option<u64>,
+    /// Dictionaries: the most memory it may take, if limited
+    /// (`Options::max_bytes`).
+    pub max_bytes: Option<u64>,
+    /// Dictionaries: whether it grows while attached (`false`: created
+    /// with `Options::fixed_size(true)`).
+    pub grows: Option<bool>,
+    /// Dictionaries: the generation of the current index (how many times
+    /// it has doubled).
+    pub generation: Option<u32>,
     /// User id of the segment's owner.
     pub uid: u32,
     /// Permission bits.
@@ -119,7 +138,8 @@ pub struct SegmentInfo {
     pub attached: Option<Attached>,
     /// Dictionaries: live keys. Arrays: elements (Values: 1).
     pub len: Option<u64>,
-    /// Dictionaries: maximum live keys.
+    /// Dictionaries: live keys the current index holds (for a dictionary
+    /// that grows, the index doubles when a new key finds it full).
     pub capacity: Option<u64>,
     /// Why the segment is damaged, if its header fails a validity check.
     pub error: Option<String>,
@@ -426,6 +446,10 @@ fn probe(name: &str) -> Result<Option<Probe>> {
         attached: None,
         len: None,
         capacity: None,
+        committed: None,
+        max_bytes: None,
+        grows: None,
+        generation: None,
         error: None,
     };
     if !info.supported {
@@ -468,7 +492,21 @@ fn probe(name: &str) -> Result<Option<Probe>> {
     if info.kind == SegmentKind::Dict {
         match Geometry::read_header(&region, size) {
             Ok(geo) => {
-                info.capacity = Some(geo.capacity);
+                // Only header words are read: the current generation and
+                // its growth record, and the committed count. The
+                // reservation beyond the attach table is never touched.
+                match crate::shm::grow::current(&region, &geo) {
+                    Ok(table) => {
+                        info.capacity = Some(table.capacity);
+                        info.generation = Some(table.gen);
+                    }
+                    Err(c) => {
+                        info.error.get_or_insert_with(|| c.0.to_owned());
+                    }
+                }
+                info.committed = Some(crate::shm::commit::Commits::new(&region, &geo).committed());
+                info.max_bytes = (geo.max_bytes != 0).then_some(geo.max_bytes);
+                info.grows = Some(geo.grows());
                 // The per-entry key counts (`livecount.rs`). Only the
                 // header and attach table are mapped here, so a change that a
                 // writer is publishing (or died publishing) right now is
@@ -618,6 +656,53 @@ mod tests {
         assert_eq!(used.iter().sum::<u64>(), 2);
         drop(d);
         assert_eq!(info(&seg.0).unwrap().attached, Some(Attached::default()));
+    }
+
+    /// A dictionary that grew: `info` reports the current index (not the
+    /// one it was created with) and the memory it takes, read from the
+    /// header alone; `blocks_in_use` reads the current table.
+    #[test]
+    fn info_follows_growth() {
+        let seg = unique("grown");
+        let d = ShmDict::options()
+            .capacity(16)
+            .arena_bytes(64 << 10)
+            .open(&seg.0)
+            .unwrap();
+        for i in 0..1000 {
+            d.insert(format!("key-{i}"), [7u8; 40]).unwrap();
+        }
+        let st = d.stats();
+        assert!(st.generation >= 6, "{st:?}");
+        let s = info(&seg.0).unwrap();
+        assert!(s.error.is_none(), "{s:?}");
+        assert_eq!(s.len, Some(1000));
+        assert_eq!(s.generation, Some(st.generation));
+        assert_eq!(s.capacity, Some(st.capacity as u64));
+        assert!(s.capacity.unwrap() >= 1000, "{s:?}");
+        assert_eq!((s.grows, s.max_bytes), (Some(true), None));
+        assert_eq!(s.committed, Some(d.stats().committed_bytes));
+        // The file is a reservation; memory is what was committed.
+        assert_eq!(s.size, st.reserved_bytes);
+        let committed = s.committed.unwrap();
+        assert!(committed < 8 << 20 && committed < s.size, "{s:?}");
+        assert!(s.allocated <= committed + (64 << 10), "{s:?}");
+        assert_eq!(blocks_in_use(&seg.0).unwrap().iter().sum::<u64>(), 1000);
+
+        let fixed = unique("fixed");
+        let f = ShmDict::options()
+            .capacity(100)
+            .arena_bytes(1 << 20)
+            .fixed_size(true)
+            .max_bytes(8 << 20)
+            .open(&fixed.0)
+            .unwrap();
+        f.insert("k", "v").unwrap();
+        let s = info(&fixed.0).unwrap();
+        assert_eq!(s.grows, Some(false));
+        assert_eq!(s.generation, Some(0));
+        assert_eq!(s.capacity, Some(100));
+        assert_eq!(s.max_bytes, Some(8 << 20));
     }
 
     #[test]

@@ -719,3 +719,391 @@ fn foreign_segments_are_read_with_a_note_and_written_only_when_allowed() {
     assert!(out.status.success(), "creating as nobody: {out:?}");
     check_foreign_segment(&theirs, 65534, 0o600);
 }
+
+/// Keys and their values.
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Creates `seg` with a 16-key index and a 64 KiB arena and inserts
+/// `n` keys (values of mixed sizes, a few larger than the initial arena),
+/// so that both the index and the arena grow while this handle stays
+/// attached. Returns the handle and what was inserted.
+fn grown(seg: &Seg, n: usize) -> (ShmDict, Entries) {
+    let d = ShmDict::options()
+        .capacity(16)
+        .arena_bytes(64 << 10)
+        .open(seg.s())
+        .unwrap();
+    let mut want = Vec::new();
+    for i in 0..n {
+        let key = format!("key/{i:05}").into_bytes();
+        let len = match i % 500 {
+            0 => 100_000 + i, // larger than the whole initial arena
+            j => j % 300,
+        };
+        let value: Vec<u8> = (0..len).map(|j| (i * 31 + j) as u8).collect();
+        d.insert(&key, &value).unwrap();
+        want.push((key, value));
+    }
+    (d, want)
+}
+
+/// Every key and value of `d`, sorted.
+fn contents(d: &ShmDict) -> Entries {
+    let mut got: Vec<_> = d
+        .keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| {
+            let v = d.get(&k).unwrap().unwrap();
+            (k, v)
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+/// `stat` of a dictionary that grew while attached: its one file, the
+/// memory committed against the reservation, and one line per index
+/// generation (capacity, buckets, when in UTC, the grower's pid, the keys
+/// then), in text and JSON, with every arena byte accounted for (index
+/// tables of later generations are carved from the arena).
+#[test]
+fn stat_of_a_grown_dictionary_prints_its_generations() {
+    let seg = Seg::new("stat-grown");
+    let (d, _) = grown(&seg, 3000);
+    let st = d.stats();
+    assert!(st.generation >= 7, "{st:?}");
+    let text = ok(&["stat", seg.s()]);
+    assert!(
+        text.contains(&format!("file:         {} (its only file)", seg.path())),
+        "{text}"
+    );
+    assert!(
+        text.contains("growth:       grows while attached; no max_bytes"),
+        "{text}"
+    );
+    let memory = text
+        .lines()
+        .find(|l| l.starts_with("memory:"))
+        .expect(&text);
+    assert!(
+        memory.contains(&format!(
+            "({} bytes: the file's size, sparse)",
+            st.reserved_bytes
+        )),
+        "{memory}"
+    );
+    assert!(
+        text.contains(&format!(
+            "index:        generation {} (doubled {} times)",
+            st.generation, st.generation
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("3000 of capacity {} ", st.capacity)),
+        "{text}"
+    );
+    assert!(!text.contains("neither in use"), "{text}");
+    // The history: a header, then generations 0..=current in order.
+    let lines: Vec<&str> = text.lines().collect();
+    let head = lines
+        .iter()
+        .position(|l| l.starts_with("generations:"))
+        .expect(&text);
+    let rows = &lines[head + 1..];
+    assert_eq!(rows.len(), st.generation as usize + 1, "{text}");
+    let me = std::process::id().to_string();
+    for (g, row) in rows.iter().enumerate() {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(f.len(), 6, "{row}");
+        assert_eq!(f[0], g.to_string(), "{row}");
+        assert_eq!(f[1], (16u64 << g).to_string(), "{row}");
+        assert_eq!(f[2], st.growth[g].buckets.to_string(), "{row}");
+        // 2026-12-07T21:39:11.646Z
+        let at = f[3].as_bytes();
+        assert!(
+            at.len() == 24 && at[4] == b'-' && at[10] == b'T' && at[19] == b'.' && at[23] == b'Z',
+            "{row}"
+        );
+        assert_eq!(f[4], me, "this process created and grew it: {row}");
+        // A generation becomes current when a new key finds the previous
+        // one full.
+        let keys_then = if g == 0 { 0 } else { 16u64 << (g - 1) };
+        assert_eq!(f[5], keys_then.to_string(), "{row}");
+    }
+    // Generations became current in order.
+    let times: Vec<&str> = rows
+        .iter()
+        .map(|r| r.split_whitespace().nth(3).unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+
+    let v = json(&ok(&["stat", seg.s(), "--json"]));
+    assert_eq!(v["generation"], st.generation);
+    assert_eq!(v["grows"], true);
+    assert!(v["max_bytes"].is_null());
+    assert_eq!(v["reserved_bytes"], st.reserved_bytes);
+    assert_eq!(v["size"], st.reserved_bytes);
+    let committed = v["committed_bytes"].as_u64().unwrap();
+    assert!(committed > 0 && committed < st.reserved_bytes, "{v}");
+    let growth = v["growth"].as_array().unwrap();
+    assert_eq!(growth.len(), st.generation as usize + 1);
+    assert_eq!(growth[1]["keys"], 16);
+    assert_eq!(growth[1]["capacity"], 32);
+    assert_eq!(growth[0]["pid"], std::process::id());
+    let index = v["arena_index_bytes"].as_u64().unwrap();
+    assert!(index > 0, "{v}");
+    assert_eq!(v["arena_unaccounted_bytes"], 0, "{v}");
+    let part = |k: &str| v[k].as_u64().unwrap();
+    assert_eq!(
+        part("arena_in_use_bytes")
+            + part("arena_index_bytes")
+            + part("arena_free_bytes")
+            + part("arena_retired_bytes"),
+        part("arena_bytes"),
+        "{v}"
+    );
+
+    // A fixed-size dictionary says so, with its limit.
+    let fixed = Seg::new("stat-fixed");
+    let f = ShmDict::options()
+        .capacity(100)
+        .arena_bytes(1 << 20)
+        .fixed_size(true)
+        .max_bytes(16 << 20)
+        .open(fixed.s())
+        .unwrap();
+    f.insert("k", "v").unwrap();
+    let text = ok(&["stat", fixed.s()]);
+    assert!(
+        text.contains(
+            "growth:       fixed size (never grows); max_bytes 16.0 MiB (16777216 bytes)"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("index:"), "{text}");
+    let v = json(&ok(&["stat", fixed.s(), "--json"]));
+    assert_eq!(v["grows"], false);
+    assert_eq!(v["generation"], 0);
+    assert_eq!(v["max_bytes"], 16 << 20);
+    assert_eq!(v["growth"].as_array().unwrap().len(), 1);
+}
+
+/// `ls` of a dictionary whose file is a large sparse reservation shows
+/// the memory it takes, not the file's size, and its fill against the
+/// current index; inspecting it commits no memory (nothing reads the
+/// reservation's untouched pages).
+#[test]
+fn ls_shows_memory_not_the_reservation() {
+    let seg = Seg::new("ls-grown");
+    let (d, _) = grown(&seg, 2000);
+    let st = d.stats();
+    let info = segments::info(seg.s()).unwrap();
+    assert_eq!(info.size, st.reserved_bytes);
+    // The reservation dwarfs the memory (unless /dev/shm is tiny).
+    assert!(info.allocated < 16 << 20, "{info:?}");
+    let text = ok(&["ls", "--prefix", seg.s()]);
+    let header = text.lines().next().unwrap();
+    assert!(
+        header.starts_with("NAME") && header.contains("IN MEMORY") && header.contains("MAX"),
+        "{text}"
+    );
+    assert!(!header.contains("SIZE"), "{text}");
+    let row = text.lines().find(|l| l.starts_with(seg.s())).expect(&text);
+    let cols: Vec<&str> = row
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    // NAME KIND IN-MEMORY MAX KEYS FILL VERSION OWNER MODE ATTACHED
+    assert_eq!(cols[1], "dictionary", "{row}");
+    let (num, unit) = cols[2].split_once(' ').expect(row);
+    let num: f64 = num.parse().expect(row);
+    let scale = match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1048576.0,
+        _ => panic!("memory of a small dictionary in {unit}: {row}"),
+    };
+    let shown = num * scale;
+    assert!(
+        (shown - info.allocated as f64).abs() <= 0.06 * scale,
+        "{row} vs {info:?}"
+    );
+    assert_eq!(cols[4], "2000", "{row}");
+    let fill: f64 = cols[5].trim_end_matches('%').parse().expect(row);
+    assert!(fill > 0.0 && fill <= 100.0, "{row}");
+
+    let v = json(&ok(&["ls", "--json", "--prefix", seg.s()]));
+    let s = &v.as_array().unwrap()[0];
+    assert_eq!(s["capacity"], st.capacity);
+    assert_eq!(s["generation"], st.generation);
+    assert_eq!(s["grows"], true);
+    assert_eq!(s["size"], st.reserved_bytes);
+    assert_eq!(s["committed"], d.stats().committed_bytes);
+    assert!(s["max_bytes"].is_null());
+
+    // Inspecting commands read only committed memory: of the grown
+    // dictionary, and of one whose first index (32 MiB for a million keys)
+    // is untouched but for a few buckets.
+    let big = Seg::new("ls-big");
+    let b = ShmDict::options()
+        .capacity(1_000_000)
+        .open(big.s())
+        .unwrap();
+    for i in 0..10 {
+        b.insert(format!("key/{i:05}"), "v").unwrap();
+    }
+    for s in [&seg, &big] {
+        let before = segments::info(s.s()).unwrap().allocated;
+        ok(&["ls", "--prefix", s.s()]);
+        ok(&["stat", s.s()]);
+        ok(&["stat", s.s(), "--json"]);
+        ok(&["keys", s.s()]);
+        ok(&["dump", s.s()]);
+        ok(&["get", s.s(), "key/00007", "--hex"]);
+        ok(&["check", s.s()]);
+        let after = segments::info(s.s()).unwrap().allocated;
+        assert!(
+            after <= before + (256 << 10),
+            "{}: inspecting committed {} bytes",
+            s.s(),
+            after - before
+        );
+    }
+}
+
+/// `dump` of a dictionary that grew several generations, `load` into a
+/// fresh one created with capacity 16 (which grows in turn): the same
+/// keys and values. `--fixed-size` and `--max-bytes` make the load stop
+/// with a one-line "full" error that says how much was loaded; `rm`
+/// removes a grown dictionary's one file.
+#[test]
+fn dump_and_load_across_growth() {
+    let src = Seg::new("grow-src");
+    let dst = Seg::new("grow-dst");
+    let (d, mut want) = grown(&src, 3000);
+    assert!(d.stats().generation >= 7);
+    want.sort();
+    assert_eq!(contents(&d), want);
+    let dump = run(&["dump", src.s()]);
+    assert!(dump.status.success(), "{dump:?}");
+    assert_eq!(dump.stdout.split(|&b| b == b'\n').count(), 3001);
+    let out = run_with(
+        &[
+            "load",
+            dst.s(),
+            "--create",
+            "--capacity",
+            "16",
+            "--arena-bytes",
+            "65536",
+        ],
+        &dump.stdout,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let copy = ShmDict::options().create(false).open(dst.s()).unwrap();
+    assert_eq!(contents(&copy), want);
+    let st = copy.stats();
+    assert!(st.grows && st.generation >= 7, "{st:?}");
+    assert_eq!(st.growth[0].capacity, 16);
+    let v = json(&ok(&["stat", dst.s(), "--json"]));
+    assert_eq!(v["len"], 3000);
+    assert_eq!(
+        v["growth"].as_array().unwrap().len(),
+        st.generation as usize + 1
+    );
+    // And back again, through a third dictionary: identical dumps.
+    let again = run(&["dump", dst.s()]);
+    assert_eq!(again.stdout, dump.stdout);
+
+    // A fixed-size target stops at its capacity.
+    let fixed = Seg::new("grow-fixed");
+    let out = run_with(
+        &[
+            "load",
+            fixed.s(),
+            "--create",
+            "--capacity",
+            "100",
+            "--fixed-size",
+        ],
+        &dump.stdout,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("is full") && err.contains("fixed size"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the 100 entries before it were loaded"),
+        "{err}"
+    );
+    let f = ShmDict::options().create(false).open(fixed.s()).unwrap();
+    assert_eq!((f.len(), f.stats().grows), (100, false));
+    // A target with max_bytes stops there, having taken no more.
+    let capped = Seg::new("grow-capped");
+    let out = run_with(
+        &[
+            "load",
+            capped.s(),
+            "--create",
+            "--capacity",
+            "16",
+            "--max-bytes",
+            "5MiB",
+        ],
+        &dump.stdout,
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = one_line_error(&out);
+    assert!(
+        err.contains("is full") && err.contains("entries before it were loaded"),
+        "{err}"
+    );
+    let c = ShmDict::options().create(false).open(capped.s()).unwrap();
+    let cs = c.stats();
+    assert_eq!(cs.max_bytes, Some(5 << 20));
+    assert!(cs.committed_bytes <= 5 << 20, "{cs:?}");
+    assert!(!c.is_empty() && c.len() < 3000, "{}", c.len());
+    assert!(segments::info(capped.s()).unwrap().allocated <= 5 << 20);
+    // Usage errors: --max-bytes needs --create and a byte count.
+    let out = run(&["set", capped.s(), "k", "v", "--max-bytes", "1MiB"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = run(&[
+        "set",
+        capped.s(),
+        "k",
+        "v",
+        "--create",
+        "--max-bytes",
+        "lots",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // rm: the one file is gone, and nothing else of that name is left.
+    drop(d);
+    ok(&["rm", src.s()]);
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(src.s()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// `gc` removes a grown dictionary whose processes died.
+#[test]
+fn gc_removes_a_grown_dictionary() {
+    let seg = Seg::new("gcgrown-dead");
+    drop(grown(&seg, 500).0);
+    let mut w = attached_watcher(&seg);
+    w.0.kill().unwrap(); // SIGKILL: no chance to detach.
+    w.0.wait().unwrap();
+    let prefix = format!("clitest-{}-gcgrown-", std::process::id());
+    assert_eq!(ok(&["gc", "--prefix", &prefix]), format!("{}\n", seg.s()));
+    assert!(!std::path::Path::new(&seg.path()).exists());
+}

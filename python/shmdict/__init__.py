@@ -71,12 +71,23 @@ class ShmDict(_ShmDict, MutableMapping):
     """A dictionary in POSIX shared memory that unrelated processes open by name.
 
     ``ShmDict(name, *, capacity=None, arena_bytes=None, create=True,
-    create_new=False, mode=0o600)`` attaches to the dictionary ``name`` or
-    creates it (``capacity``: maximum live keys, default 1,048,576;
-    ``arena_bytes``: room for keys and values, default 1 GiB or a quarter of
-    /dev/shm; pages are committed only when written). ``create=False``
-    raises FileNotFoundError if it does not exist; ``create_new=True``
-    raises FileExistsError if it does.
+    create_new=False, mode=0o600, max_bytes=None, fixed_size=False)``
+    attaches to the dictionary ``name`` or creates it (``capacity``: live
+    keys its index holds at first, default 1,048,576; ``arena_bytes``: room
+    for keys and values at first, default 1 GiB or a quarter of /dev/shm;
+    pages are committed only when written). ``create=False`` raises
+    FileNotFoundError if it does not exist; ``create_new=True`` raises
+    FileExistsError if it does.
+
+    A new dictionary grows while every process stays attached: inserts
+    beyond ``capacity`` or ``arena_bytes`` succeed and every process sees
+    the keys, without reopening. ``max_bytes`` caps all the /dev/shm memory
+    it may take (``shmdict.FullError`` beyond it; default: no limit but
+    /dev/shm); ``fixed_size=True`` never grows (``FullError`` at
+    ``capacity`` keys or when the arena is full). Its file in /dev/shm is a
+    sparse reservation as large as the most it may take: ``ls -l`` shows
+    that size, ``du`` and ``stats().committed_bytes`` the memory it takes.
+    Options other than ``create``/``create_new`` are ignored when attaching.
 
     Keys are ``str`` (stored as UTF-8) or bytes-like, values bytes-like;
     both come back as ``bytes``. Every single-key operation is atomic and
@@ -404,6 +415,9 @@ class Space:
     predicate run in the caller's process on the field's value; any other
     value matches an equal field (int and float fields are distinct: ``1``
     does not match ``1.0``). Each tuple is taken by exactly one ``take``.
+
+    It takes the options of ``ShmDict`` (its dictionary's): a space grows as
+    tuples arrive, up to ``max_bytes``, unless ``fixed_size=True``.
     """
 
     __slots__ = ("_s",)
@@ -417,6 +431,8 @@ class Space:
         create: bool = True,
         create_new: bool = False,
         mode: int = 0o600,
+        max_bytes: Optional[int] = None,
+        fixed_size: bool = False,
     ) -> None:
         self._s = _Space(
             name,
@@ -425,6 +441,8 @@ class Space:
             create=create,
             create_new=create_new,
             mode=mode,
+            max_bytes=max_bytes,
+            fixed_size=fixed_size,
         )
 
     @staticmethod

@@ -35,13 +35,17 @@ class ShmDict:
         create: bool = True,
         create_new: bool = False,
         mode: int = 0o600,
+        max_bytes: Optional[int] = None,
+        fixed_size: bool = False,
     ) -> Self: ...
     @staticmethod
     def unlink(name: str) -> None: ...
     @property
     def name(self) -> str: ...
     @property
-    def capacity(self) -> int: ...
+    def capacity(self) -> int:
+        """Live keys the current index holds (it doubles when full, unless
+        created with ``fixed_size=True``)."""
     def __getitem__(self, key: _Key) -> bytes: ...
     def __setitem__(self, key: _Key, value: _Bytes) -> None: ...
     def __delitem__(self, key: _Key) -> None: ...
@@ -74,7 +78,8 @@ class ShmDict:
         reused by any process. A buffer of an absent key's view is KeyError.
         """
     def stats(self) -> Stats:
-        """Occupancy figures, views held and memory they hold back (a snapshot)."""
+        """Occupancy figures, views held and memory they hold back, memory
+        committed and the growth history (a snapshot)."""
 
 @final
 class ValueView(Buffer):
@@ -120,13 +125,13 @@ class Stats:
         """Live keys."""
     @property
     def capacity(self) -> int:
-        """Maximum live keys."""
+        """Live keys the current index holds."""
     @property
     def buckets(self) -> int:
-        """Index buckets (three slots each)."""
+        """Index buckets (three slots each) of the current index."""
     @property
     def arena_bytes(self) -> int:
-        """Arena size in bytes."""
+        """Arena size in bytes (for a dictionary that grows, its whole reservation)."""
     @property
     def arena_untouched_bytes(self) -> int:
         """Arena bytes never handed out yet."""
@@ -148,6 +153,26 @@ class Stats:
     @property
     def retired_bytes(self) -> int:
         """Arena bytes of replaced or removed values waiting until no view can see them."""
+    @property
+    def generation(self) -> int:
+        """The index's generation: how many times it has doubled."""
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes of /dev/shm memory the dictionary has taken."""
+    @property
+    def reserved_bytes(self) -> int:
+        """The size of its file: address space reserved, memory only as it is used."""
+    @property
+    def max_bytes(self) -> Optional[int]:
+        """The most memory it may take (``max_bytes=``), or None if unlimited."""
+    @property
+    def grows(self) -> bool:
+        """Whether it grows (False: created with ``fixed_size=True``)."""
+    @property
+    def growth(self) -> list[dict[str, Union[int, float]]]:
+        """One dict per index generation, oldest first: ``generation``, ``capacity``,
+        ``buckets``, ``at`` (when it became current, seconds since the epoch as
+        ``time.time()``), ``pid`` (the process that grew it) and ``keys`` (present then)."""
 
 @final
 class DictLock:
@@ -239,6 +264,8 @@ class _Space:
         create: bool = True,
         create_new: bool = False,
         mode: int = 0o600,
+        max_bytes: Optional[int] = None,
+        fixed_size: bool = False,
     ) -> Self: ...
     @staticmethod
     def unlink(name: str) -> None: ...

@@ -74,7 +74,8 @@ impl PyShmDict {
 #[pymethods]
 impl PyShmDict {
     #[new]
-    #[pyo3(signature = (name, *, capacity=None, arena_bytes=None, create=true, create_new=false, mode=0o600))]
+    #[pyo3(signature = (name, *, capacity=None, arena_bytes=None, create=true, create_new=false, mode=0o600, max_bytes=None, fixed_size=false))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments.
     fn new(
         py: Python<'_>,
         name: String,
@@ -83,8 +84,18 @@ impl PyShmDict {
         create: bool,
         create_new: bool,
         mode: u32,
+        max_bytes: Option<u64>,
+        fixed_size: bool,
     ) -> PyResult<PyShmDict> {
-        let opts = crate::dict_options(capacity, arena_bytes, create, create_new, mode);
+        let opts = crate::dict_options(&crate::DictArgs {
+            capacity,
+            arena_bytes,
+            create,
+            create_new,
+            mode,
+            max_bytes,
+            fixed_size,
+        });
         // Creating may wait for a concurrent creator.
         let dict = py.detach(|| opts.open(&name)).or_py()?;
         let reopen_name = name.clone();
@@ -109,7 +120,9 @@ impl PyShmDict {
         &self.name
     }
 
-    /// The maximum number of live keys.
+    /// Live keys the current index holds: it doubles when a new key finds
+    /// it full (unless the dictionary was created with `fixed_size=True`,
+    /// when this is the maximum).
     #[getter]
     fn capacity(&self) -> PyResult<usize> {
         Ok(self.dict()?.capacity())
@@ -336,9 +349,24 @@ impl PyShmDict {
 
     /// Occupancy figures (a snapshot; exact only when the segment is
     /// quiet), among them the borrowed reads (views) held and the memory
-    /// they hold back.
+    /// they hold back, the memory committed and the growth history.
     fn stats(&self) -> PyResult<Stats> {
         let s = self.dict()?.stats();
+        let growth = s
+            .growth
+            .iter()
+            .map(|g| Growth {
+                generation: g.generation,
+                capacity: g.capacity,
+                buckets: g.buckets,
+                at: g
+                    .at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                pid: g.pid,
+                keys: g.keys,
+            })
+            .collect();
         Ok(Stats {
             len: s.len,
             capacity: s.capacity,
@@ -351,6 +379,12 @@ impl PyShmDict {
             pins: s.pins,
             oldest_pin_age: s.oldest_pin_age.map(|d| d.as_secs_f64()),
             retired_bytes: s.retired_bytes,
+            generation: s.generation,
+            committed_bytes: s.committed_bytes,
+            reserved_bytes: s.reserved_bytes,
+            max_bytes: s.max_bytes,
+            grows: s.grows,
+            growth,
         })
     }
 
@@ -497,11 +531,12 @@ impl DictLock {
 pub(crate) struct Stats {
     /// Live keys.
     len: usize,
-    /// Maximum live keys.
+    /// Live keys the current index holds.
     capacity: usize,
-    /// Index buckets (three slots each).
+    /// Index buckets (three slots each) of the current index.
     buckets: usize,
-    /// Arena size in bytes.
+    /// Arena size in bytes: for a dictionary that grows, the most its
+    /// reservation can hold (committed as it is used).
     arena_bytes: usize,
     /// Arena bytes never handed out yet.
     arena_untouched_bytes: usize,
@@ -519,16 +554,54 @@ pub(crate) struct Stats {
     /// Arena bytes of replaced or removed values waiting until no borrowed
     /// read can see them (freed as writers need room).
     retired_bytes: u64,
+    /// The index's generation: how many times it has doubled.
+    generation: u32,
+    /// Bytes of /dev/shm memory the dictionary has taken (committed).
+    committed_bytes: u64,
+    /// The size of its segment file: the address space it reserves, of
+    /// which only `committed_bytes` is memory.
+    reserved_bytes: u64,
+    /// The most memory it may take (`max_bytes=`), or None if unlimited.
+    max_bytes: Option<u64>,
+    /// Whether it grows (False: created with `fixed_size=True`).
+    grows: bool,
+    /// Its growth history: a dict per index generation, oldest first.
+    growth: Vec<Growth>,
+}
+
+/// One generation of the index, as `Stats.growth` lists it: a Python dict.
+#[derive(Clone, IntoPyObject)]
+pub(crate) struct Growth {
+    /// 0 is the index the dictionary was created with.
+    generation: u32,
+    /// Keys the generation's index holds.
+    capacity: u64,
+    /// Buckets of its index.
+    buckets: u64,
+    /// When it became current, in seconds since the Unix epoch (as
+    /// `time.time()`; generation 0: when the dictionary was created).
+    at: f64,
+    /// The process that made it current.
+    pid: u32,
+    /// Keys present then (0 for generation 0).
+    keys: u64,
 }
 
 #[pymethods]
 impl Stats {
     fn __repr__(&self) -> String {
         format!(
-            "shmdict.Stats(len={}, capacity={}, arena_bytes={}, arena_untouched_bytes={}, \
+            "shmdict.Stats(len={}, capacity={}, generation={}, committed_bytes={}, \
+             reserved_bytes={}, max_bytes={}, grows={}, arena_bytes={}, arena_untouched_bytes={}, \
              attached={}, attached_dead={}, pins={}, oldest_pin_age={}, retired_bytes={})",
             self.len,
             self.capacity,
+            self.generation,
+            self.committed_bytes,
+            self.reserved_bytes,
+            self.max_bytes
+                .map_or_else(|| "None".to_owned(), |m| m.to_string()),
+            if self.grows { "True" } else { "False" },
             self.arena_bytes,
             self.arena_untouched_bytes,
             self.attached,

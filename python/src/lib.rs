@@ -180,24 +180,32 @@ pub(crate) fn wait_in_slices<R: Send>(
     }
 }
 
-/// The crate's dictionary options from the keyword arguments that
-/// `ShmDict` and `Space` take.
-pub(crate) fn dict_options(
-    capacity: Option<usize>,
-    arena_bytes: Option<usize>,
-    create: bool,
-    create_new: bool,
-    mode: u32,
-) -> shmdict::Options {
+/// The keyword arguments that `ShmDict` and `Space` take.
+pub(crate) struct DictArgs {
+    pub(crate) capacity: Option<usize>,
+    pub(crate) arena_bytes: Option<usize>,
+    pub(crate) create: bool,
+    pub(crate) create_new: bool,
+    pub(crate) mode: u32,
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) fixed_size: bool,
+}
+
+/// The crate's dictionary options from the keyword arguments.
+pub(crate) fn dict_options(a: &DictArgs) -> shmdict::Options {
     let mut opts = shmdict::ShmDict::options()
-        .create(create)
-        .create_new(create_new)
-        .mode(mode);
-    if let Some(c) = capacity {
+        .create(a.create)
+        .create_new(a.create_new)
+        .mode(a.mode)
+        .fixed_size(a.fixed_size);
+    if let Some(c) = a.capacity {
         opts = opts.capacity(c);
     }
-    if let Some(a) = arena_bytes {
-        opts = opts.arena_bytes(a);
+    if let Some(b) = a.arena_bytes {
+        opts = opts.arena_bytes(b);
+    }
+    if let Some(m) = a.max_bytes {
+        opts = opts.max_bytes(m);
     }
     opts
 }

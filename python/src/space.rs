@@ -143,7 +143,8 @@ pub(crate) struct PySpace {
 #[pymethods]
 impl PySpace {
     #[new]
-    #[pyo3(signature = (name, *, capacity=None, arena_bytes=None, create=true, create_new=false, mode=0o600))]
+    #[pyo3(signature = (name, *, capacity=None, arena_bytes=None, create=true, create_new=false, mode=0o600, max_bytes=None, fixed_size=false))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments.
     fn new(
         py: Python<'_>,
         name: String,
@@ -152,8 +153,18 @@ impl PySpace {
         create: bool,
         create_new: bool,
         mode: u32,
+        max_bytes: Option<u64>,
+        fixed_size: bool,
     ) -> PyResult<PySpace> {
-        let opts = crate::dict_options(capacity, arena_bytes, create, create_new, mode);
+        let opts = crate::dict_options(&crate::DictArgs {
+            capacity,
+            arena_bytes,
+            create,
+            create_new,
+            mode,
+            max_bytes,
+            fixed_size,
+        });
         let dict = py.detach(|| opts.open(&name)).or_py()?;
         let reopen_name = name.clone();
         Ok(PySpace {

@@ -118,3 +118,38 @@ def churn_key(name: str, key: str, rounds: int, size: int, out) -> None:
         d[key] = view_value(i, size)
     out.put(("churned", rounds))
     d.wait_for("released", 60)
+
+
+def growth_value(key: str) -> bytes:
+    """The value growth tests store under `key`: derived from it, of a few
+    sizes (some larger than a small dictionary's initial arena)."""
+    n = sum(key.encode()) % 7
+    return key.encode() * (1 + n * 3) + (b"x" * 70_000 if key.endswith("/777") else b"")
+
+
+def growth_writer(name: str, who: int, n: int, start: float, out) -> None:
+    """Inserts n keys "w{who}/{i}" into a dictionary that must grow."""
+    d = shmdict.ShmDict(name, create=False)
+    time.sleep(max(0.0, start - time.time()))
+    for i in range(n):
+        k = f"w{who}/{i}"
+        d[k] = growth_value(k)
+    out.put(("written", who, os.getpid()))
+
+
+def growth_reader(name: str, expected: list, out) -> None:
+    """Attaches before any key is written, then reads every expected key as
+    it appears (while the dictionary grows), checks its value, and reports
+    what it saw."""
+    d = shmdict.ShmDict(name, create=False)
+    gen0 = d.stats().generation
+    out.put(("attached", gen0, d.capacity))
+    wrong = []
+    for k in expected:
+        v = d.wait_for(k, 60)
+        if v != growth_value(k):
+            wrong.append(k)
+    # Every key again, now that all are present: none went missing.
+    missing = [k for k in expected if d.get(k) != growth_value(k)]
+    s = d.stats()
+    out.put(("read", len(expected), wrong, missing, len(d), s.generation, d.capacity))

@@ -63,7 +63,9 @@ def test_create_flags_and_unlink(name):
 
 
 def test_full_is_clean(name):
-    d = shmdict.ShmDict(name, capacity=8, arena_bytes=1 << 16)
+    # Of fixed size: a dictionary that grows would take all of /dev/shm first
+    # (test_growth.py tests max_bytes).
+    d = shmdict.ShmDict(name, capacity=8, arena_bytes=1 << 16, fixed_size=True)
     stored = {}
     with pytest.raises(shmdict.FullError):
         for i in range(10_000):

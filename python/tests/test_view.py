@@ -218,7 +218,7 @@ def test_memory_held_by_a_view_is_reclaimed_after_release(name):
     # reused: a small arena fills (FullError, nothing lost). Once it is
     # released, the same writes find room again.
     size = 3000  # 4 KiB blocks
-    d = shmdict.ShmDict(name, arena_bytes=4 << 20)
+    d = shmdict.ShmDict(name, arena_bytes=4 << 20, fixed_size=True)
     d["k"] = b"pinned value"
     v = d.view("k")
     i = 0

@@ -17,9 +17,10 @@ const EXIT_NO_KEY: u8 = 3;
 
 const MAIN_HELP: &str = "\
 Examples:
-  shmdict ls                        every segment, with fill level and attached processes
-  shmdict stat jobs                 capacity, arena use, attached processes of 'jobs'
+  shmdict ls                        every segment: memory used, keys, attached processes
+  shmdict stat jobs                 memory, capacity, arena use, growth history of 'jobs'
   shmdict set jobs job/7 done --create
+  shmdict set small k v --create --capacity 1000 --max-bytes 64MiB
   shmdict get jobs job/7
   shmdict dump jobs > jobs.jsonl    and back: shmdict load copy --create < jobs.jsonl
   shmdict gc --dry-run              segments whose processes all died
@@ -55,20 +56,34 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List every shmdict segment: size, keys, fill level, format version,
-    /// attached processes.
+    /// List every shmdict segment: memory used, keys, fill level, format
+    /// version, attached processes.
     ///
-    /// Lists the segments in /dev/shm this user can read. SIZE is the
-    /// segment's size, IN MEMORY the pages written so far; FILL is live keys
-    /// over capacity; OWNER is the owner's uid and MODE the permission bits
-    /// (another user's segment, or one open to others, is not private to
-    /// you). A segment whose header fails a check is flagged DAMAGED with
-    /// the reason.
+    /// Lists the segments in /dev/shm this user can read. IN MEMORY is the
+    /// memory a segment takes (what `du` shows); MAX the most it may take:
+    /// a dictionary's max_bytes, else its file's size. A dictionary that
+    /// grows (the default) has a file as large as the most it may ever
+    /// take, up to the size of /dev/shm: the file is sparse, a reservation
+    /// of address space that becomes memory only as it is used, so `ls -l
+    /// /dev/shm` shows large files that cost nothing (`du`, or this
+    /// command, shows the memory). KEYS is live keys; FILL is live keys
+    /// over the current index's capacity (a dictionary that grows doubles
+    /// its index when it is full); OWNER is the owner's uid and MODE the
+    /// permission bits (another user's segment, or one open to others, is
+    /// not private to you). A segment whose header fails a check is flagged
+    /// DAMAGED with the reason.
     #[command(after_help = "Example:\n  shmdict ls --prefix jobs-")]
     Ls(LsArgs),
-    /// Show a dictionary's capacity, load factor, arena use per size class,
-    /// free and retired bytes, borrowed reads held, counters and attached
-    /// processes.
+    /// Show a dictionary's file and memory (committed, reserved, max_bytes),
+    /// capacity, load factor, arena use per size class, free and retired
+    /// bytes, borrowed reads held, attached processes and growth history.
+    ///
+    /// A dictionary is one file in /dev/shm. Unless created with
+    /// --fixed-size, it grows while processes stay attached: its file
+    /// reserves the most it may take (max_bytes, or the size of /dev/shm),
+    /// and memory is committed as it is used. Its index doubles when a new
+    /// key finds it full: each doubling is a generation, listed with when
+    /// it happened (UTC), the process that did it and the keys present.
     ///
     /// Retired bytes are replaced or removed values waiting until no
     /// borrowed read (a `Reader` or `ValueRef` of any process) can see
@@ -177,13 +192,47 @@ struct CreateArgs {
     /// Create the dictionary if it does not exist.
     #[arg(long)]
     create: bool,
-    /// With --create: maximum live keys of a new dictionary [default: 1048576].
+    /// With --create: live keys the new dictionary's index holds at first
+    /// (it doubles as keys are added; with --fixed-size, the maximum)
+    /// [default: 1048576].
     #[arg(long, requires = "create")]
     capacity: Option<usize>,
-    /// With --create: bytes for keys and values of a new dictionary
-    /// [default: 1 GiB, at most a quarter of the free space in /dev/shm].
+    /// With --create: bytes for keys and values at first (with
+    /// --fixed-size, all there is) [default: 1 GiB, at most a quarter of
+    /// the free space in /dev/shm].
     #[arg(long, requires = "create")]
     arena_bytes: Option<usize>,
+    /// With --create: the most /dev/shm memory the new dictionary may
+    /// take, all of it (writes beyond it fail with "full"); a number of
+    /// bytes, or with a suffix: 64MiB, 2GiB, 512KiB [default: no limit but
+    /// the size of /dev/shm].
+    #[arg(long, requires = "create", value_parser = parse_bytes)]
+    max_bytes: Option<u64>,
+    /// With --create: the new dictionary never grows (full at --capacity
+    /// keys or when its --arena-bytes are used).
+    #[arg(long, requires = "create")]
+    fixed_size: bool,
+}
+
+/// A byte count: digits, optionally followed by B, KiB, MiB, GiB or TiB
+/// (also K, M, G, T, KB, MB, GB, TB: powers of 1024 all).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes (like 67108864 or 64MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{s:?}: unknown unit (use B, KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Args, Debug)]
@@ -514,7 +563,10 @@ fn open_for_writing(
             if let Some(n) = c.arena_bytes {
                 o = o.arena_bytes(n);
             }
-            Ok(o.open(name)?)
+            if let Some(n) = c.max_bytes {
+                o = o.max_bytes(n);
+            }
+            Ok(o.fixed_size(c.fixed_size).open(name)?)
         }
         Err(Failure { msg: Some(m), .. }) if m.starts_with("no segment named") => {
             Err(Failure::msg(format!("{m} (add --create to create it)")))
@@ -586,6 +638,10 @@ fn info_json(s: &SegmentInfo) -> Value {
         "kind": kind_json(s.kind),
         "size": s.size,
         "allocated": s.allocated,
+        "committed": s.committed,
+        "max_bytes": s.max_bytes,
+        "grows": s.grows,
+        "generation": s.generation,
         "uid": s.uid,
         "mode": format!("{:04o}", s.mode),
         "version": s.version,
@@ -624,8 +680,8 @@ fn ls(a: LsArgs) -> Outcome {
     let mut rows = vec![[
         "NAME".to_string(),
         "KIND".into(),
-        "SIZE".into(),
         "IN MEMORY".into(),
+        "MAX".into(),
         "KEYS".into(),
         "FILL".into(),
         "VERSION".into(),
@@ -642,8 +698,8 @@ fn ls(a: LsArgs) -> Outcome {
         rows.push([
             s.name.clone(),
             s.kind.to_string(),
-            human(s.size),
             human(s.allocated),
+            human(s.max_bytes.map_or(s.size, |m| m.min(s.size))),
             s.len.map_or("-".into(), |n| n.to_string()),
             match (s.len, s.capacity) {
                 (Some(n), Some(c)) => percent(n, c),
@@ -695,10 +751,20 @@ fn stat(a: StatArgs) -> Outcome {
         .sum();
     let free_bytes = free_block_bytes + st.arena_untouched_bytes as u64;
     let arena = st.arena_bytes as u64;
-    let unaccounted = arena.saturating_sub(used_bytes + free_bytes + st.retired_bytes);
+    // Index tables after the first are taken from the arena (a power of two
+    // of bytes: one block or whole chunks) and kept for good.
+    let index_bytes: u64 = st
+        .growth
+        .iter()
+        .filter(|g| g.generation > 0)
+        .map(|g| g.buckets * BUCKET_BYTES)
+        .sum();
+    let unaccounted =
+        arena.saturating_sub(used_bytes + free_bytes + st.retired_bytes + index_bytes);
     let oldest_pin_ms = st.oldest_pin_age.map(|a| a.as_millis() as u64);
     // The census taken before attaching: other processes only.
     let att = info.attached.unwrap_or_default();
+    let path = format!("/dev/shm/{}", a.name);
     if a.json {
         let per_class: Vec<Value> = (0..classes)
             .map(|o| {
@@ -709,11 +775,31 @@ fn stat(a: StatArgs) -> Outcome {
                 })
             })
             .collect();
+        let growth: Vec<Value> = st
+            .growth
+            .iter()
+            .map(|g| {
+                json!({
+                    "generation": g.generation,
+                    "capacity": g.capacity,
+                    "buckets": g.buckets,
+                    "at": iso8601(g.at),
+                    "pid": g.pid,
+                    "keys": g.keys,
+                })
+            })
+            .collect();
         return print_json(&json!({
             "name": a.name,
+            "file": path,
             "version": info.version,
             "size": info.size,
             "allocated": info.allocated,
+            "committed_bytes": st.committed_bytes,
+            "reserved_bytes": st.reserved_bytes,
+            "max_bytes": st.max_bytes,
+            "grows": st.grows,
+            "generation": st.generation,
             "mode": format!("{:04o}", info.mode),
             "uid": info.uid,
             "len": st.len,
@@ -724,6 +810,7 @@ fn stat(a: StatArgs) -> Outcome {
             "tombstones": 0,
             "arena_bytes": arena,
             "arena_in_use_bytes": used_bytes,
+            "arena_index_bytes": index_bytes,
             "arena_free_bytes": free_bytes,
             "arena_untouched_bytes": st.arena_untouched_bytes,
             "arena_retired_bytes": st.retired_bytes,
@@ -732,25 +819,46 @@ fn stat(a: StatArgs) -> Outcome {
             "oldest_pin_age_ms": oldest_pin_ms,
             "size_classes": per_class,
             "attached": {"live": att.live, "dead": att.dead},
+            "growth": growth,
         }));
     }
     let mut out = io::stdout().lock();
     writeln!(out, "segment:      {}", a.name)?;
     writeln!(
         out,
-        "format:       version {}, {} bytes ({} in memory), mode {:04o}, owner uid {}",
-        info.version,
-        info.size,
-        human(info.allocated),
-        info.mode,
-        info.uid
+        "file:         {path} (its only file), format version {}, mode {:04o}, owner uid {}",
+        info.version, info.mode, info.uid
     )?;
     writeln!(
         out,
-        "keys:         {} of capacity {} ({} full)",
+        "memory:       {} committed ({} bytes; {} allocated in /dev/shm) of {} reserved \
+         ({} bytes: the file's size, sparse)",
+        human(st.committed_bytes),
+        st.committed_bytes,
+        human(info.allocated),
+        human(st.reserved_bytes),
+        st.reserved_bytes
+    )?;
+    let limit = match st.max_bytes {
+        Some(m) => format!("max_bytes {} ({m} bytes)", human(m)),
+        None => "no max_bytes: up to the size of /dev/shm".into(),
+    };
+    if st.grows {
+        writeln!(out, "growth:       grows while attached; {limit}")?;
+    } else {
+        writeln!(out, "growth:       fixed size (never grows); {limit}")?;
+    }
+    writeln!(
+        out,
+        "keys:         {} of capacity {} ({} full{})",
         st.len,
         st.capacity,
-        percent(st.len as u64, st.capacity as u64)
+        percent(st.len as u64, st.capacity as u64),
+        if st.grows {
+            "; the index doubles when a new key finds it full"
+        } else {
+            ""
+        }
     )?;
     writeln!(
         out,
@@ -759,15 +867,31 @@ fn stat(a: StatArgs) -> Outcome {
         slots,
         st.buckets
     )?;
+    if st.generation > 0 {
+        writeln!(
+            out,
+            "index:        generation {} (doubled {} time{}), tables of {} taken from the arena",
+            st.generation,
+            st.generation,
+            if st.generation == 1 { "" } else { "s" },
+            human(index_bytes)
+        )?;
+    }
     writeln!(
         out,
         "tombstones:   0 (none by design: removals empty their slot)"
     )?;
+    let index_part = if index_bytes > 0 {
+        format!(", {} index tables", human(index_bytes))
+    } else {
+        String::new()
+    };
     writeln!(
         out,
-        "arena:        {} ({} bytes): {} in use, {} free ({} never used), {} retired",
+        "arena:        {} ({} bytes{}): {} in use{index_part}, {} free ({} never used), {} retired",
         human(arena),
         arena,
+        if st.grows { ", reserved" } else { "" },
         human(used_bytes),
         human(free_bytes),
         human(st.arena_untouched_bytes as u64),
@@ -815,7 +939,60 @@ fn stat(a: StatArgs) -> Outcome {
         "attached:     {} live, {} dead (not counting this command)",
         att.live, att.dead
     )?;
+    // One line per index generation: generation 0 is the creation.
+    writeln!(
+        out,
+        "generations:  {:>3}  {:>12}  {:>12}  {:<24}  {:>8}  {:>12}",
+        "gen", "capacity", "buckets", "current since (UTC)", "by pid", "keys then"
+    )?;
+    for g in &st.growth {
+        writeln!(
+            out,
+            "              {:>3}  {:>12}  {:>12}  {:<24}  {:>8}  {:>12}",
+            g.generation,
+            g.capacity,
+            g.buckets,
+            iso8601(g.at),
+            g.pid,
+            g.keys
+        )?;
+    }
     Ok(())
+}
+
+/// Bytes of an index bucket (three slots: see docs/design.md).
+const BUCKET_BYTES: u64 = 64;
+
+/// `t` in UTC as ISO 8601 with milliseconds: `2026-12-07T21:39:01.123Z`.
+fn iso8601(t: std::time::SystemTime) -> String {
+    let d = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// The proleptic Gregorian date `days` days after 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`, for days on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097; // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March first
+    let day = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
+    let month = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 fn get(a: GetArgs) -> Outcome {
@@ -1160,5 +1337,32 @@ fn check(a: CheckArgs, allow: bool) -> Outcome {
                 report.problems.len()
             )),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_utc_iso_8601() {
+        let at =
+            |s: u64, ms: u64| iso8601(std::time::UNIX_EPOCH + Duration::from_millis(s * 1000 + ms));
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_709_251_199, 999), "2024-02-29T23:59:59.999Z");
+        assert_eq!(at(1_735_689_600, 0), "2025-01-01T00:00:00.000Z");
+        assert_eq!(at(4_102_444_799, 0), "2099-12-31T23:59:59.000Z");
+    }
+
+    #[test]
+    fn byte_counts_take_units() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512 KiB"), Ok(512 << 10));
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
     }
 }
