@@ -324,14 +324,10 @@ impl ShmDict {
                     return match result {
                         Ok(_) => Ok(()),
                         Err(Stop::Last) => Err(self.index_full()),
-                        Err(Stop::NoChunks) => Err(Error::full(
-                            &self.name,
-                            format!(
-                                "arena ({} bytes reserved): no room for the index's next table ({} keys)",
-                                self.geo.arena_bytes,
-                                self.geo.table_capacity(from + 1)
-                            ),
-                        )),
+                        Err(Stop::NoChunks) => Err(self.arena_full(&format!(
+                            "the index's next table ({} keys)",
+                            self.geo.table_capacity(from + 1)
+                        ))),
                         Err(Stop::NoMemory) => Err(self.no_room("index")),
                         Err(Stop::Corrupt(c)) => Err(self.corrupt(c)),
                     };
@@ -410,13 +406,23 @@ impl ShmDict {
         {
             return Ok(());
         }
-        Err(Error::full(
-            &self.name,
-            format!(
-                "arena ({} bytes): no room to record a replaced value",
-                self.geo.arena_bytes
+        Err(self.arena_full("a record of the replaced value"))
+    }
+
+    /// `Full` for an arena with no room for `what`, saying which limit was
+    /// reached: `max_bytes`, the reservation of a dictionary that grows,
+    /// or the size of a fixed one.
+    fn arena_full(&self, what: &str) -> Error {
+        let g = &self.geo;
+        let why = match (g.grows(), g.max_bytes) {
+            (true, 0) => format!(
+                "arena: its reservation ({} bytes, the size of /dev/shm when it was created) has no room for {what}",
+                g.arena_bytes
             ),
-        ))
+            (true, max) => format!("max_bytes ({max} bytes) reached: the arena has no room for {what}"),
+            (false, _) => format!("arena ({} bytes, fixed size) has no room for {what}", g.arena_bytes),
+        };
+        Error::full(&self.name, why)
     }
 
     /// Retires the block of an entry this process just unpublished (it is
@@ -900,14 +906,7 @@ impl ShmDict {
                 if crate::shm::slab::short_of_shm() {
                     return self.no_room("arena");
                 }
-                Error::full(
-                    &self.name,
-                    format!(
-                        "arena ({} bytes) for a {}-byte block",
-                        self.geo.arena_bytes,
-                        GRANULE << order
-                    ),
-                )
+                self.arena_full(&format!("a {}-byte block", GRANULE << order))
             })?;
         // From here on the block goes back to the arena if anything fails
         // (or unwinds) before it is published.

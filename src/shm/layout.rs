@@ -659,5 +659,19 @@ mod tests {
             Geometry::read_header(&r, g.total_bytes),
             Err(HeaderError::Incompatible(_))
         ));
+        // A segment of the previous format (before growth) is refused,
+        // naming both versions.
+        r.word(H_NBUCKETS)
+            .unwrap()
+            .store(g.nbuckets, Ordering::Relaxed);
+        r.word(H_VERSION_KIND)
+            .unwrap()
+            .store(4 | (KIND_DICT as u64) << 32, Ordering::Relaxed);
+        match Geometry::read_header(&r, g.total_bytes) {
+            Err(HeaderError::Incompatible(m)) => {
+                assert!(m.contains("version 4") && m.contains("version 5"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
