@@ -4,11 +4,15 @@
 //! Each input is a small dictionary geometry and a list of operations over a
 //! key space of eight keys (empty, short, 100-byte and 4 KiB keys) with values
 //! of random lengths. The capacity (1 to 8 keys) and the arena (64 to 127 KiB)
-//! are small, so both kinds of `Full` are hit often.
+//! are small, so both kinds of `Full` are hit often. Half the inputs (the
+//! high bit of `capacity`) use a dictionary that grows instead (issue 12):
+//! the same sizes are then its initial ones, so its index doubles and its
+//! arena extends many times, under the same faults and borrowed reads.
 //!
 //! Until the first fault, every result must agree with the model:
-//! - `Full` leaves the model unchanged, and a new key beyond `capacity` must
-//!   be `Full`;
+//! - `Full` leaves the model unchanged, and, for a fixed size, a new key
+//!   beyond `capacity` must be `Full` (a growing dictionary gives `Full` only
+//!   while borrowed reads hold memory);
 //! - after removing every key, a 4 KiB key with a value of 1/8 of the arena
 //!   must fit (the contract's size promise; exercises defragmentation).
 //!
@@ -61,7 +65,8 @@ const HELD_REFS: usize = 6;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// Capacity is `1 + capacity % 8`.
+    /// Capacity is `1 + capacity % 8`; the dictionary grows if
+    /// `capacity >= 128`, else it has a fixed size.
     capacity: u8,
     /// Arena is `64 + arena_kib % 64` KiB.
     arena_kib: u8,
@@ -301,15 +306,18 @@ struct Run {
     file: Option<File>,
     segment_len: u64,
     buckets: u64,
-    /// The arena's real size (the requested size rounded up to whole chunks).
+    /// The arena's real size (the requested size rounded up to whole
+    /// chunks; for a growing dictionary, its reservation).
     arena_real: u64,
+    /// Whether the dictionary grows (`fixed_size(false)`).
+    grows: bool,
 }
 
 impl Run {
     /// Checks a write that may create `k`: `Full` only leaves the model
     /// unchanged, and a new key beyond capacity must be `Full`.
     fn check_new_key_full<T: std::fmt::Debug>(&self, k: &[u8], r: &Result<T, Error>) {
-        if !self.model.contains_key(k) && self.model.len() >= self.capacity {
+        if !self.grows && !self.model.contains_key(k) && self.model.len() >= self.capacity {
             assert!(
                 is_full(r),
                 "new key past capacity {}: expected Full, got {r:?}",
@@ -435,7 +443,12 @@ impl Run {
             Op::Stats => {
                 let s = self.dict.stats();
                 assert_eq!(s.len, self.model.len(), "stats.len");
-                assert_eq!(s.capacity, self.capacity, "stats.capacity");
+                if self.grows {
+                    assert!(s.capacity >= self.capacity, "stats.capacity");
+                    assert!(s.len <= s.capacity, "stats.len within capacity");
+                } else {
+                    assert_eq!(s.capacity, self.capacity, "stats.capacity");
+                }
             }
             Op::Reopen => {
                 let other = ShmDict::open(&self.name).expect("reopen");
@@ -785,10 +798,12 @@ fuzz_target!(|input: Input| {
     );
     *CURRENT.lock().unwrap() = Some(name.clone());
     let capacity = 1 + usize::from(input.capacity % 8);
+    let grows = input.capacity >= 128;
     let arena_bytes = (64 + usize::from(input.arena_kib % 64)) * 1024;
     let dict = ShmDict::options()
         .capacity(capacity)
         .arena_bytes(arena_bytes)
+        .fixed_size(!grows)
         .create_new(true)
         .open(&name)
         .expect("create a fresh segment");
@@ -807,6 +822,7 @@ fuzz_target!(|input: Input| {
         segment_len,
         buckets: stats.buckets as u64,
         arena_real: stats.arena_bytes as u64,
+        grows,
     };
     let second = ShmDict::open(&name).expect("a second handle");
     let mut borrows = Borrows {
