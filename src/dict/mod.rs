@@ -361,6 +361,7 @@ impl ShmDict {
         let _ = hash;
     }
 
+    #[inline]
     pub(crate) fn index(&self) -> Index<'_> {
         Index::new(&self.region, &self.geo)
     }

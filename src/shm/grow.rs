@@ -124,6 +124,7 @@ pub(crate) struct Table {
 
 impl Table {
     /// Generation 0: the table after the commit table.
+    #[inline]
     pub(crate) fn first(g: &Geometry) -> Table {
         Table {
             gen: 0,
@@ -159,6 +160,7 @@ pub(crate) fn tables_word(r: &Region) -> u64 {
 }
 
 /// The table of generation `gen`, checked against the geometry.
+#[inline]
 pub(crate) fn table(r: &Region, g: &Geometry, gen: u32) -> Result<Table, Corrupt> {
     if gen == 0 {
         return Ok(Table::first(g));

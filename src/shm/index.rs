@@ -107,8 +107,12 @@ fn slot_in(words: &[AtomicU64], s: u64) -> (&AtomicU64, &AtomicU64) {
     (&words[w], &words[w + 1])
 }
 
-/// A lookup met a slot marked `MOVED`: its table is no longer current.
-struct Moved;
+/// Why a lookup in one table stopped without an answer.
+enum Stop {
+    /// It met a slot marked `MOVED`: the table is no longer current.
+    Moved,
+    Corrupt(Corrupt),
+}
 
 /// One table of the index of one segment.
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +140,7 @@ impl<'a> Index<'a> {
     }
 
     /// The table `t` (validated by `grow::table`).
+    #[inline]
     pub(crate) fn with_table(r: &'a Region, g: &'a Geometry, t: Table) -> Index<'a> {
         Index {
             r,
@@ -167,6 +172,7 @@ impl<'a> Index<'a> {
         self.t
     }
 
+    #[inline]
     fn sound(&self) -> Result<(), Corrupt> {
         self.bad.map_or(Ok(()), Err)
     }
@@ -282,22 +288,25 @@ impl<'a> Index<'a> {
         hash: u64,
         mut out: Option<&mut Vec<u8>>,
     ) -> Result<Option<Loc>, Corrupt> {
-        let mut ix = *self;
+        self.sound()?;
+        let mut next: Option<Index<'a>> = None;
         loop {
-            ix.sound()?;
+            let ix = next.as_ref().unwrap_or(self);
             match ix.find_here(key, hash, out.as_deref_mut()) {
-                Ok(found) => return found,
-                Err(Moved) => ix = ix.successor()?,
+                Ok(found) => return Ok(found),
+                Err(Stop::Corrupt(c)) => return Err(c),
+                Err(Stop::Moved) => next = Some(ix.successor()?),
             }
         }
     }
 
+    #[inline(always)]
     fn find_here(
         &self,
         key: &[u8],
         hash: u64,
         mut out: Option<&mut Vec<u8>>,
-    ) -> Result<Result<Option<Loc>, Corrupt>, Moved> {
+    ) -> Result<Option<Loc>, Stop> {
         let home = hash & self.mask();
         let tag = Entry::tag_of(hash);
         for steps in 0..self.t.nbuckets {
@@ -309,7 +318,7 @@ impl<'a> Index<'a> {
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     if begin == MOVED {
-                        return Err(Moved);
+                        return Err(Stop::Moved);
                     }
                     // Acquire: pairs with the Release unlock that published it.
                     let e = Entry(entry.load(Ordering::Acquire));
@@ -328,7 +337,7 @@ impl<'a> Index<'a> {
                     }
                     match read {
                         block::Read::Match => {
-                            return Ok(Ok(Some(Loc {
+                            return Ok(Some(Loc {
                                 bucket,
                                 slot: s,
                                 ctrl: begin,
@@ -336,11 +345,13 @@ impl<'a> Index<'a> {
                                 steps,
                                 gen: self.t.gen,
                                 mask: self.mask(),
-                            })))
+                            }))
                         }
                         block::Read::Mismatch => break,
                         block::Read::Invalid => {
-                            return Ok(Err(Corrupt("index entry names an invalid block")))
+                            return Err(Stop::Corrupt(Corrupt(
+                                "index entry names an invalid block",
+                            )))
                         }
                     }
                 }
@@ -348,10 +359,10 @@ impl<'a> Index<'a> {
             // SeqCst: a lookup that misses the key must not see a count older
             // than the key's insertion (which increments before publishing).
             if words[(B_OVERFLOW / 8) as usize].load(Ordering::SeqCst) == 0 {
-                return Ok(Ok(None));
+                return Ok(None);
             }
         }
-        Ok(Ok(None))
+        Ok(None)
     }
 
     /// Prefetches the home bucket of `hash` (see [`Region::prefetch`]).
@@ -592,13 +603,14 @@ impl<'a> Index<'a> {
         loop {
             ix.sound()?;
             match ix.keys_here() {
-                Ok(keys) => return keys,
-                Err(Moved) => ix = ix.successor()?,
+                Ok(keys) => return Ok(keys),
+                Err(Stop::Corrupt(c)) => return Err(c),
+                Err(Stop::Moved) => ix = ix.successor()?,
             }
         }
     }
 
-    fn keys_here(&self) -> Result<Result<Vec<Vec<u8>>, Corrupt>, Moved> {
+    fn keys_here(&self) -> Result<Vec<Vec<u8>>, Stop> {
         let mut seen = std::collections::HashSet::new();
         let mut key = Vec::new();
         for bucket in 0..self.t.nbuckets {
@@ -609,7 +621,7 @@ impl<'a> Index<'a> {
                 loop {
                     let begin = seqlock::read_begin(ctrl);
                     if begin == MOVED {
-                        return Err(Moved);
+                        return Err(Stop::Moved);
                     }
                     let e = Entry(entry.load(Ordering::Acquire)); // Acquire: as in find.
                     if e.0 == Entry::EMPTY {
@@ -623,7 +635,7 @@ impl<'a> Index<'a> {
                         continue;
                     }
                     if !ok {
-                        return Ok(Err(Corrupt("index entry names an invalid block")));
+                        return Err(Stop::Corrupt(Corrupt("index entry names an invalid block")));
                     }
                     if !seen.contains(&key) {
                         seen.insert(key.clone());
@@ -632,7 +644,7 @@ impl<'a> Index<'a> {
                 }
             }
         }
-        Ok(Ok(seen.into_iter().collect()))
+        Ok(seen.into_iter().collect())
     }
 
     /// Copies every entry of this table into `to`, an empty table no
