@@ -1053,7 +1053,7 @@ fn dump_and_load_across_growth() {
             "--capacity",
             "16",
             "--max-bytes",
-            "5MiB",
+            "1MiB",
         ],
         &dump.stdout,
     );
@@ -1065,10 +1065,10 @@ fn dump_and_load_across_growth() {
     );
     let c = ShmDict::options().create(false).open(capped.s()).unwrap();
     let cs = c.stats();
-    assert_eq!(cs.max_bytes, Some(5 << 20));
-    assert!(cs.committed_bytes <= 5 << 20, "{cs:?}");
+    assert_eq!(cs.max_bytes, Some(1 << 20));
+    assert!(cs.committed_bytes <= 1 << 20, "{cs:?}");
     assert!(!c.is_empty() && c.len() < 3000, "{}", c.len());
-    assert!(segments::info(capped.s()).unwrap().allocated <= 5 << 20);
+    assert!(segments::info(capped.s()).unwrap().allocated <= 1 << 20);
     // Usage errors: --max-bytes needs --create and a byte count.
     let out = run(&["set", capped.s(), "k", "v", "--max-bytes", "1MiB"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -110,7 +110,7 @@ def test_max_bytes_gives_full_error(name):
         d[f"again{i}"] = value
     assert len(d) == stored
     with pytest.raises(ValueError):
-        shmdict.ShmDict(name + "-tiny", max_bytes=1 << 20)
+        shmdict.ShmDict(name + "-tiny", max_bytes=256 << 10)
 
 
 def test_fixed_size_never_grows(name):
