@@ -185,7 +185,12 @@ fn fill_once(case: &str, items: &Items) -> Duration {
     insert_all(&d, items, 0..items.len());
     let took = t.elapsed();
     assert_eq!(d.len(), items.len(), "{case}: every key is in");
-    assert!(d.capacity() >= items.len(), "{case}: the index grew");
+    let generation = d.stats().generation;
+    if case == "presized" {
+        assert_eq!(generation, 0, "{case}: no growth");
+    } else {
+        assert!(generation >= 10, "{case}: ten doublings, not {generation}");
+    }
     drop(d);
     took
 }
@@ -280,8 +285,9 @@ fn child(role: &str) {
             let secs = t.elapsed().as_secs_f64();
             writeln!(
                 out,
-                "result secs={secs} capacity_before={cap0} capacity_after={}",
-                d.capacity()
+                "result secs={secs} capacity_before={cap0} capacity_after={} generation={}",
+                d.capacity(),
+                d.stats().generation
             )
             .unwrap();
         }
@@ -512,7 +518,8 @@ fn bench_latency() {
                 let (r, w) = latency_once(mode, grow, new_keys);
                 eprintln!(
                     "growth_latency: round {round} {mode} {}: batch p50/p99/p999/max \
-                     {}/{}/{}/{} ns over {} batches; writer {:.3} s, capacity {} -> {}",
+                     {}/{}/{}/{} ns over {} batches; writer {:.3} s, capacity {} -> {} \
+                     (generation {})",
                     if grow { "growth" } else { "no_growth" },
                     r["p50"],
                     r["p99"],
@@ -522,6 +529,7 @@ fn bench_latency() {
                     w["secs"],
                     w["capacity_before"],
                     w["capacity_after"],
+                    w["generation"],
                 );
                 runs.entry((mode, grow)).or_default().push((r, w));
             }
