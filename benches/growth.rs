@@ -40,7 +40,8 @@
 //! Knobs: `SHMDICT_GROWTH_SECS` (criterion measurement time per function,
 //! default 10 s: about one fill per sample), `SHMDICT_GROWTH_REPS`,
 //! `SHMDICT_GROWTH_LAT_KEYS` (keys the writer inserts, default 1,000,000),
-//! `SHMDICT_GROWTH_PAUSE_REPS`. The whole bench takes about 2.5 minutes.
+//! `SHMDICT_GROWTH_PAUSE_REPS`. The whole bench takes about a minute on a
+//! quiet machine (two when other work shares the cores).
 //! Children are killed and reaped if the parent fails, and stop on their own
 //! if it dies (their standard input closes). Segments are unlinked at the
 //! end, also on panic. Results: `docs/performance.md`, "Growth (issue 12)".
