@@ -432,6 +432,8 @@ impl Step<'_> {
         if state & COPYING != 0 {
             target.zero(); // A killed grower's partial copy.
         }
+        // Relaxed (both): read only by growers and `check()`, with the gate
+        // closed, and ordered for readers by the flip's Release.
         state_word.store(
             state_word.load(Ordering::Relaxed) | COPYING,
             Ordering::Relaxed,
