@@ -125,7 +125,7 @@ impl Options {
     /// `false`, the default: the dictionary grows while every process
     /// stays attached. When a new key finds the index full, the writer
     /// doubles it (readers go on unhindered; writers pause while the keys
-    /// are copied: about 50 ms per million keys); the arena extends as
+    /// are copied: about 0.1 s per million keys, docs/performance.md); the arena extends as
     /// values need room. It is `Full` only at
     /// [`max_bytes`](Options::max_bytes) or when /dev/shm has no room.
     /// Ignored when attaching.

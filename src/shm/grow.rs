@@ -510,6 +510,7 @@ mod tests {
         d.insert("a", "1").unwrap();
         let old = Index::new(&d.region, &d.geo);
         assert_eq!(old.table().gen, 0);
+        let early = old.find(b"a", hash_key(b"a"), None).unwrap().unwrap();
         for i in 0u32..10 {
             d.insert(i.to_le_bytes(), "x").unwrap();
         }
@@ -524,9 +525,15 @@ mod tests {
             cur.try_replace(&loc, loc.entry, &d.me),
             "the Loc is of the current table"
         );
-        // A Loc of the old table is refused by writers.
-        let stale = old.table();
-        assert_ne!(stale, cur.table());
+        // A Loc found before the growth (in the old table) is refused by
+        // writers, who then look the key up again.
+        assert_ne!(old.table(), cur.table());
+        assert!(
+            !cur.try_replace(&early, early.entry, &d.me),
+            "a Loc of a replaced table"
+        );
+        assert!(!cur.try_remove(&early, hash_key(b"a"), &d.me));
+        assert_eq!(d.get("a").unwrap().unwrap(), b"1");
         assert_eq!(
             old.keys().unwrap().len(),
             11,
