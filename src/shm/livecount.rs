@@ -201,6 +201,18 @@ fn published(r: &Region, slot_word: u64) -> Option<bool> {
     Some((e != Entry::EMPTY) == (slot_word & 1 == 1))
 }
 
+/// A slot of an index table that growth replaced (`grow.rs`) has its
+/// control word overwritten with `MOVED` by the seal, whoever held it. A
+/// pending record can name such a slot only if its writer died holding the
+/// slot before the growth step (live writers finish before it, and whoever
+/// released a dead writer's slot settled its record first), and the slot's
+/// entry word is never written again: so a record naming a `MOVED` slot is
+/// the dead writer's, and the entry word says whether its change was
+/// published. (Seen in `tests/growth.rs` `sigkill_during_growth`: the
+/// record of a writer killed mid-insert was never settled once its slot
+/// was sealed, and `len()` stayed one short.)
+const MOVED: u64 = crate::shm::grow::MOVED;
+
 /// The control word a record names.
 fn ctrl_of(r: &Region, slot_word: u64) -> Option<&AtomicU64> {
     r.word(slot_word >> 1)
@@ -225,7 +237,7 @@ pub(crate) fn settle(r: &Region, dead: u64) {
     };
     // Acquire: as seqlock::read_begin.
     let c = ctrl.load(Ordering::Acquire);
-    if !(seqlock::is_writing(c) && seqlock::owner(c) == dead) {
+    if !(c == MOVED || (seqlock::is_writing(c) && seqlock::owner(c) == dead)) {
         return;
     }
     let Some(done) = published(r, s) else {
@@ -270,9 +282,10 @@ pub(crate) fn adopt(r: &Region, index: u64, me: Token) -> bool {
         // Any token of this entry but ours is a dead previous owner's. If
         // the slot was released meanwhile, its releaser settled the record
         // first (and our CAS below fails), or the record is stale: dropped.
-        if seqlock::is_writing(c)
-            && attach::short_index(owner) == index
-            && owner != me.short()
+        if (c == MOVED
+            || (seqlock::is_writing(c)
+                && attach::short_index(owner) == index
+                && owner != me.short()))
             && published(r, s) == Some(true)
         {
             delta = delta_of(s);
@@ -302,8 +315,8 @@ pub(crate) fn settle_all_dead(r: &Region) -> u64 {
             let s = rec.slot.load(Ordering::Relaxed); // Relaxed: as in `settle`.
                                                       // Acquire: as seqlock::read_begin.
             let c = ctrl_of(r, s).map_or(0, |w| w.load(Ordering::Acquire));
-            if seqlock::is_writing(c)
-                && attach::short_index(seqlock::owner(c)) == i
+            if (c == MOVED
+                || (seqlock::is_writing(c) && attach::short_index(seqlock::owner(c)) == i))
                 && published(r, s) == Some(true)
             {
                 delta = delta_of(s);
