@@ -312,11 +312,17 @@ impl ShmDict {
         loop {
             match gate::close(&self.region, &reg.local, live, GROW_WAIT_STEPS) {
                 Ok(closed) => {
-                    // Relaxed: the capacity counter; the gate is closed.
-                    let count = self
-                        .region
-                        .word(layout::H_LIVE)
-                        .map_or(0, |w| w.load(crate::sync::Ordering::Relaxed));
+                    // With the gate closed no live writer holds a place in
+                    // the capacity counter, so it must equal the exact key
+                    // count; a killed writer (or corruption) leaves it
+                    // high, and a corrupted one would make every insert
+                    // double the index up to its last generation. Growth
+                    // goes by the exact count, and repairs the counter.
+                    let count = self.index().len();
+                    if let Some(w) = self.region.word(layout::H_LIVE) {
+                        // Relaxed: a counter; the gate is closed.
+                        w.store(count, crate::sync::Ordering::Relaxed);
+                    }
                     let result = self
                         .step()
                         .grow_locked(from, count, |source| self.take_table(source));
